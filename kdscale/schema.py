@@ -1,0 +1,45 @@
+"""The config schema: one typed dataclass tree, validated at load (kdscale.config)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from kdscale.data.sources.cbis import CbisConfig
+from kdscale.data.sources.demo import DemoConfig
+from kdscale.data.sources.manifest import ManifestConfig
+from kdscale.data.sources.mimic import MimicConfig
+
+
+@dataclass
+class RunConfig:
+    out_dir: str = "runs/default"         # every stage writes below this folder
+    name: str = ""
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: Literal["mimic", "cbis", "manifest", "demo"] = "demo"
+    on_bad_sample: Literal["skip", "error"] = "skip"  # skip = count + quarantine.jsonl; error = stop
+    mimic: Optional[MimicConfig] = None
+    cbis: Optional[CbisConfig] = None
+    manifest: Optional[ManifestConfig] = None
+    demo: Optional[DemoConfig] = None
+
+    def __post_init__(self) -> None:
+        if self.source == "demo" and self.demo is None:
+            self.demo = DemoConfig()
+        if getattr(self, self.source) is None:
+            raise ValueError(f"data.source is {self.source!r} but the section 'data.{self.source}' is missing")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+
+def load_config(path=None, overrides=(), base_dir=None) -> Config:
+    from kdscale import config
+
+    return config.load(Config, path, overrides, base_dir)

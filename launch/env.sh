@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project's virtual environment with the pinned stack.
+# Idempotent: a stamp file records the hash of setup.cfg; nothing is reinstalled
+# while it matches. Source it (`. launch/env.sh`) to get the venv on PATH.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${KDSCALE_VENV:-$ROOT/.venv}"
+PY="${PYTHON:-python3}"
+STAMP="$VENV/.kdscale-installed"
+want="$(cat "$ROOT/setup.cfg" "$ROOT/pyproject.toml" | sha256sum | cut -d' ' -f1)"
+
+if [ ! -x "$VENV/bin/python" ]; then
+  echo "[kdscale] creating virtual environment in $VENV" >&2
+  "$PY" -m venv "$VENV"
+fi
+if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
+  echo "[kdscale] installing pinned packages (first run takes ~1-2 minutes)" >&2
+  # torch first and pinned: an unpinned resolution pulls the CUDA build and GBs of nvidia-* wheels.
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" >&2 || true
+  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "is ignored" >&2 || true
+  "$VENV/bin/python" -c "import kdscale" >/dev/null || { echo "[kdscale] installation failed" >&2; exit 1; }
+  # Make `import timm`/`import torchvision` work in every process of this venv on CPU-only torch
+  # (torchrun children, DataLoader workers, SLURM tasks), not only after `import kdscale`.
+  "$VENV/bin/python" -c "import kdscale.compat as c; print('[kdscale] torchvision import hook:', c.install_pth())" >&2
+  echo "$want" > "$STAMP"
+fi
+export PATH="$VENV/bin:$PATH"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
