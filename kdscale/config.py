@@ -209,6 +209,8 @@ class _Validator:
                 if field.metadata.get("path"):
                     value = self.check_path(value, field, dotted)
                 kwargs[name] = value
+            elif field.metadata.get("path") and isinstance(field.default, str) and field.default:
+                kwargs[name] = self.check_path(field.default, field, dotted)
             elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
                 files = sorted({v for v in self.origins.values()}) or ["<no file>"]
                 raise ConfigError(f"required config key '{dotted}' is missing (files read: {', '.join(files)})")
@@ -226,6 +228,9 @@ class _Validator:
         if not path.is_absolute():
             path = (self.base_dir / path)
         path = Path(os.path.normpath(path))
+        repo_relative = CONFIGS_ROOT.parent / str(value)
+        if not path.exists() and not Path(str(value)).is_absolute() and repo_relative.exists():
+            path = repo_relative  # files shipped with kdscale (configs/ehr/...) from any working dir
         if field.metadata.get("must_exist") and not path.exists():
             self.fail(dotted, f"path does not exist: {value!r} (resolved to {path})")
         return str(path)

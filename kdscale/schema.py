@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from kdscale.config import path_field
 from kdscale.data.sources.cbis import CbisConfig
 from kdscale.data.sources.demo import DemoConfig
 from kdscale.data.sources.manifest import ManifestConfig
@@ -12,7 +13,7 @@ from kdscale.data.sources.mimic import MimicConfig
 
 @dataclass
 class RunConfig:
-    out_dir: str = "runs/default"         # every stage writes below this folder
+    out_dir: str = path_field("runs/default", must_exist=False)  # every stage writes below this folder
     name: str = ""
     seed: int = 0
 

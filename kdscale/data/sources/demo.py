@@ -1,18 +1,101 @@
 """Demo source: generate small MIMIC-format or CBIS-format trees with designed signal (if not
-there yet), then read them with the real MIMIC / CBIS readers."""
+there yet), then read them with the real MIMIC / CBIS readers -- so the demo exercises exactly
+the code paths that real data takes."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Literal
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+from kdscale.config import path_field
+from kdscale.data.ingest import DataError, IngestLog
+from kdscale.data.record import Record
+
+log = logging.getLogger(__name__)
+MARKER = "kdscale_demo.json"
 
 
 @dataclass
 class DemoConfig:
-    out_dir: str = "runs/demo-data"
+    out_dir: str = path_field("runs/demo-data", must_exist=False)  # generated once, reused while its parameters match
     flavor: Literal["mimic", "cbis"] = "mimic"
     n: int = 400                          # MIMIC: ICU stays; CBIS: abnormalities
     seed: int = 0
-    task: Literal["in-hospital-mortality", "phenotyping", "radiology"] = "phenotyping"
-    cohort: Literal["paired", "partial"] = "partial"
+    task: Literal["in-hospital-mortality", "phenotyping", "radiology"] = "phenotyping"  # MIMIC only
+    cohort: Literal["paired", "partial"] = "partial"                                    # MIMIC only
     corrupt_fraction: float = 0.0         # share of files written corrupt, to exercise the quarantine path
     label_noise: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.n < 10:
+            raise ValueError(f"data.demo.n must be at least 10, got {self.n}")
+        if not 0.0 <= self.corrupt_fraction < 1.0:
+            raise ValueError(f"data.demo.corrupt_fraction must be in [0, 1), got {self.corrupt_fraction}")
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ValueError(f"data.demo.label_noise must be in [0, 0.5), got {self.label_noise}")
+
+
+def _generation_params(cfg: DemoConfig) -> dict:
+    """The parameters that determine the generated files (task/cohort only affect reading)."""
+    return {"flavor": cfg.flavor, "n": cfg.n, "seed": cfg.seed,
+            "corrupt_fraction": cfg.corrupt_fraction, "label_noise": cfg.label_noise}
+
+
+def generate(out_dir: str | Path, flavor: str, n: int, seed: int, corrupt_fraction: float = 0.0,
+             label_noise: float = 0.05) -> dict:
+    """Write a demo tree of ``flavor`` into ``out_dir`` (idempotent: reuses a matching tree)."""
+    out_dir = Path(out_dir)
+    params = {"flavor": flavor, "n": n, "seed": seed, "corrupt_fraction": corrupt_fraction,
+              "label_noise": label_noise}
+    marker = out_dir / MARKER
+    if marker.is_file():
+        existing = json.loads(marker.read_text())
+        if existing.get("params") == params:
+            return existing["summary"]
+        raise DataError(f"demo data folder holds data generated with other parameters "
+                        f"{existing.get('params')}; choose another folder or delete it", file=out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise DataError("demo data folder exists, is not empty and was not written by kdscale demo-data",
+                        file=out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if flavor == "mimic":
+        from kdscale.data.demo.mimic_demo import generate_mimic_demo
+        summary = generate_mimic_demo(out_dir, n_stays=n, seed=seed, corrupt_fraction=corrupt_fraction,
+                                      label_noise=label_noise)
+    elif flavor == "cbis":
+        from kdscale.data.demo.cbis_demo import generate_cbis_demo
+        summary = generate_cbis_demo(out_dir, n=n, seed=seed, corrupt_fraction=corrupt_fraction)
+    else:
+        raise ValueError(f"unknown demo flavor {flavor!r}")
+    # The marker is written last: an interrupted generation is detected as "not ours" above.
+    marker.write_text(json.dumps({"params": params, "summary": summary}, indent=2, default=str))
+    return summary
+
+
+class DemoSource:
+    """Generates the demo tree on first use, then delegates to the real reader."""
+
+    def __init__(self, cfg: DemoConfig):
+        self.cfg = cfg
+        self.name = f"demo-{cfg.flavor}"
+        self.generation = generate(cfg.out_dir, **_generation_params(cfg))
+        self.inner = self._reader()
+        self.label_names = self.inner.label_names
+
+    def _reader(self):
+        root = Path(self.cfg.out_dir)
+        if self.cfg.flavor == "mimic":
+            from kdscale.data.demo.mimic_demo import mimic_config_for_demo
+            from kdscale.data.sources.mimic import MimicSource
+            return MimicSource(mimic_config_for_demo(root, self.cfg.task, self.cfg.cohort))
+        from kdscale.data.demo.cbis_demo import cbis_config_for_demo
+        from kdscale.data.sources.cbis import CbisSource
+        return CbisSource(cbis_config_for_demo(root))
+
+    def records(self, log: IngestLog) -> Iterator[Record]:
+        return self.inner.records(log)
+
+    def describe(self) -> dict:
+        return {**self.inner.describe(), "demo": {"config": asdict(self.cfg), "generation": self.generation}}

@@ -1,0 +1,73 @@
+"""Stream a source once and summarise it: counts per split, modality presence, label prevalence,
+and the read/kept/skipped reconciliation. Holds only counters, never the records."""
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from kdscale.data.ingest import IngestLog
+from kdscale.data.record import MODALITIES, Record
+
+
+class DataSummary:
+    def __init__(self, label_names: list[str]):
+        self.label_names = list(label_names)
+        self.samples: Counter = Counter()
+        self.patients: dict[str, set] = defaultdict(set)
+        self.present: dict[str, Counter] = defaultdict(Counter)
+        self.positives: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(self.label_names)))
+        self.boxes: Counter = Counter()
+
+    def add(self, record: Record) -> None:
+        split = record.split
+        self.samples[split] += 1
+        self.patients[split].add(record.patient_id)
+        for modality, is_present in record.present.items():
+            self.present[split][modality] += int(is_present)
+        if len(record.labels) == len(self.label_names):
+            self.positives[split] += np.nan_to_num(record.labels, nan=0.0)
+        self.boxes[split] += len(record.boxes)
+
+    def to_json(self) -> dict:
+        splits = {}
+        for split, n in sorted(self.samples.items()):
+            splits[split] = {
+                "samples": n,
+                "patients": len(self.patients[split]),
+                "present": {m: self.present[split][m] for m in MODALITIES},
+                "boxes": self.boxes[split],
+                "label_prevalence": {name: round(float(p) / n, 4)
+                                     for name, p in zip(self.label_names, self.positives[split])},
+            }
+        return {"label_names": self.label_names, "splits": splits}
+
+
+def summarize(records: Iterable[Record], label_names: list[str], progress=None) -> DataSummary:
+    summary = DataSummary(label_names)
+    for record in records:
+        summary.add(record)
+        if progress is not None:
+            progress.update(1)
+    return summary
+
+
+def write_summary(path: str | Path, summary: DataSummary, log: IngestLog, describe: dict) -> dict:
+    payload = {"ingest": log.summary(), "data": summary.to_json(), "source": describe}
+    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+    return payload
+
+
+def format_table(payload: dict) -> str:
+    """A short plain-text table of samples and presence per split (no patient content)."""
+    lines = [f"{'split':<6} {'samples':>8} {'patients':>9} " + " ".join(f"{m:>8}" for m in MODALITIES)]
+    for split, s in payload["data"]["splits"].items():
+        lines.append(f"{split:<6} {s['samples']:>8} {s['patients']:>9} "
+                     + " ".join(f"{s['present'][m]:>8}" for m in MODALITIES))
+    ingest = payload["ingest"]
+    lines.append(f"read {ingest['read']}, kept {ingest['kept']}, skipped {ingest['skipped']}"
+                 + (f" {ingest['skipped_by_reason']}" if ingest["skipped"] else ""))
+    return "\n".join(lines)

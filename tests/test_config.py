@@ -1,0 +1,147 @@
+"""Config loading: defaults inheritance, overrides, validation errors that name key and file."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import pytest
+import yaml
+
+from kdscale import config
+from kdscale.config import ConfigError, path_field
+from kdscale.schema import Config, load_config
+
+
+@dataclass
+class Inner:
+    depth: int = 2
+    rate: float = 0.1
+    kind: Literal["a", "b"] = "a"
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Outer:
+    name: str
+    inner: Inner = field(default_factory=Inner)
+    maybe: Optional[Inner] = None
+    weights: dict[str, float] = field(default_factory=dict)
+    data_dir: str = path_field("")
+    flag: bool = False
+
+
+def write(path, data):
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_defaults_chain_then_file_then_overrides(tmp_path):
+    write(tmp_path / "base.yaml", {"name": "base", "inner": {"depth": 3, "rate": 0.5}})
+    write(tmp_path / "mid.yaml", {"defaults": ["base.yaml"], "inner": {"depth": 4}})
+    child = write(tmp_path / "child.yaml", {"defaults": ["mid.yaml"], "inner": {"kind": "b"}})
+    cfg = config.load(Outer, child, ["inner.rate=0.25", "weights.image=2", "inner.tags=[x, y]"])
+    assert cfg.name == "base"
+    assert cfg.inner == Inner(depth=4, rate=0.25, kind="b", tags=["x", "y"])
+    assert cfg.weights == {"image": 2.0}
+
+
+def test_unknown_key_names_closest_key_and_file(tmp_path):
+    path = write(tmp_path / "c.yaml", {"name": "x", "inner": {"depht": 3}})
+    with pytest.raises(ConfigError) as err:
+        config.load(Outer, path)
+    msg = str(err.value)
+    assert "'inner.depht'" in msg and "did you mean 'inner.depth'" in msg and str(path) in msg
+
+
+def test_wrong_type_names_key_type_and_origin(tmp_path):
+    path = write(tmp_path / "c.yaml", {"name": "x"})
+    with pytest.raises(ConfigError, match=r"'inner.depth' \(from <command line>\): expected an integer"):
+        config.load(Outer, path, ["inner.depth=many"])
+    with pytest.raises(ConfigError, match="expected true/false"):
+        config.load(Outer, path, ["flag=1"])
+    with pytest.raises(ConfigError, match=r"must be one of 'a' \| 'b', got 'c'"):
+        config.load(Outer, path, ["inner.kind=c"])
+    with pytest.raises(ConfigError, match=r"'maybe.rate'.*expected a number"):
+        config.load(Outer, path, ["maybe.rate=fast"])
+
+
+def test_missing_required_key_names_key(tmp_path):
+    path = write(tmp_path / "c.yaml", {"inner": {"depth": 1}})
+    with pytest.raises(ConfigError, match=r"required config key 'name' is missing.*c\.yaml"):
+        config.load(Outer, path)
+
+
+def test_missing_path_is_an_error_naming_key_and_file(tmp_path):
+    path = write(tmp_path / "c.yaml", {"name": "x", "data_dir": "does/not/exist"})
+    with pytest.raises(ConfigError, match=r"'data_dir' \(from .*c\.yaml\): path does not exist"):
+        config.load(Outer, path, base_dir=tmp_path)
+    (tmp_path / "does/not/exist").mkdir(parents=True)
+    cfg = config.load(Outer, path, base_dir=tmp_path)
+    assert cfg.data_dir == str(tmp_path / "does/not/exist")
+
+
+def test_cycles_and_bad_yaml_are_clear(tmp_path):
+    write(tmp_path / "a.yaml", {"defaults": ["b.yaml"], "name": "a"})
+    write(tmp_path / "b.yaml", {"defaults": ["a.yaml"]})
+    with pytest.raises(ConfigError, match="circular"):
+        config.load(Outer, tmp_path / "a.yaml")
+    (tmp_path / "bad.yaml").write_text("name: [unclosed\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        config.load(Outer, tmp_path / "bad.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a YAML mapping"):
+        config.load(Outer, tmp_path / "list.yaml")
+
+
+def test_safe_load_only(tmp_path):
+    (tmp_path / "evil.yaml").write_text("name: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        config.load(Outer, tmp_path / "evil.yaml")
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        config.parse_override("noequals")
+    with pytest.raises(ConfigError, match="bad key"):
+        config.parse_override("a..b=1")
+    assert config.parse_override("a.b=[1, 2]") == ("a.b", [1, 2])
+
+
+def test_override_into_a_value_is_an_error(tmp_path):
+    path = write(tmp_path / "c.yaml", {"name": "x"})
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        config.load(Outer, path, ["name.sub=1"])
+
+
+def test_dump_round_trips(tmp_path):
+    cfg = load_config(None, ["data.demo.n=50", f"run.out_dir={tmp_path}/run"])
+    config.dump(cfg, tmp_path / "resolved.yaml")
+    again = config.load(Config, tmp_path / "resolved.yaml")
+    assert again == cfg
+    assert config.config_hash(again) == config.config_hash(cfg)
+
+
+def test_every_shipped_config_loads(repo_root, monkeypatch):
+    """Each configs/**/*.yaml that needs no user data validates (user-path configs are checked
+    to fail with a path error naming their key, not an obscure one)."""
+    monkeypatch.chdir(repo_root)
+    for path in sorted((repo_root / "configs").rglob("*.yaml")):
+        try:
+            load_config(path)
+        except ConfigError as exc:
+            assert "path does not exist" in str(exc) or "is missing" in str(exc), (path, exc)
+
+
+def test_source_section_required(tmp_path):
+    with pytest.raises(ConfigError, match="data.source is 'cbis' but the section 'data.cbis' is missing"):
+        load_config(None, ["data.source=cbis"])
+    with pytest.raises(ConfigError, match="data.demo.corrupt_fraction must be in"):
+        load_config(None, ["data.demo.corrupt_fraction=1.5"])
+
+
+def test_schema_is_dataclasses_all_the_way_down():
+    def walk(cls):
+        for f in dataclasses.fields(cls):
+            assert f.name.isidentifier()
+    walk(Config)
