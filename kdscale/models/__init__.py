@@ -1,0 +1,1 @@
+"""Model building blocks: modality encoders (image, EHR) chosen by name from configs."""
