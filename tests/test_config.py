@@ -127,6 +127,8 @@ def test_every_shipped_config_loads(repo_root, monkeypatch):
     to fail with a path error naming their key, not an obscure one)."""
     monkeypatch.chdir(repo_root)
     for path in sorted((repo_root / "configs").rglob("*.yaml")):
+        if path.parent.name == "ehr":
+            continue  # discretizer definitions, not kdscale configs (tested in test_ehr.py)
         try:
             load_config(path)
         except ConfigError as exc:
