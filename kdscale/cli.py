@@ -162,7 +162,10 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
-    except (ConfigError, DataError) as exc:
+    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
+        # Expected user-facing failures: one clear line (the traceback with -v).
+        if args.verbose:
+            raise
         print(f"kdscale {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -5,6 +5,8 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from kdscale.config import path_field
+from kdscale.data.loader import LoaderConfig
+from kdscale.data.shards import ShardsConfig
 from kdscale.data.sources.cbis import CbisConfig
 from kdscale.data.sources.demo import DemoConfig
 from kdscale.data.sources.manifest import ManifestConfig
@@ -38,6 +40,8 @@ class DataConfig:
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    shards: ShardsConfig = field(default_factory=ShardsConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
 
 
 def load_config(path=None, overrides=(), base_dir=None) -> Config:

@@ -46,6 +46,8 @@ def _generation_params(cfg: DemoConfig) -> dict:
 def generate(out_dir: str | Path, flavor: str, n: int, seed: int, corrupt_fraction: float = 0.0,
              label_noise: float = 0.05) -> dict:
     """Write a demo tree of ``flavor`` into ``out_dir`` (idempotent: reuses a matching tree)."""
+    if n < 10:
+        raise ValueError(f"demo data needs n >= 10 samples, got {n}")
     out_dir = Path(out_dir)
     params = {"flavor": flavor, "n": n, "seed": seed, "corrupt_fraction": corrupt_fraction,
               "label_noise": label_noise}
