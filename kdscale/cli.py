@@ -85,13 +85,19 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_shards(args) -> int:
+    """Exit status: 0 = complete, 3 = this task is done but other tasks' shards are missing,
+    1 = counts do not reconcile, 2 = config/data error."""
+    import json
+
     from kdscale.data.shards import build_shards
 
     cfg = _load(args)
-    summary = build_shards(cfg, workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks)
-    print(f"shards: {summary.get('out_dir')}  read {summary.get('read')}, written {summary.get('written')}, "
-          f"quarantined {summary.get('quarantined')}")
-    return 0
+    summary = build_shards(cfg, workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
+                           progress=not args.no_progress and sys.stderr.isatty())
+    print(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=1, default=str))
+    if not summary.get("complete"):
+        return 3
+    return 0 if summary.get("reconciles") else 1
 
 
 def cmd_verify(args) -> int:
@@ -139,7 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cfg(p)
     p.add_argument("--workers", type=int, default=1, help="local writer processes")
     p.add_argument("--task-index", type=int, default=0, help="this task's index (SLURM array)")
-    p.add_argument("--num-tasks", type=int, default=1, help="number of tasks sharing the build")
+    p.add_argument("--num-tasks", type=int, default=1,
+                   help="number of tasks sharing the build: task i writes shards k with k %% n == i")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards)
 
     p = sub.add_parser("verify", help="check a shard set against its index.json; non-zero exit on problems")
