@@ -1,7 +1,6 @@
 """Config loading: defaults inheritance, overrides, validation errors that name key and file."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -141,9 +140,3 @@ def test_source_section_required(tmp_path):
     with pytest.raises(ConfigError, match="data.demo.corrupt_fraction must be in"):
         load_config(None, ["data.demo.corrupt_fraction=1.5"])
 
-
-def test_schema_is_dataclasses_all_the_way_down():
-    def walk(cls):
-        for f in dataclasses.fields(cls):
-            assert f.name.isidentifier()
-    walk(Config)

@@ -143,3 +143,16 @@ def test_normalizer_matches_numpy_on_continuous_columns_only():
     np.testing.assert_array_equal(again.apply(b), norm.apply(b))
     with pytest.raises(RuntimeError):
         Normalizer(names).apply(a)
+
+
+def test_implausible_series_end_is_a_record_error_not_a_huge_allocation(tiny):
+    from kdscale.data.ehr import MAX_SERIES_HOURS
+    from kdscale.data.record import RecordError
+
+    d = tiny
+    for end in (1e12, float("inf"), MAX_SERIES_HOURS + 1):
+        with pytest.raises(RecordError, match="implausible series length"):
+            d.transform([(0.5, {})], end)
+    with pytest.raises(RecordError, match="implausible series length"):      # a capped series too
+        Discretizer(tiny.config, max_hours=48).transform([], 1e15)
+    assert d.transform([], MAX_SERIES_HOURS)[0].shape[0] == int(MAX_SERIES_HOURS)

@@ -183,8 +183,15 @@ def test_bad_samples_are_skipped_with_reasons(tree):
     (tree / "ehr/in-hospital-mortality/test/14_episode1_timeseries.csv").write_text(
         "Hours,Heart Rate\n0.5,nan\n")                                     # NaN value
     records, log = read(source(tree, task="in-hospital-mortality", cohort="partial"))
-    assert records == [] and log.read == 3
-    assert log.skipped == {"corrupt image": 1, "unreadable time series": 1, "non-finite EHR value": 1}
+    # partial cohort: the corrupt film does not drop the ICU stay, it is kept EHR-only
+    assert [(r.key, r.image, r.meta["paired"], r.meta["unusable_dicom_id"]) for r in records] == [
+        ("11_301", None, False, "a3")]
+    assert log.read == 3 and log.kept == 1
+    assert log.skipped == {"unreadable time series": 1, "non-finite EHR value": 1}
+    assert log.notes["partial cohort: corrupt image, stay kept EHR-only"] == 1
+    # paired cohort: a stay whose image is corrupt cannot be paired -> counted skip
+    records, log = read(source(tree, task="in-hospital-mortality", cohort="paired"))
+    assert records == [] and log.skipped == {"corrupt image": 1, "non-finite EHR value": 1}
 
 
 def test_empty_report_and_bad_labels(tmp_path):
@@ -194,7 +201,9 @@ def test_empty_report_and_bad_labels(tmp_path):
     text = chexpert.read_text().replace("12,506,1.0", "12,506,3.0")
     chexpert.write_text(text)
     records, log = read(source(root, task="in-hospital-mortality", cohort="paired"))
-    assert records == [] and log.skipped == {"empty report": 1, "bad label": 1}
+    # EHR tasks: an empty report keeps the image without its report (counted note)
+    assert [(r.key, r.report, r.image is not None) for r in records] == [("11_301", None, True)]
+    assert log.skipped == {"bad label": 1} and log.notes["empty report, image kept without report"] == 1
     records, log = read(source(root, task="radiology"))
     assert log.skipped == {"empty report": 2, "bad label": 1}   # a2 and a3 share study 502; b1 is study 506
     assert len(records) == len(FILMS) - 3
@@ -230,9 +239,9 @@ def test_data_config_file_with_overrides(tree):
 
 def test_radiology_ehr_split_must_have_val_and_test(tree):
     # pitfall 1: when no listed val/test subject matches a CXR subject, refuse instead of training on all
-    for split in ("val", "test"):
+    for split, subject in (("val", "98"), ("test", "99")):
         write_csv(tree / "ehr/phenotyping" / f"{split}_listfile.csv", ["stay", "period_length", "stay_id", "Shock"],
-                  [["99_episode1_timeseries.csv", "10", "399", "0"]])
+                  [[f"{subject}_episode1_timeseries.csv", "10", f"3{subject}", "0"]])
     with pytest.raises(DataError, match="no val or no test"):
         read(source(tree, task="radiology"))
 
@@ -244,3 +253,61 @@ def test_resized_image_dir_layout(tree):
     records, log = read(source(tree, task="in-hospital-mortality", cohort="paired", resized_image_dir=str(flat)))
     assert log.skipped == {"missing image": 1}                # a3 is not in the flat folder
     assert [(r.meta["dicom_id"], r.image_size) for r in records] == [("d1", (64, 80))]
+
+
+def test_listfile_stay_of_another_subject_is_an_error(tmp_path):
+    # stay 304 belongs to subject 14 in all_stays.csv; a train row claims it for subject 11
+    root = build_tree(tmp_path, extra_listfile_rows=[("train", ["11_episode2_timeseries.csv", 0, "304", "0"])])
+    with pytest.raises(DataError) as err:
+        read(source(root, task="in-hospital-mortality"))
+    msg = str(err.value)
+    assert "train_listfile.csv" in msg and "stay_id 304" in msg and "subject 14" in msg and "subject 11" in msg
+
+
+def test_stay_listed_in_two_listfiles_is_an_error(tmp_path):
+    root = build_tree(tmp_path, extra_listfile_rows=[("test", ["99_episode1_timeseries.csv", 0, "301", "0"])])
+    with pytest.raises(DataError, match=r"stay_id 301 is listed twice: subject 11 .*train_listfile.csv.*subject 99"):
+        read(source(root, task="in-hospital-mortality"))
+
+
+def test_absurd_period_empty_series_and_short_row_are_counted_skips(tree):
+    listfile = tree / "ehr/phenotyping/train_listfile.csv"
+    listfile.write_text(listfile.read_text().replace("72.000000", "1e13"))      # stay 301: absurd length
+    (tree / "ehr/phenotyping/train/12_episode1_timeseries.csv").write_text("Hours,Heart Rate\n")   # header only
+    (tree / "ehr/phenotyping/test/14_episode1_timeseries.csv").write_text(
+        "Hours,Heart Rate,Glascow coma scale total\n0.5,80,15\n1.5,81\n")           # short (ragged) row
+    records, log = read(source(tree, task="phenotyping", cohort="partial"))
+    assert records == [] and log.read == 3
+    assert log.skipped == {"implausible series length": 1, "empty time series": 1, "unreadable time series": 1}
+
+
+def test_radiology_subject_in_val_and_test_listfiles_is_leakage(tree):
+    test_listfile = tree / "ehr/phenotyping/test_listfile.csv"
+    with open(test_listfile, "a") as fh:
+        fh.write("12_episode2_timeseries.csv,10,399,0,0\n")                  # subject 12 is a val subject
+    with pytest.raises(LeakageError) as err:
+        read(source(tree, task="radiology"))
+    msg = str(err.value)
+    assert "patient 12" in msg and "val_listfile.csv" in msg and "test_listfile.csv" in msg
+
+
+def test_val_from_train_false_merges_val_stays_into_train(tree):
+    records, log = read(source(tree, task="phenotyping", cohort="partial", val_from_train=False))
+    assert {r.meta["stay_id"]: r.split for r in records} == {"301": "train", "302": "train", "304": "test"}
+    assert log.notes["val listfile stays merged into train (val_from_train: false)"] == 1
+    counts = source(tree, task="phenotyping", val_from_train=False).cohort_counts()["splits"]
+    assert counts == {"train": {"stays": 2, "paired": 1}, "test": {"stays": 1, "paired": 1}}
+
+
+@pytest.mark.parametrize("table,edit,message", [
+    ("chexpert", lambda text: text + text.splitlines()[1] + "\n", "study_id 501 listed twice"),
+    ("split", lambda text: text + "a1,501,11,test\n", "dicom_id a1 listed twice"),
+    ("split", lambda text: text + " ,501,11,test\n", "blank dicom_id"),
+])
+def test_duplicate_or_blank_ids_in_cxr_tables_are_data_errors(tree, table, edit, message):
+    path = tree / f"cxr/mimic-cxr-2.0.0-{table}.csv"
+    path.write_text(edit(path.read_text()))
+    last_row = len(path.read_text().splitlines())                 # the appended row
+    with pytest.raises(DataError, match=message) as err:
+        read(source(tree, task="radiology", ehr_root=""))
+    assert path.name in str(err.value) and f"row {last_row}," in str(err.value)

@@ -25,8 +25,12 @@ import yaml
 
 from kdscale.config import ConfigError
 from kdscale.data.ingest import DataError
+from kdscale.data.record import RecordError
 from kdscale.data.sources.base import open_csv
 
+# A series longer than a year is a data error (a bad period_length or Hours), not a stay: without
+# this cap one absurd value would allocate a matrix of terabytes.
+MAX_SERIES_HOURS = 24.0 * 366
 EPS = 1e-6  # MedFuse's tolerance in bin arithmetic; kept identical so bin edges match
 COUNT_KEYS = ("bins", "rows", "values", "overwritten", "after_end", "before_start", "unknown_categorical",
               "non_numeric", "non_finite", "unknown_channel", "empty_bins")
@@ -192,11 +196,15 @@ class Discretizer:
 
     def transform(self, events: Iterable[tuple[float, dict]], end_hours: float) -> tuple[np.ndarray, dict]:
         """``events``: (hours, {channel: raw string}) in file order (later rows win within a bin).
-        Returns float32 [T, width] and counts of what was used, ignored or unreadable."""
+        Returns float32 [T, width] and counts of what was used, ignored or unreadable. A series
+        end beyond ``MAX_SERIES_HOURS`` raises RecordError ("implausible series length")."""
         events = list(events)
         counts: Counter = Counter({k: 0 for k in COUNT_KEYS})
         first = float(events[0][0]) if (events and self.start_time == "relative") else 0.0
         end = float(end_hours) - first
+        if not math.isfinite(end) or end > MAX_SERIES_HOURS:
+            raise RecordError(f"implausible series length: series end {end_hours} h is more than "
+                              f"{MAX_SERIES_HOURS:g} h after the start")
         if self.max_hours > 0:
             end = min(end, self.max_hours)
         n_bins = int(end / self.timestep + 1.0 - EPS)

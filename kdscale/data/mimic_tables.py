@@ -144,6 +144,16 @@ class ListEntry:
     row: int
 
 
+def _check_subject_split(split_of: dict[str, tuple[str, str]], subject: str, split: str, path: Path,
+                         row: int) -> None:
+    """Listfile splits must be patient-level: a subject seen in two splits is a LeakageError
+    naming the subject and both listfiles (with rows)."""
+    seen = split_of.setdefault(subject, (split, f"{path}:{row}"))
+    if seen[0] != split:
+        raise LeakageError(f"patient {subject} is in two splits ({seen[0]!r} at {seen[1]} and "
+                           f"{split!r}); listfile splits must be patient-level", file=path, row=row)
+
+
 def read_listfiles(task_dir: str | os.PathLike, splits: Sequence[str] = LISTFILE_SPLITS
                    ) -> tuple[list[str], list[ListEntry]]:
     """{train,val,test}_listfile.csv -> (label names in listfile order, entries). The subject is
@@ -152,6 +162,7 @@ def read_listfiles(task_dir: str | os.PathLike, splits: Sequence[str] = LISTFILE
     label_names: Optional[list[str]] = None
     entries: list[ListEntry] = []
     split_of: dict[str, tuple[str, str]] = {}
+    stay_at: dict[str, tuple[str, str, str]] = {}   # stay_id -> (subject, listfile, row)
     for split in splits:
         path = task_dir / f"{split}_listfile.csv"
         rows = open_csv(path, required=["stay", "period_length", "stay_id"], what=f"{split} listfile")
@@ -170,13 +181,26 @@ def read_listfiles(task_dir: str | os.PathLike, splits: Sequence[str] = LISTFILE
                                 column="stay")
             if stay_id is None:
                 raise DataError("bad stay_id", file=path, row=i, column="stay_id")
-            seen = split_of.setdefault(subject, (split, f"{path}:{i}"))
-            if seen[0] != split:
-                raise LeakageError(f"patient {subject} is in two splits ({seen[0]!r} at {seen[1]} and "
-                                   f"{split!r}); listfile splits must be patient-level", file=path, row=i)
+            first = stay_at.setdefault(stay_id, (subject, str(path), str(i)))
+            if first != (subject, str(path), str(i)) and (first[0] != subject or first[1] != str(path)):
+                # the same file listing a stay twice for one subject is a counted duplicate key later
+                raise DataError(f"stay_id {stay_id} is listed twice: subject {first[0]} at {first[1]}:{first[2]} "
+                                f"and subject {subject} here", file=path, row=i, column="stay_id")
+            _check_subject_split(split_of, subject, split, path, i)
             entries.append(ListEntry(stay, subject, stay_id, (row["period_length"] or "").strip(),
                                      [(row[n] or "").strip() for n in label_names], split, str(path), i))
     return label_names or [], entries
+
+
+def check_stay_subjects(entries: Sequence[ListEntry], stays: dict[str, "Stay"], stays_path) -> None:
+    """A listfile stay_id must belong to the listfile row's subject (the stay file's prefix):
+    otherwise the EHR series of one patient would be paired with another patient's films."""
+    for e in entries:
+        stay = stays.get(e.stay_id)
+        if stay is not None and stay.subject_id != e.subject_id:
+            raise DataError(f"stay_id {e.stay_id} belongs to subject {stay.subject_id} in {stays_path} "
+                            f"(row {stay.row}) but the listfile row is for subject {e.subject_id}",
+                            file=e.file, row=e.row, column="stay_id")
 
 
 def read_listfile_header(path: str | os.PathLike) -> list[str]:
@@ -192,13 +216,14 @@ def read_listfile_header(path: str | os.PathLike) -> list[str]:
 
 def ehr_subject_splits(task_dir: str | os.PathLike) -> dict[str, str]:
     """MedFuse create_split.py, fixed: subjects of val/test listfiles -> val/test (ids cast)."""
-    splits: dict[str, str] = {}
+    split_of: dict[str, tuple[str, str]] = {}
     for split in ("val", "test"):
-        for i, row in open_csv(Path(task_dir) / f"{split}_listfile.csv", required=["stay"], what="listfile"):
+        path = Path(task_dir) / f"{split}_listfile.csv"
+        for i, row in open_csv(path, required=["stay"], what="listfile"):
             subject = norm_id((row["stay"] or "").split("_")[0])
             if subject is not None:
-                splits[subject] = split
-    return splits
+                _check_subject_split(split_of, subject, split, path, i)   # val + test: LeakageError
+    return {subject: split for subject, (split, _) in split_of.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,6 +259,9 @@ def read_chexpert(path: str | os.PathLike) -> dict[str, tuple[list[str], int]]:
         study = norm_id(row["study_id"])
         if study is None:
             raise DataError("bad id", file=path, row=i, column="study_id")
+        if study in table:   # one row per study: a second one would silently replace the labels
+            raise DataError(f"study_id {study} listed twice (first at row {table[study][1]})", file=path, row=i,
+                            column="study_id")
         table[study] = ([(row[c] or "").strip() for c in R_CLASSES], i)
     return table
 
@@ -241,12 +269,19 @@ def read_chexpert(path: str | os.PathLike) -> dict[str, tuple[list[str], int]]:
 def read_cxr_split(path: str | os.PathLike) -> dict[str, str]:
     """mimic-cxr-2.0.0-split.csv -> {dicom_id: train|val|test} ('validate' -> 'val')."""
     names = {"train": "train", "validate": "val", "val": "val", "test": "test"}
-    splits = {}
+    splits: dict[str, str] = {}
+    rows: dict[str, int] = {}
     for i, row in open_csv(path, required=["dicom_id", "split"], what="CXR split"):
         split = names.get((row["split"] or "").strip())
         if split is None:
             raise DataError("split must be train/validate/test", file=path, row=i, column="split")
-        splits[(row["dicom_id"] or "").strip()] = split
+        dicom = (row["dicom_id"] or "").strip()
+        if not dicom:
+            raise DataError("blank dicom_id", file=path, row=i, column="dicom_id")
+        if dicom in rows:    # one row per image: a second one would silently move it to another split
+            raise DataError(f"dicom_id {dicom} listed twice (first at row {rows[dicom]})", file=path, row=i,
+                            column="dicom_id")
+        splits[dicom], rows[dicom] = split, i
     return splits
 
 

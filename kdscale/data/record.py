@@ -7,6 +7,7 @@ modality is ``None``, never a zero tensor or an empty string.
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -27,10 +28,21 @@ class RecordError(ValueError):
 
 
 def safe_key(*parts: Any) -> str:
-    """Join id parts into a key of safe characters only (dots, slashes, spaces -> '-')."""
-    key = "_".join(_UNSAFE_CHARS.sub("-", str(p)).strip("-") for p in parts)
-    if not key or not _SAFE_KEY.match(key):
-        raise RecordError(f"cannot build a safe key from {parts!r}")
+    """Join id parts with '_' into a key of safe characters only (dots, slashes, spaces -> '-').
+
+    Parts made only of ``[A-Za-z0-9_-]`` (and not starting or ending with '-') are kept as they
+    are. When a character had to be replaced or stripped, the first 8 hex digits of the SHA-1 of
+    the original parts are appended, so ids that differ only in such characters ('a b' and
+    'a-b', 'x.1' and 'x/1') still get different keys."""
+    raw = [str(p) for p in parts]
+    cleaned = [_UNSAFE_CHARS.sub("-", p).strip("-") for p in raw]
+    key = "_".join(cleaned)
+    if not key.strip("_-"):
+        raise RecordError(f"cannot build a safe key from {len(parts)} id part(s): no safe characters")
+    if cleaned != raw:
+        key += "_" + hashlib.sha1("\x1f".join(raw).encode("utf-8")).hexdigest()[:8]
+    if not _SAFE_KEY.match(key):
+        raise RecordError(f"cannot build a safe key from {len(parts)} id part(s)")
     return key
 
 
@@ -46,7 +58,7 @@ class Box:
     y: float
     w: float
     h: float
-    mask_png: Optional[bytes] = None
+    mask_png: Optional[bytes] = field(default=None, repr=False)
 
     def to_json(self) -> dict:
         return {"label": self.label, "x": self.x, "y": self.y, "w": self.w, "h": self.h,
@@ -59,12 +71,13 @@ class Record:
     patient_id: str
     split: str
     labels: np.ndarray                       # float32 [C], 0/1 (NaN = unknown for that label)
-    image: Optional[bytes] = None            # encoded image file bytes (JPEG/PNG ...)
+    # payloads are left out of repr(): a logged or printed Record never shows patient content
+    image: Optional[bytes] = field(default=None, repr=False)   # encoded image file bytes (JPEG/PNG ...)
     image_size: Optional[tuple[int, int]] = None  # (width, height) of the encoded image
-    ehr: Optional[np.ndarray] = None         # float32 [T, F] discretized, not normalized
-    report: Optional[str] = None
-    tabular: Optional[dict[str, TabularValue]] = None
-    boxes: list[Box] = field(default_factory=list)
+    ehr: Optional[np.ndarray] = field(default=None, repr=False)  # float32 [T, F] discretized, not normalized
+    report: Optional[str] = field(default=None, repr=False)
+    tabular: Optional[dict[str, TabularValue]] = field(default=None, repr=False)
+    boxes: list[Box] = field(default_factory=list, repr=False)
     meta: dict[str, Any] = field(default_factory=dict)  # JSON-able ids, demographics, provenance
 
     def __post_init__(self) -> None:

@@ -30,29 +30,89 @@ class Source(Protocol):
 # CSV
 # ---------------------------------------------------------------------------------------------
 
-def open_csv(path: str | os.PathLike, required: Sequence[str] = (), *, what: str = "") -> Iterator[tuple[int, dict]]:
+# Clinical notes can be long; the csv module's default 128 KiB field limit would raise mid-file.
+CSV_FIELD_LIMIT = 1 << 30
+
+
+def _raise_field_limit() -> None:
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:
+        csv.field_size_limit(CSV_FIELD_LIMIT)
+
+
+def open_csv(path: str | os.PathLike, required: Sequence[str] = (), *, what: str = "",
+             short_rows: str = "error") -> Iterator[tuple[int, dict]]:
     """Stream ``(row_number, row)`` from a CSV by column name (data rows start at 2, the header
     being row 1, so numbers match a spreadsheet). A missing file or column is a DataError naming
-    the file and column."""
+    the file and column; so are an undecodable file (not UTF-8), malformed quoting (an
+    unterminated quote would otherwise swallow the rest of the file into one field) and a ragged
+    row (more fields than the header, or fewer unless ``short_rows="blank"``, where the missing
+    trailing cells read as None). Messages never quote cell text (it may be patient text)."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what or 'CSV'} file not found", file=path)
+    _raise_field_limit()
     fh = open(path, newline="", encoding="utf-8-sig")
+    i = 1
     try:
-        reader = csv.DictReader(fh)
-        header = reader.fieldnames or []
+        reader = csv.DictReader(fh, strict=True)
+        try:
+            header = reader.fieldnames or []
+        except (UnicodeDecodeError, csv.Error) as exc:
+            raise _unreadable(path, what, exc, reader.line_num) from None
         missing = [c for c in required if c not in header]
         if missing:
             close = {m: _closest(m, header) for m in missing}
             hints = "; ".join(f"{m!r}" + (f" (closest: {c!r})" if c else "") for m, c in close.items())
-            raise DataError(f"missing column(s) {hints}; the file has {header}", file=path, column=missing[0])
-        for i, row in enumerate(reader, start=2):
+            # never print the header itself: in a headerless CSV it is a data row (patient text)
+            raise DataError(f"missing column(s) {hints}; the header has {len(header)} column(s)",
+                            file=path, column=missing[0])
+        rows = iter(reader)
+        while True:
+            i += 1
+            try:
+                row = next(rows)
+            except StopIteration:
+                break
+            except (UnicodeDecodeError, csv.Error) as exc:
+                raise _unreadable(path, what, exc, reader.line_num) from None
             if None in row:  # more fields than header names
-                raise DataError(f"row has {len(header) + len(row[None])} fields, header has {len(header)}",
-                                file=path, row=i)
+                raise DataError(f"ragged row: row has {len(header) + len(row[None])} fields, header has "
+                                f"{len(header)}", file=path, row=i)
+            if short_rows == "error" and any(v is None for v in row.values()):
+                n = sum(v is not None for v in row.values())
+                raise DataError(f"ragged row: row has {n} fields, header has {len(header)}", file=path, row=i)
             yield i, row
     finally:
         fh.close()
+
+
+def _unreadable(path: Path, what: str, exc: Exception, line_num: int) -> DataError:
+    """A DataError for a CSV read failure that names the file and line, never file content."""
+    if isinstance(exc, UnicodeDecodeError):
+        # decoding runs ahead in buffered chunks: find the offending line in the raw bytes
+        line = _first_bad_utf8_line(path)
+        return DataError(f"unreadable {what or 'CSV'}: not UTF-8 ({exc.reason}); re-save the file as UTF-8",
+                         file=path, row=f"line {line}" if line else None)
+    # csv.Error messages describe the syntax ("unexpected end of data"), never the cell text
+    return DataError(f"unreadable {what or 'CSV'}: malformed CSV ({str(exc)[:80]})", file=path,
+                     row=f"line {line_num}")
+
+
+def _first_bad_utf8_line(path: Path, chunk: int = 1 << 20) -> Optional[int]:
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    newlines = 0
+    with open(path, "rb") as fh:
+        while True:
+            data = fh.read(chunk)
+            try:
+                decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                return newlines + data[:max(exc.start, 0)].count(b"\n") + 1
+            if not data:
+                return None
+            newlines += data.count(b"\n")
 
 
 def _closest(name: str, options: Iterable[str]) -> Optional[str]:
@@ -86,6 +146,8 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, tuple[int, int]]:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # full decode: a truncated JPEG/PNG raises here
             size = img.size
+    except Image.DecompressionBombError as exc:  # a subclass of nothing above: catch it first
+        raise RecordError(f"image too large: {path}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise RecordError(f"corrupt or truncated image: {path}: {exc}") from None
     if size[0] < 1 or size[1] < 1:

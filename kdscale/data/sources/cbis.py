@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
@@ -128,6 +129,13 @@ def mask_to_box(path: Path, image_size: tuple[int, int], threshold: int, label: 
                mask_png=encode_mask_png(lesion[y0:y1, x0:x1]))
 
 
+def _printable(value: str) -> str:
+    """A cell value fit for a log: short codes only; anything else may be patient text."""
+    if len(value) <= 30 and re.fullmatch(r"[A-Za-z0-9_]*", value):
+        return repr(value)
+    return "<unexpected value>"
+
+
 def skip_reason(exc: RecordError) -> tuple[str, str]:
     """(short counted category, detail) for a RecordError raised while reading a sample.
 
@@ -210,8 +218,8 @@ class CbisSource:
             required = COMMON_COLUMNS + KIND_COLUMNS[kind]
             for i, row in open_csv(path, required, what=f"CBIS {csv_kind} case-description"):
                 if i == 2 and not any(c in row for c in DENSITY_COLUMNS):
-                    raise DataError(f"missing column 'breast_density' / 'breast density'; the file has "
-                                    f"{list(row)}", file=path, column="breast_density")
+                    raise DataError(f"missing column 'breast_density' / 'breast density'; the header has "
+                                    f"{len(row)} column(s)", file=path, column="breast_density")
                 values = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
                 density = values.get("breast_density", values.get("breast density", ""))
                 values["breast_density"] = density
@@ -327,7 +335,7 @@ class CbisSource:
         pathologies = [r.values["pathology"].upper() for r in rows]
         bad = [p for p in pathologies if p not in PATHOLOGIES]
         if bad:
-            raise RecordError(f"label value outside expected set: pathology {bad[0]!r} "
+            raise RecordError(f"label value outside expected set: pathology {_printable(bad[0])} "
                               f"(expected {list(PATHOLOGIES)})")
         image_path = self._resolve(first.values["image file path"], FULL_IMAGE, dicom_map, "image file")
         image, size = read_image(image_path)

@@ -197,8 +197,10 @@ class ManifestSource:
         regions = self._read_regions() if self.cfg.boxes is not None else {}
         discretizer = self._discretizer() if self.cfg.timeseries_column else None
         joined: set[str] = set()
-        for i, row in open_csv(self.csv, self._required_columns(), what="manifest"):
+        for i, row in open_csv(self.csv, self._required_columns(), what="manifest", short_rows="blank"):
             log.count_read()
+            if any(v is None for v in row.values()):
+                log.note("short manifest row (missing trailing cells read as blank)")
             row = {k: (v or "") for k, v in row.items()}  # short rows: missing trailing cells are blank
             key = ""
             try:
@@ -256,7 +258,7 @@ class ManifestSource:
             meta["image_file"] = image_rel
         meta.update({c: (None if self._blank(row[c]) else row[c].strip()) for c in cfg.meta_columns})
         return Record(key=key, patient_id=patient, split=split, labels=labels, image=image, image_size=size,
-                      ehr=self._ehr(row, discretizer) if discretizer else None,
+                      ehr=self._ehr(row, discretizer, log) if discretizer else None,
                       report=self._report(row, log),
                       tabular=self._tabular(row) if cfg.tabular_columns else None,
                       boxes=self._boxes(region_rows or [], size, log), meta=meta)
@@ -354,7 +356,7 @@ class ManifestSource:
         config = ehr.load_discretizer_config(self.cfg.discretizer)
         return ehr, ehr.Discretizer(config, timestep=self.cfg.timestep_hours)
 
-    def _ehr(self, row: dict, discretizer) -> Optional[np.ndarray]:
+    def _ehr(self, row: dict, discretizer, log: IngestLog) -> Optional[np.ndarray]:
         ehr, disc = discretizer
         value = row[self.cfg.timeseries_column]
         if self._blank(value):
@@ -363,16 +365,22 @@ class ManifestSource:
         if not path.is_file():
             raise RecordError(f"time-series file missing: {path}")
         try:
-            events = ehr.read_timeseries_csv(path)
+            events = ehr.read_timeseries_csv(path, disc.config.channel_names)
+            if not events:
+                raise RecordError(f"empty time series: {path} has no rows")
             if self.cfg.timeseries_end_column:
                 end = _finite(row[self.cfg.timeseries_end_column].strip(), self.cfg.timeseries_end_column)
-            elif events:
-                end = float(events[-1][0])
             else:
-                raise RecordError(f"empty time series: {path} has no rows")
-            matrix, _counts = disc.transform(events, end)
+                end = float(events[-1][0])
+            matrix, counts = disc.transform(events, end)
         except DataError as exc:
             raise RecordError(f"unreadable time series: {exc}") from None
+        # as MimicSource._ehr_matrix: NaN/inf is a skip, other unusable values are counted notes
+        if counts["non_finite"]:
+            raise RecordError(f"non-finite EHR value: {counts['non_finite']} NaN/inf value(s) in {path}")
+        for what in ("unknown_categorical", "non_numeric", "unknown_channel"):
+            if counts[what]:
+                log.note(f"ehr: {what.replace('_', ' ')} value treated as missing", counts[what])
         return matrix
 
     # -- regions -----------------------------------------------------------------------------

@@ -5,9 +5,19 @@ Tasks: ``in-hospital-mortality`` and ``phenotyping`` yield one Record per ICU st
 listfiles (EHR always, the paired CXR image + report when the pairing rule finds one);
 ``radiology`` yields one Record per CXR image that has a CheXpert row (14 labels).
 Only CSV metadata is held in memory; images and time series are read one sample at a time.
+
+Partial modalities (EHR tasks). The EHR series is the sample: an unusable series is a counted
+skip. The paired image and report are optional in the ``partial`` cohort: a missing or corrupt
+image keeps the stay EHR-only (``meta["paired"]`` False, counted note "partial cohort: ...,
+stay kept EHR-only"). In the ``paired`` cohort a stay whose image is missing or corrupt cannot
+be paired and is a counted skip. In both cohorts an empty or unreadable report keeps the image
+without its report (counted note). In the ``radiology`` task the image is the sample (a bad image
+is a skip) and an empty or unreadable report is a skip too (the report is its teacher input).
+Every read sample is counted, so ``read == kept + skipped`` holds.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,8 +27,8 @@ from kdscale.config import ConfigError, path_field
 from kdscale.data.ehr import Discretizer, load_discretizer_config, read_timeseries_csv
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.mimic_tables import (IHM_HOURS, IHM_LABELS, PAIRING_RULE_VERSION, R_CLASSES, ImageRef,
-                                       ListEntry, Stay, ehr_subject_splits, iter_metadata, pair_images,
-                                       pairing_rule, read_all_stays, read_chexpert, read_cxr_split,
+                                       ListEntry, Stay, check_stay_subjects, ehr_subject_splits, iter_metadata,
+                                       pair_images, pairing_rule, read_all_stays, read_chexpert, read_cxr_split,
                                        read_listfile_header, read_listfiles, read_ms_cxr)
 from kdscale.data.record import Box, Record, RecordError, safe_key
 from kdscale.data.sources.base import guarded, read_image
@@ -44,6 +54,7 @@ class MimicConfig:
     uncertain_label: Literal["zeros", "ones"] = "zeros"  # CheXpert -1 -> 0 (U-Zeros, MedFuse) or 1
     include_reports: bool = True
     val_from_train: bool = True           # True: val subjects from <task>/val_listfile.csv; False: no val split
+    # (the val listfile's stays are then merged into train, counted in the notes)
 
     def __post_init__(self) -> None:
         if self.task in EHR_TASKS and not self.ehr_root:
@@ -145,8 +156,17 @@ class MimicSource:
     # -- shared indexes (metadata only) ---------------------------------------------------------
     def _ehr_tables(self):
         if self._ehr_index is None:
-            _, entries = read_listfiles(self.ehr_root / self.cfg.task, self.splits)
+            task_dir = self.ehr_root / self.cfg.task
+            listed = ("train", "val", "test") if (task_dir / "val_listfile.csv").is_file() else self.splits
+            _, entries = read_listfiles(task_dir, listed)
+            self._merged_val = 0
+            if not self.cfg.val_from_train:
+                # no val split: the val listfile's stays are training stays (mimic3-benchmarks split
+                # them off train), so they are merged into train, not dropped
+                self._merged_val = sum(e.split == "val" for e in entries)
+                entries = [dataclasses.replace(e, split="train") if e.split == "val" else e for e in entries]
             stays = read_all_stays(self.ehr_root / "root" / "all_stays.csv")
+            check_stay_subjects(entries, stays, self.ehr_root / "root" / "all_stays.csv")
             pairs, stats = pair_images(self._cxr_csv("metadata"), stays, self.cfg.task,
                                        self.cfg.ihm_window_hours, self.cfg.view_positions)
             self._ehr_index = (entries, stays, pairs, stats)
@@ -213,6 +233,8 @@ class MimicSource:
         entries, stays, pairs, stats = self._ehr_tables()
         for reason, n in stats.items():
             log.note(f"pairing: {reason}", n)
+        if self._merged_val:
+            log.note("val listfile stays merged into train (val_from_train: false)", self._merged_val)
         boxes = self._boxes()
         for entry in entries:
             ref = pairs.get(entry.stay_id)
@@ -251,13 +273,17 @@ class MimicSource:
                 "timeseries_file": str(series), "ehr_hours": hours}
         fields: dict = {}
         if ref is not None:
-            image = self._image_fields(ref, boxes, key, log)
-            if image is None:
-                return None
-            fields, image_meta = image
-            meta.update(image_meta)
-            if stay is not None and ref.when is not None:
-                meta["image_hours_since_intime"] = (ref.when - stay.intime).total_seconds() / 3600.0
+            partial = self.cfg.cohort == "partial"
+            image = self._image_fields(ref, boxes, key, log, report_problem="note")
+            if image is None and not partial:
+                return None                    # paired cohort: a sample that cannot be paired (skip counted)
+            if image is None:                  # partial cohort: the stay stays, without the image modality
+                meta.update({"paired": False, "unusable_dicom_id": ref.dicom_id})
+            else:
+                fields, image_meta = image
+                meta.update(image_meta)
+                if stay is not None and ref.when is not None:
+                    meta["image_hours_since_intime"] = (ref.when - stay.intime).total_seconds() / 3600.0
         return self._record(key, entry.subject_id, entry.split, labels, meta, log, ehr=ehr, **fields)
 
     def _ehr_matrix(self, path: Path, hours: float, key: str, log: IngestLog):
@@ -266,9 +292,16 @@ class MimicSource:
             return None
         try:
             events = read_timeseries_csv(path, self.discretizer.config.channel_names)
+            if not events:                # header only: nothing observed, not a stay of normal values
+                log.skip("empty time series", "the time-series file has no rows", key=key, file=path)
+                return None
             ehr, counts = self.discretizer.transform(events, hours)
         except DataError as exc:
             log.skip("unreadable time series", str(exc), key=key, file=path, row=exc.row)
+            return None
+        except RecordError as exc:        # "implausible series length: ..."
+            reason, _, detail = str(exc).partition(": ")
+            log.skip(reason, detail, key=key, file=path)
             return None
         if counts["non_finite"]:
             log.skip("non-finite EHR value", f"{counts['non_finite']} NaN/inf value(s)", key=key, file=path)
@@ -278,28 +311,43 @@ class MimicSource:
                 log.note(f"ehr: {what.replace('_', ' ')} value treated as missing", counts[what])
         return ehr
 
-    def _image_fields(self, ref: ImageRef, boxes: dict, key: str, log: IngestLog):
-        """(Record fields, meta) for an image and its report, or None after a recorded skip."""
+    def _image_fields(self, ref: ImageRef, boxes: dict, key: str, log: IngestLog, *,
+                      report_problem: Literal["skip", "note"] = "skip"):
+        """(Record fields, meta) for an image and its report, or None when the image is unusable.
+
+        An unusable image is a recorded skip, except in the partial EHR cohort, where it is a
+        counted note (the stay is kept EHR-only). An unusable report is a skip, or with
+        ``report_problem="note"`` a counted note (the image is kept without its report)."""
         path = self._image_path(ref)
         try:
             data, size = read_image(path)
         except RecordError as exc:
             reason = "missing image" if "not found" in str(exc) else "corrupt image"
-            log.skip(reason, str(exc), key=key, file=path)
+            if self.is_ehr_task and self.cfg.cohort == "partial":
+                log.note(f"partial cohort: {reason}, stay kept EHR-only")
+            else:
+                log.skip(reason, str(exc), key=key, file=path)
             return None
         report, report_file = None, None
         if self.cfg.include_reports and self.cfg.reports_root:
             report_path = self._report_path(ref)
             if report_path.is_file():
+                problem = None
                 try:
                     report = report_path.read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as exc:
-                    log.skip("unreadable report", type(exc).__name__, key=key, file=report_path)
+                    problem = ("unreadable report", type(exc).__name__)
+                else:
+                    if not report.strip():
+                        problem = ("empty report", "report file has no text")
+                if problem is not None and report_problem == "skip":
+                    log.skip(*problem, key=key, file=report_path)
                     return None
-                if not report.strip():
-                    log.skip("empty report", "report file has no text", key=key, file=report_path)
-                    return None
-                report_file = str(report_path)
+                if problem is not None:
+                    log.note(f"{problem[0]}, image kept without report")
+                    report = None
+                else:
+                    report_file = str(report_path)
             else:
                 log.note("image without a report file")
         scaled = [Box(b.label, b.x * size[0] / w, b.y * size[1] / h, b.w * size[0] / w, b.h * size[1] / h)
