@@ -16,8 +16,17 @@ fi
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$want" ]; then
   echo "[kdscale] installing pinned packages (first run takes ~1-2 minutes)" >&2
   # torch first and pinned: an unpinned resolution pulls the CUDA build and GBs of nvidia-* wheels.
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check "torch==2.13.0" 2>&1 | grep -v "is ignored" >&2 || true
-  "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e "$ROOT[test]" 2>&1 | grep -v "is ignored" >&2 || true
+  # pip's output goes to a log, so a failed install stops here (and writes no stamp).
+  log="$VENV/pip-install.log"
+  pip_install() {
+    if ! "$VENV/bin/python" -m pip install -q --disable-pip-version-check "$@" >"$log" 2>&1; then
+      grep -v "is ignored" "$log" | tail -20 >&2
+      echo "[kdscale] pip install $* failed (full log: $log)" >&2
+      exit 1
+    fi
+  }
+  pip_install "torch==2.13.0"
+  pip_install -e "$ROOT[test]"
   "$VENV/bin/python" -c "import kdscale" >/dev/null || { echo "[kdscale] installation failed" >&2; exit 1; }
   # Make `import timm`/`import torchvision` work in every process of this venv on CPU-only torch
   # (torchrun children, DataLoader workers, SLURM tasks), not only after `import kdscale`.
