@@ -28,12 +28,6 @@ def _load(args):
     return load_config(args.cfg, args.overrides)
 
 
-def _progress(total=None, desc="", unit="sample"):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=None)  # None: bar only on a terminal
-
-
 # ---------------------------------------------------------------------------------------------
 # Stages
 # ---------------------------------------------------------------------------------------------
@@ -64,21 +58,13 @@ def cmd_demo_data(args) -> int:
 
 def cmd_inspect(args) -> int:
     from kdscale.config import dump
-    from kdscale.data.ingest import open_quarantine
-    from kdscale.data.sources import build_source
-    from kdscale.data.sources.base import guarded
-    from kdscale.data.summary import format_table, summarize, write_summary
+    from kdscale.data.summary import format_table, inspect_source
 
     cfg = _load(args)
     out = Path(cfg.run.out_dir) / "inspect"
     out.mkdir(parents=True, exist_ok=True)
     dump(cfg, out / "config.yaml")
-    (out / "quarantine.jsonl").unlink(missing_ok=True)
-    source = build_source(cfg.data)
-    with open_quarantine(out, source.name, cfg.data.on_bad_sample) as ingest, \
-            _progress(desc=f"reading {source.name}") as bar:
-        summary = summarize(source.records(ingest), source.label_names, bar)
-    payload = write_summary(out / "data_summary.json", summary, ingest, source.describe())
+    payload = inspect_source(cfg, out, progress=True)
     print(format_table(payload))
     print(f"summary: {out / 'data_summary.json'}  quarantine: {out / 'quarantine.jsonl'}")
     return 0 if payload["ingest"]["reconciles"] else 1

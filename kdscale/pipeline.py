@@ -15,17 +15,10 @@ from kdscale.config import config_hash, dump
 
 def stage_data(cfg, run_dir: Path) -> dict:
     """Stream the source once: counts, presence, label prevalence, skips (data_summary.json)."""
-    from kdscale.data.ingest import open_quarantine
-    from kdscale.data.sources import build_source
-    from kdscale.data.summary import format_table, summarize, write_summary
+    from kdscale.data.summary import format_table, inspect_source
 
     out = run_dir / "data"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "quarantine.jsonl").unlink(missing_ok=True)
-    source = build_source(cfg.data)
-    with open_quarantine(out, source.name, cfg.data.on_bad_sample) as ingest:
-        summary = summarize(source.records(ingest), source.label_names)
-    payload = write_summary(out / "data_summary.json", summary, ingest, source.describe())
+    payload = inspect_source(cfg, out)
     print(format_table(payload))
     if not payload["ingest"]["reconciles"]:
         raise RuntimeError(f"ingest counts do not reconcile: {payload['ingest']}")

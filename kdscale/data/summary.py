@@ -71,3 +71,21 @@ def format_table(payload: dict) -> str:
     lines.append(f"read {ingest['read']}, kept {ingest['kept']}, skipped {ingest['skipped']}"
                  + (f" {ingest['skipped_by_reason']}" if ingest["skipped"] else ""))
     return "\n".join(lines)
+
+
+def inspect_source(cfg, out_dir: str | Path, progress: bool = False) -> dict:
+    """Stream ``cfg.data``'s source once into ``out_dir``: data_summary.json + quarantine.jsonl.
+    Shared by `kdscale inspect` and the pipeline's data stage."""
+    from tqdm import tqdm
+
+    from kdscale.data.ingest import open_quarantine
+    from kdscale.data.sources import build_source
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quarantine.jsonl").unlink(missing_ok=True)  # a re-run reports this run's skips only
+    source = build_source(cfg.data)
+    with open_quarantine(out, source.name, cfg.data.on_bad_sample) as ingest, \
+            tqdm(desc=f"reading {source.name}", unit="sample", disable=None if progress else True) as bar:
+        summary = summarize(source.records(ingest), source.label_names, bar)
+    return write_summary(out / "data_summary.json", summary, ingest, source.describe())
