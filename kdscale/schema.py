@@ -9,6 +9,7 @@ from kdscale.data.loader import LoaderConfig
 from kdscale.data.shards import ShardsConfig
 from kdscale.data.sources.cbis import CbisConfig
 from kdscale.data.sources.demo import DemoConfig
+from kdscale.data.sources.iu_xray import IuXrayConfig
 from kdscale.data.sources.manifest import ManifestConfig
 from kdscale.data.sources.mimic import MimicConfig
 
@@ -22,12 +23,13 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["mimic", "cbis", "manifest", "demo"] = "demo"
+    source: Literal["mimic", "cbis", "manifest", "demo", "iu_xray"] = "demo"
     on_bad_sample: Literal["skip", "error"] = "skip"  # skip = count + quarantine.jsonl; error = stop
     mimic: Optional[MimicConfig] = None
     cbis: Optional[CbisConfig] = None
     manifest: Optional[ManifestConfig] = None
     demo: Optional[DemoConfig] = None
+    iu_xray: Optional[IuXrayConfig] = None
 
     def __post_init__(self) -> None:
         if self.source == "demo" and self.demo is None:

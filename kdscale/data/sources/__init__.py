@@ -16,4 +16,7 @@ def build_source(data_cfg):
     if data_cfg.source == "demo":
         from kdscale.data.sources.demo import DemoSource
         return DemoSource(data_cfg.demo)
+    if data_cfg.source == "iu_xray":
+        from kdscale.data.sources.iu_xray import IuXraySource
+        return IuXraySource(data_cfg.iu_xray)
     raise ValueError(f"unknown data.source {data_cfg.source!r}")
