@@ -1,0 +1,87 @@
+"""``ModelConfig``: which unimodal model to build (validated at config load without importing
+torch; only an image arch that is not a fixed name imports timm, to check the name exists)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from kdscale.config import path_field
+
+MODALITIES = ("image", "ehr", "report", "tabular")
+# Fixed architecture names per modality; image also takes any timm model name.
+MODALITY_ARCHS = {"image": ("resnet10",), "ehr": ("lstm", "lstm_small", "transformer"),
+                  "report": ("bert",), "tabular": ("mlp",)}
+
+
+@dataclass
+class ModelConfig:
+    modality: Literal["image", "ehr", "report", "tabular"]
+    arch: str
+    pretrained_path: str = path_field("")   # image/ehr/tabular: state dict file; report: local HF folder
+    dropout: float = 0.0                    # before the head (and between tabular MLP layers)
+    img_size: int = 224                     # ViT position grid
+    # report (text)
+    tokenizer_path: str = path_field("")    # local HF tokenizer folder; "" -> from pretrained_path or fit()
+    vocab_size: int = 4000                  # WordPiece vocabulary trained by fit() (upper limit)
+    max_length: int = 256                   # tokens per report, [CLS] and [SEP] included
+    lowercase: bool = True
+    hidden_size: int = 128                  # from-scratch BertConfig (no pretrained_path)
+    num_layers: int = 2
+    num_heads: int = 2
+    intermediate_size: int = 256
+    # tabular
+    hidden: list[int] = field(default_factory=lambda: [64, 64])
+    max_categories: int = 50                # per categorical column; rarer -> 'other', unseen -> 'unknown'
+
+    def __post_init__(self) -> None:
+        if self.modality not in MODALITIES:
+            raise ValueError(f"modality must be one of {MODALITIES}, got {self.modality!r}")
+        _check_arch(self.modality, self.arch)
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        _positive(self, "img_size", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
+                  "max_categories")
+        if self.vocab_size < 16:
+            raise ValueError(f"vocab_size must be >= 16 (5 special tokens + an alphabet), got {self.vocab_size}")
+        if self.max_length < 3:
+            raise ValueError(f"max_length must be >= 3 ([CLS] text [SEP]), got {self.max_length}")
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size ({self.hidden_size}) must be a multiple of num_heads ({self.num_heads})")
+        if isinstance(self.hidden, (int, str)) or not self.hidden or \
+                any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
+            raise ValueError(f"hidden must be a non-empty list of positive integers, got {self.hidden!r}")
+        self.hidden = list(self.hidden)
+        if self.tokenizer_path and self.modality != "report":
+            raise ValueError(f"tokenizer_path is only for modality 'report' (modality is {self.modality!r})")
+
+
+def _positive(cfg: ModelConfig, *names: str) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_arch(modality: str, arch: str) -> None:
+    if not isinstance(arch, str) or not arch:
+        raise ValueError(f"arch must be a non-empty string, got {arch!r}")
+    if arch in MODALITY_ARCHS[modality]:
+        return
+    for other, names in MODALITY_ARCHS.items():
+        if other != modality and arch in names:
+            raise ValueError(f"arch {arch!r} is a{'n' if other[0] in 'ei' else ''} {other} architecture, but "
+                             f"modality is {modality!r} ({modality} archs: {_arch_help(modality)})")
+    import kdscale.models.image  # noqa: F401  (timm after kdscale's CPU import fix)
+    import timm
+
+    if arch in timm.list_models():
+        if modality == "image":
+            return
+        raise ValueError(f"arch {arch!r} is an image (timm) architecture, but modality is {modality!r} "
+                         f"({modality} archs: {_arch_help(modality)})")
+    raise ValueError(f"arch {arch!r} is unknown for modality {modality!r}; use {_arch_help(modality)}")
+
+
+def _arch_help(modality: str) -> str:
+    names = ", ".join(repr(a) for a in MODALITY_ARCHS[modality])
+    return names + " or a timm model name (e.g. 'resnet18', 'vit_tiny_patch16_224')" if modality == "image" else names

@@ -1,0 +1,57 @@
+"""Unimodal models by name: ``ModelConfig`` + ``build_model`` -> :class:`UnimodalModel`.
+
+============ ======================================================== ============================
+modality     arch                                                     pretrained_path
+============ ======================================================== ============================
+image        ``resnet10`` or any timm model name (resnet18, resnet34, a state dict file (encoder
+             vit_tiny_patch16_224, ...)                               or whole-model checkpoint)
+ehr          ``lstm`` (MedFuse), ``lstm_small``, ``transformer``      a state dict file
+report       ``bert``                                                 a local HF folder
+tabular      ``mlp``                                                  a tabular model checkpoint
+============ ======================================================== ============================
+
+``pretrained_path`` initialises the encoder only; the head is always new (its size is the
+task's). Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+from kdscale.models.config import MODALITY_ARCHS, ModelConfig
+from kdscale.models.unimodal import (EHREncoder, ImageEncoder, UnimodalModel, count_parameters, describe,
+                                     load_encoder_weights)
+
+__all__ = ["ModelConfig", "build_model", "UnimodalModel", "count_parameters", "describe", "MODALITY_ARCHS"]
+
+
+def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = 76) -> UnimodalModel:
+    """A :class:`UnimodalModel` for ``cfg``: encoder (random or ``pretrained_path``) + new head."""
+    if not isinstance(cfg, ModelConfig):
+        raise TypeError(f"build_model needs a ModelConfig, got {type(cfg).__name__}")
+    if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
+        raise ValueError(f"num_outputs must be a positive integer, got {num_outputs!r}")
+    if cfg.modality == "image":
+        from kdscale.models.image import build_image_encoder
+
+        backbone, dim = build_image_encoder(cfg.arch, img_size=cfg.img_size)
+        if cfg.pretrained_path:
+            load_encoder_weights(backbone, cfg.pretrained_path)
+        encoder = ImageEncoder(backbone, dim)
+    elif cfg.modality == "ehr":
+        from kdscale.models.ehr import build_ehr_encoder
+
+        if isinstance(ehr_features, bool) or not isinstance(ehr_features, int) or ehr_features < 1:
+            raise ValueError(f"ehr_features must be a positive integer, got {ehr_features!r}")
+        backbone, dim = build_ehr_encoder(cfg.arch, ehr_features)
+        if cfg.pretrained_path:
+            load_encoder_weights(backbone, cfg.pretrained_path)
+        encoder = EHREncoder(backbone, dim, ehr_features)
+    elif cfg.modality == "report":
+        from kdscale.models.text import TextEncoder
+
+        encoder = TextEncoder(cfg)
+    else:
+        from kdscale.models.tabular import TabularEncoder, load_tabular_weights
+
+        encoder = TabularEncoder(cfg.hidden, cfg.max_categories, cfg.dropout)
+        if cfg.pretrained_path:
+            load_tabular_weights(encoder, cfg.pretrained_path)
+    return UnimodalModel(cfg, encoder, num_outputs)
