@@ -86,10 +86,38 @@ def cmd_shards(args) -> int:
     return 0 if summary.get("reconciles") else 1
 
 
+def cmd_teachers(args) -> int:
+    from kdscale.config import dump
+    from kdscale.distill.teachers import select_teachers, teachers_dir, train_teacher
+    from kdscale.engine.distributed import detect_world, teardown
+
+    cfg = _load(args)
+    chosen = select_teachers(cfg, only=args.only, index=args.index)
+    if detect_world().rank == 0:
+        dump(cfg, teachers_dir(cfg) / "config.yaml")
+    for teacher in chosen:
+        train_teacher(cfg, teacher, resume=args.resume, force=args.force)
+    teardown()
+    return 0
+
+
+def cmd_softlabels(args) -> int:
+    from kdscale.distill.teacher_pass import teacher_pass
+    from kdscale.engine.distributed import teardown
+
+    cfg = _load(args)
+    teacher_pass(cfg, device=args.device, progress=not args.no_progress)
+    teardown()
+    return 0
+
+
 def cmd_verify(args) -> int:
     from kdscale.data.shard_index import verify_shards
+    from kdscale.distill.softlabels import verify_softlabels
 
-    problems = verify_shards(args.dir)
+    root = Path(args.dir)
+    is_soft = (root / "index.json").is_file()  # soft-label sets have one index at the top
+    problems = verify_softlabels(root, args.data) if is_soft else verify_shards(root)
     for problem in problems:
         print(f"FAIL {problem}")
     print(f"{args.dir}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
@@ -136,8 +164,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_shards)
 
-    p = sub.add_parser("verify", help="check a shard set against its index.json; non-zero exit on problems")
-    p.add_argument("dir", help="shard folder (holding <split>/index.json)")
+    p = sub.add_parser("teachers", help="train the configured teachers, each on all samples of its modality")
+    _add_cfg(p)
+    p.add_argument("--only", default="", help="comma-separated teacher names (default: all)")
+    p.add_argument("--index", type=int, default=None, help="train only teacher number INDEX (SLURM array task)")
+    p.add_argument("--resume", default=None, help="'latest', 'best' or a checkpoint path: continue training")
+    p.add_argument("--force", action="store_true", help="retrain teachers that are already trained")
+    p.set_defaults(func=cmd_teachers)
+
+    p = sub.add_parser("softlabels", help="run every teacher once over all shards, writing aligned soft labels "
+                                          "(distributed under torchrun / SLURM)")
+    _add_cfg(p)
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_softlabels)
+
+    p = sub.add_parser("verify", help="check a shard set (or a soft-label set) against its index; "
+                                      "non-zero exit on problems")
+    p.add_argument("dir", help="shard folder (holding <split>/index.json) or soft-label folder (index.json)")
+    p.add_argument("--data", default=None, help="soft labels: the data shard folder (default: the one recorded)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("pipeline", help="run the pipeline's stages locally in order")

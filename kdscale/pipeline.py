@@ -36,7 +36,32 @@ def stage_shards(cfg, run_dir: Path) -> dict:
     return {"shards": summary["out_dir"], "verified": True}
 
 
-STAGES: dict[str, Callable] = {"data": stage_data, "shards": stage_shards}
+def stage_teachers(cfg, run_dir: Path) -> dict:
+    from kdscale.distill.teachers import teachers_dir, train_teacher
+
+    if not cfg.teachers.members:
+        print("no teachers configured (teachers.members): stage skipped")
+        return {"skipped": "no teachers configured"}
+    results = {t.name: train_teacher(cfg, t) for t in cfg.teachers.members}
+    return {"teachers": str(teachers_dir(cfg)),
+            "val_auroc_macro": {name: info.get("val_auroc_macro") for name, info in results.items()}}
+
+
+def stage_softlabels(cfg, run_dir: Path) -> dict:
+    from kdscale.distill.softlabels import verify_softlabels
+    from kdscale.distill.teacher_pass import teacher_pass
+
+    if not cfg.teachers.members:
+        return {"skipped": "no teachers configured"}
+    summary = teacher_pass(cfg)
+    problems = verify_softlabels(summary["out_dir"])
+    if problems:
+        raise RuntimeError("soft-label verification failed:\n  " + "\n  ".join(problems))
+    return {"softlabels": summary["out_dir"], "samples": summary["num_samples"], "verified": True}
+
+
+STAGES: dict[str, Callable] = {"data": stage_data, "shards": stage_shards, "teachers": stage_teachers,
+                               "softlabels": stage_softlabels}
 
 
 def run_pipeline(cfg, stages: str = "") -> int:

@@ -12,6 +12,8 @@ from kdscale.data.sources.demo import DemoConfig
 from kdscale.data.sources.iu_xray import IuXrayConfig
 from kdscale.data.sources.manifest import ManifestConfig
 from kdscale.data.sources.mimic import MimicConfig
+from kdscale.distill.teacher_pass import SoftLabelsConfig
+from kdscale.distill.teachers import TeachersConfig
 
 
 @dataclass
@@ -44,6 +46,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     shards: ShardsConfig = field(default_factory=ShardsConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    softlabels: SoftLabelsConfig = field(default_factory=SoftLabelsConfig)
 
 
 def load_config(path=None, overrides=(), base_dir=None) -> Config:

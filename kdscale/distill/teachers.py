@@ -1,0 +1,281 @@
+"""Teacher ensembles: configuration, and training one teacher on its own modality's data.
+
+Each teacher is a separate, addressable unit of work (``kdscale teachers --only NAME`` or
+``--index I``, one SLURM array task each). A teacher trains on ALL samples of the shard set that
+have its modality (``loader.require``), not only the paired ones -- the setting in which MIND's
+unimodal teachers know more than a student trained on paired data (method-and-data.md §1.3).
+
+Output per teacher, ``<teachers.out_dir>/<name>/``: ``checkpoints/`` (the engine's, resumable),
+``teacher.pt`` (the best weights + model config; what the teacher pass loads), ``teacher.json``
+(modality, architecture, label names, best validation AUROC, sha256 of teacher.pt, the
+fingerprint of what it was trained from), ``metrics.jsonl``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from kdscale.engine.config import TrainConfig
+from kdscale.models.config import ModelConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TeacherConfig:
+    name: str
+    model: ModelConfig
+    epochs: Optional[int] = None          # overrides teachers.train.epochs
+    lr: Optional[float] = None            # overrides teachers.train.optimizer.lr
+    batch_size: Optional[int] = None      # overrides loader.batch_size
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise ValueError(f"teacher name {self.name!r} must be non-empty letters, digits, '_' or '-'")
+
+
+@dataclass
+class EnsembleConfig:
+    name: str
+    members: list[str]
+    rule: Literal["uniform", "fixed", "val_auroc"] = "uniform"
+    weights: dict[str, float] = field(default_factory=dict)   # rule fixed
+    space: Literal["logit", "prob"] = "prob"                   # where the weighted average is taken
+
+
+@dataclass
+class TeachersConfig:
+    out_dir: str = ""                     # default: <run.out_dir>/teachers
+    task: Literal["multilabel", "multiclass"] = "multilabel"
+    members: list[TeacherConfig] = field(default_factory=list)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ensembles: list[EnsembleConfig] = field(default_factory=list)   # default: one per modality
+
+    def __post_init__(self) -> None:
+        names = [t.name for t in self.members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"teachers.members: duplicate names {dupes}")
+        for ens in self.ensembles:
+            unknown = [m for m in ens.members if m not in names]
+            if unknown:
+                raise ValueError(f"teachers.ensembles {ens.name!r}: unknown members {unknown}; teachers: {names}")
+            if ens.rule == "fixed" and sorted(ens.weights) != sorted(ens.members):
+                raise ValueError(f"teachers.ensembles {ens.name!r}: rule fixed needs one weight per member")
+
+    def resolved_ensembles(self) -> list[EnsembleConfig]:
+        """The configured ensembles, or one uniform one per modality, named after the modality."""
+        if self.ensembles:
+            return list(self.ensembles)
+        by_modality: dict[str, list[str]] = {}
+        for t in self.members:
+            by_modality.setdefault(t.model.modality, []).append(t.name)
+        return [EnsembleConfig(name=m, members=names) for m, names in by_modality.items()]
+
+
+def teachers_dir(cfg) -> Path:
+    return Path(cfg.teachers.out_dir or Path(cfg.run.out_dir) / "teachers")
+
+
+def select_teachers(cfg, only: str = "", index: Optional[int] = None) -> list[TeacherConfig]:
+    members = cfg.teachers.members
+    if not members:
+        raise ValueError("teachers.members is empty: the config declares no teachers")
+    if index is not None:
+        if not 0 <= index < len(members):
+            raise ValueError(f"--index {index} out of range: {len(members)} teachers "
+                             f"({', '.join(t.name for t in members)})")
+        return [members[index]]
+    if only:
+        wanted = [n.strip() for n in only.split(",") if n.strip()]
+        names = [t.name for t in members]
+        unknown = [n for n in wanted if n not in names]
+        if unknown:
+            raise ValueError(f"--only: unknown teacher(s) {unknown}; configured: {names}")
+        return [t for t in members if t.name in wanted]
+    return list(members)
+
+
+def teacher_train_config(cfg, teacher: TeacherConfig) -> TrainConfig:
+    train = cfg.teachers.train
+    optimizer = train.optimizer if teacher.lr is None else dataclasses.replace(train.optimizer, lr=teacher.lr)
+    return dataclasses.replace(train, epochs=teacher.epochs or train.epochs, optimizer=optimizer)
+
+
+def teacher_fingerprint(cfg, teacher: TeacherConfig, data_index: dict) -> str:
+    """What a trained teacher depends on: its config, the training config, the shard set."""
+    from kdscale.config import to_dict
+
+    payload = {"teacher": to_dict(teacher), "train": to_dict(teacher_train_config(cfg, teacher)),
+               "loader": to_dict(cfg.loader), "data_config_hash": data_index.get("config_hash"),
+               "shards": [s["sha256"] for s in data_index["shards"]]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------
+# The unimodal training task
+# ---------------------------------------------------------------------------------------------
+
+class UnimodalTask:
+    """Loss and predictions of one unimodal model on the samples that have its modality."""
+
+    main_head = "out"
+
+    def __init__(self, modality: str, task: str = "multilabel"):
+        self.modality, self.task = modality, task
+
+    def loss(self, model, batch: dict):
+        from kdscale.distill.losses import supervised_loss
+
+        logits = model(batch)
+        return supervised_loss(logits.float(), batch["labels"], self.task, mask=batch["present"][self.modality]), {}
+
+    def predict(self, model, batch: dict) -> dict:
+        import torch
+
+        logits = model(batch).float()
+        probs = torch.softmax(logits, -1) if self.task == "multiclass" else torch.sigmoid(logits)
+        return {self.main_head: (probs, batch["present"][self.modality])}
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one teacher
+# ---------------------------------------------------------------------------------------------
+
+def _loader_config(cfg, teacher: TeacherConfig, workers: Optional[int] = None):
+    modality = teacher.model.modality
+    return dataclasses.replace(cfg.loader, modalities=[modality], require=[modality],
+                               batch_size=teacher.batch_size or cfg.loader.batch_size,
+                               num_workers=cfg.loader.num_workers if workers is None else workers)
+
+
+def fit_preprocessing(model, shard_dir: Path, loader_cfg) -> None:
+    """Learn a model's preprocessing (tokenizer, tabular encoding) from the TRAIN split only, on
+    rank 0, and share the fitted state with every rank (so all ranks tokenize alike)."""
+    from kdscale.data.loader import build_loader
+    from kdscale.engine.distributed import broadcast_object, detect_world
+
+    world = detect_world()
+    state = None
+    if world.rank == 0:
+        eval_cfg = dataclasses.replace(loader_cfg, drop_last=False)
+        loader = build_loader(shard_dir, "train", eval_cfg, train=False, rank=0, world_size=1)
+        model.fit(_valid_rows(loader))
+        state = model.state_dict() if world.distributed else None
+    if world.distributed:
+        import torch.distributed as dist
+        if not dist.is_initialized():
+            from kdscale.engine.distributed import init_distributed
+            init_distributed(world)
+        state = broadcast_object(state)
+        if world.rank != 0:
+            model.load_state_dict(state)
+
+
+def _valid_rows(loader):
+    """Eval loaders pad the last slots with repeats flagged valid=False: fit on real rows only."""
+    import torch
+
+    from kdscale.distill.teacher_pass import subset_batch
+
+    for batch in loader:
+        valid = batch["valid"]
+        if bool(valid.all()):
+            yield batch
+        elif bool(valid.any()):
+            yield subset_batch(batch, valid.nonzero().squeeze(1).to(torch.long))
+
+
+def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, force: bool = False) -> dict:
+    import torch
+
+    from kdscale.data.loader import build_loader
+    from kdscale.data.shard_index import read_index
+    from kdscale.data.shards import shards_out_dir
+    from kdscale.engine.checkpoint import load_checkpoint, save_atomic
+    from kdscale.engine.distributed import barrier, detect_world
+    from kdscale.engine.rng import seed_everything
+    from kdscale.engine.trainer import Trainer
+    from kdscale.models.registry import build_model, count_parameters
+
+    world = detect_world()
+    shard_dir = shards_out_dir(cfg)
+    index = read_index(shard_dir, "train")
+    label_names, n_features = index["label_names"], int((index.get("ehr") or {}).get("num_features") or 0)
+    out = teachers_dir(cfg) / teacher.name
+    fingerprint = teacher_fingerprint(cfg, teacher, index)
+    done = out / "teacher.json"
+    if done.is_file() and not force and not resume:
+        info = json.loads(done.read_text())
+        if info.get("fingerprint") == fingerprint and (out / "teacher.pt").is_file():
+            if world.rank == 0:
+                print(f"teacher {teacher.name}: already trained (val {info.get('val_auroc_macro')}), skipping; "
+                      f"--force retrains")
+            return info
+    seed_everything(cfg.run.seed, world.rank)
+    model = build_model(teacher.model, len(label_names), ehr_features=n_features or 76)
+    loader_cfg = _loader_config(cfg, teacher)
+    if getattr(model, "needs_fit", False):
+        fit_preprocessing(model, shard_dir, loader_cfg)
+    train_loader = build_loader(shard_dir, "train", loader_cfg, train=True)
+    val_loader = build_loader(shard_dir, "val", dataclasses.replace(loader_cfg, drop_last=False), train=False)
+    n_params = count_parameters(model)
+    if world.rank == 0:
+        print(f"teacher {teacher.name}: {teacher.model.modality} {teacher.model.arch}, {n_params:,} parameters, "
+              f"{train_loader.plan.num_samples} train / {val_loader.plan.num_samples} val samples with "
+              f"{teacher.model.modality}")
+    task = UnimodalTask(teacher.model.modality, cfg.teachers.task)
+    trainer = Trainer(teacher_train_config(cfg, teacher), out, model, task, train_loader, val_loader,
+                      label_names=label_names, config_hash=fingerprint)
+    result = trainer.fit(resume=resume)
+    info = {}
+    if trainer.is_main:
+        best = load_checkpoint(result.best_checkpoint)
+        save_atomic({"model": best["model"], "model_config": dataclasses.asdict(teacher.model),
+                     "label_names": label_names, "name": teacher.name}, out / "teacher.pt")
+        from kdscale.data.tario import sha256_file
+        best_record = max((r for r in result.history if r.get("auroc_macro") is not None),
+                          key=lambda r: r["auroc_macro"], default={})
+        info = {"name": teacher.name, "modality": teacher.model.modality, "arch": teacher.model.arch,
+                "parameters": n_params, "label_names": label_names, "fingerprint": fingerprint,
+                "checkpoint": str((out / "teacher.pt").resolve()), "checkpoint_sha256": sha256_file(out / "teacher.pt"),
+                "val_auroc_macro": best_record.get("auroc_macro"), "val_auprc_macro": best_record.get("auprc_macro"),
+                "best_epoch": best_record.get("epoch"), "epochs_done": result.epochs_done,
+                "skipped_steps": result.skipped_steps, "train_samples": train_loader.plan.num_samples,
+                "val_samples": val_loader.plan.num_samples, "history": result.history}
+        tmp = done.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        tmp.replace(done)
+        print(f"teacher {teacher.name}: best val macro AUROC {info['val_auroc_macro']} "
+              f"(epoch {info['best_epoch']}) -> {out / 'teacher.pt'}")
+    barrier()
+    del trainer, model
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return info
+
+
+def load_teacher(path: str | Path):
+    """teacher.pt -> (model in eval mode, info dict). Weights only, no pickle."""
+    from kdscale.config import validate
+    from kdscale.engine.checkpoint import load_checkpoint
+    from kdscale.models.registry import build_model
+
+    state = load_checkpoint(path)
+    model_cfg = validate(ModelConfig, state["model_config"])
+    model = build_model(model_cfg, len(state["label_names"]), ehr_features=_ehr_features(state["model"]))
+    model.load_state_dict(state["model"])
+    model.eval()
+    return model, {"name": state["name"], "modality": model_cfg.modality, "label_names": state["label_names"]}
+
+
+def _ehr_features(state_dict: dict) -> int:
+    """The EHR input width from the weights (LSTM weight_ih / transformer proj), else 76."""
+    for key, value in state_dict.items():
+        if key.endswith(("layers.0.weight_ih_l0", "proj.weight")) and hasattr(value, "shape"):
+            return int(value.shape[1])
+    return 76

@@ -1,0 +1,431 @@
+"""The training engine: one loop for teachers, students and baselines, on one process, on
+``torchrun`` ranks, or on SLURM tasks, built on Accelerate.
+
+What a model family brings is a ``Task``: ``loss(model, batch) -> (loss, {term: value})`` and
+``predict(model, batch) -> {head: (probabilities [B, C], mask [B])}``. The engine owns the rest:
+devices and precision, DDP, gradient accumulation and clipping, non-finite steps, LR schedule,
+validation with best-checkpoint selection and early stopping, atomic checkpoints with exact
+resume, preemption (a signal only requests a save at the next step boundary), and logging
+(JSONL + TensorBoard + a progress bar on rank 0).
+
+Resume semantics: a checkpoint is taken at an optimizer-step boundary and records (epoch,
+batches consumed in that epoch, global step) plus model, optimizer, scheduler, scaler and every
+rank's RNG state. The loader continues at that batch of that epoch with the same sample order
+and augmentation (kdscale.data.loader), so a resumed run trains on exactly the batches an
+uninterrupted run would, in the same order; no batch is trained twice or skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import resource
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+
+from kdscale.engine.config import TrainConfig, build_optimizer, build_scheduler
+from kdscale.engine.distributed import all_gather_objects, detect_world, export_env
+from kdscale.engine.precision import accelerate_precision
+
+log = logging.getLogger(__name__)
+
+
+class Task(Protocol):
+    main_head: str
+
+    def loss(self, model, batch: dict): ...
+
+    def predict(self, model, batch: dict) -> dict: ...
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training produced a NaN/inf loss or gradient and the policy says stop."""
+
+
+class Preempted(RuntimeError):
+    """A save was requested by a signal (SLURM preemption / time limit); the state is saved."""
+
+
+@dataclass
+class FitResult:
+    best_metric: float = float("nan")
+    best_checkpoint: str = ""
+    last_checkpoint: str = ""
+    epochs_done: int = 0
+    steps: int = 0
+    skipped_steps: int = 0
+    history: list = field(default_factory=list)
+
+
+def to_device(batch: dict, device) -> dict:
+    import torch
+
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value.to(device, non_blocking=True)
+        elif isinstance(value, dict):
+            out[key] = to_device(value, device)
+        else:
+            out[key] = value
+    return out
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class _SaveRequest:
+    """Signal handlers only set a flag; the loop saves at the next step boundary."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal = None
+
+    def install(self, signals=(signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)) -> None:
+        for sig in signals:
+            try:
+                signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: the launcher handles signals then
+                return
+
+    def _handler(self, signum, frame) -> None:
+        self.requested, self.signal = True, signum
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, out_dir, model, task: Task, train_loader, val_loader=None, *,
+                 label_names=(), config_hash: str = "", metric_fn: Optional[Callable] = None,
+                 extra_state: Optional[dict] = None):
+        self.cfg, self.out_dir = cfg, Path(out_dir)
+        self.task, self.train_loader, self.val_loader = task, train_loader, val_loader
+        self.label_names, self.config_hash = list(label_names), config_hash
+        self.metric_fn = metric_fn or default_metrics
+        self.extra_state = extra_state or {}
+        self.world = detect_world()
+        export_env(self.world)  # SLURM tasks -> torchrun variables, read by Accelerate
+        self.accelerator = self._accelerator()
+        self.device = self.accelerator.device
+        self.is_main = self.accelerator.is_main_process
+        self.model = model
+        self.save_request = _SaveRequest()
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _accelerator(self):
+        import torch
+        from accelerate import Accelerator
+
+        device = self.cfg.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("train.device is cuda but no CUDA device is visible")
+        kwargs = {"mixed_precision": accelerate_precision(self.cfg.precision, device), "cpu": device == "cpu"}
+        if self.cfg.deepspeed.enabled:
+            if device != "cuda":
+                raise ValueError("train.deepspeed.enabled needs GPUs: Accelerate drops DeepSpeed on CPU "
+                                 "(docs/platform.md); use DDP on CPU")
+            from accelerate.utils import DeepSpeedPlugin
+            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=self.cfg.deepspeed.zero_stage,
+                                                         gradient_accumulation_steps=self.cfg.grad_accum,
+                                                         gradient_clipping=self.cfg.clip_grad_norm or None)
+        return Accelerator(**kwargs)
+
+    def steps_per_epoch(self) -> int:
+        batches = len(self.train_loader)
+        if self.cfg.steps_per_epoch:
+            batches = min(batches, self.cfg.steps_per_epoch * self.cfg.grad_accum)
+        return batches // self.cfg.grad_accum
+
+    def _prepare(self):
+        from kdscale.engine.checkpoint import CheckpointManager
+
+        total = self.steps_per_epoch() * self.cfg.epochs
+        if self.steps_per_epoch() < 1:
+            raise ValueError(f"the train loader yields {len(self.train_loader)} batches per epoch, fewer than "
+                             f"train.grad_accum {self.cfg.grad_accum}: lower the batch size or grad_accum")
+        optimizer = build_optimizer(self.cfg.optimizer, self.model.parameters())
+        scheduler = build_scheduler(self.cfg.schedule, optimizer, total, self.steps_per_epoch())
+        self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
+        self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=self.cfg.keep_last, mode="max")
+        if self.is_main:
+            from kdscale.engine.logger import MetricsLogger
+            self.logger = MetricsLogger(self.out_dir)
+        else:
+            self.logger = None
+
+    # -- checkpoint state ----------------------------------------------------------------------
+    def state_dict(self, epoch: int, batch: int, step: int, history: list, skipped: int) -> dict:
+        from kdscale.engine.rng import capture_rng_state
+
+        scaler = getattr(self.accelerator, "scaler", None)
+        return {"model": self.accelerator.unwrap_model(self.model).state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": all_gather_objects(capture_rng_state()),
+                "epoch": epoch, "batch": batch, "step": step, "skipped_steps": skipped,
+                "loader": self.train_loader.state_dict() | {"epoch": epoch, "batch": batch},
+                "history": history, "world_size": self.world.world_size, "config_hash": self.config_hash,
+                "label_names": self.label_names, **self.extra_state}
+
+    def _save(self, epoch: int, batch: int, step: int, history: list, skipped: int,
+              metric: Optional[float] = None) -> str:
+        state = self.state_dict(epoch, batch, step, history, skipped)  # collective: every rank
+        path = ""
+        if self.is_main:
+            path = str(self.ckpt.save(state, epoch=epoch, step=step, metric=metric))
+        self.accelerator.wait_for_everyone()
+        return path
+
+    def _load(self, spec: str) -> dict:
+        from kdscale.engine.checkpoint import load_checkpoint
+        from kdscale.engine.rng import restore_rng_state
+
+        path = self.ckpt.resolve(spec)
+        state = load_checkpoint(path)
+        if state.get("world_size") != self.world.world_size:
+            raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks, this run has "
+                             f"{self.world.world_size}: exact resume needs the same world size")
+        self.accelerator.unwrap_model(self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        restore_rng_state(state["rng"][self.world.rank])
+        self.train_loader.load_state_dict(state["loader"])
+        if self.is_main:
+            log.info("resumed from %s: epoch %d, batch %d, step %d", path, state["epoch"], state["batch"],
+                     state["step"])
+        return state
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, resume: Optional[str] = None) -> FitResult:
+        self._prepare()
+        self.save_request.install()
+        result = FitResult()
+        epoch, start_batch, step, skipped = 0, 0, 0, 0
+        if resume:
+            state = self._load(resume)
+            epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
+            skipped, result.history = state["skipped_steps"], list(state["history"])
+            if self.logger:
+                self.logger.event({"event": "resume", "epoch": epoch, "batch": start_batch, "step": step,
+                                   "checkpoint": str(self.ckpt.resolve(resume))})
+        best, stale_epochs = self._best_so_far(result.history)
+        while epoch < self.cfg.epochs:
+            if start_batch == 0:
+                self.train_loader.set_epoch(epoch)
+            step, skipped, start_batch = self._train_epoch(epoch, start_batch, step, skipped, result.history)
+            metrics = {}
+            if self.val_loader is not None and (epoch + 1) % self.cfg.val_every_epochs == 0:
+                metrics = self.validate()
+            record = {"epoch": epoch, "step": step, **metrics}
+            result.history.append(record)
+            metric = metrics.get(self.cfg.select_metric)
+            improved = metric is not None and not math.isnan(metric) and (math.isnan(best) or metric > best)
+            if improved:
+                best, stale_epochs = metric, 0
+            elif metric is not None:
+                stale_epochs += 1
+            result.last_checkpoint = self._save(epoch + 1, 0, step, result.history, skipped, metric)
+            if self.logger:
+                self.logger.epoch(record)
+            epoch += 1
+            if self.cfg.early_stop_patience and stale_epochs >= self.cfg.early_stop_patience:
+                if self.logger:
+                    self.logger.event({"event": "early_stop", "epoch": epoch, "best": best})
+                break
+        result.best_metric, result.epochs_done, result.steps, result.skipped_steps = best, epoch, step, skipped
+        best_path = self.ckpt.best() if self.is_main else None
+        result.best_checkpoint = str(best_path or result.last_checkpoint)
+        if self.logger:
+            self.logger.close()
+        return result
+
+    def _best_so_far(self, history: list) -> tuple[float, int]:
+        best, stale = float("nan"), 0
+        for record in history:
+            metric = record.get(self.cfg.select_metric)
+            if metric is None or math.isnan(metric):
+                continue
+            if math.isnan(best) or metric > best:
+                best, stale = metric, 0
+            else:
+                stale += 1
+        return best, stale
+
+    def _train_epoch(self, epoch: int, start_batch: int, step: int, skipped: int, history: list):
+        import torch
+
+        cfg, accum = self.cfg, self.cfg.grad_accum
+        n_batches = self.steps_per_epoch() * accum
+        self.model.train()
+        bar = self._bar(epoch, n_batches, start_batch)
+        batch_index, wait, busy, samples = start_batch, 0.0, 0.0, 0
+        iterator = iter(self.train_loader)
+        tick = time.perf_counter()
+        while batch_index < n_batches:
+            batch = next(iterator)
+            got = time.perf_counter()
+            wait += got - tick
+            batch = to_device(batch, self.device)
+            boundary = (batch_index + 1) % accum == 0
+            # Between accumulation boundaries DDP must not all-reduce: forward AND backward run
+            # under no_sync (the forward is where DDP arms its reducer).
+            sync = contextlib.nullcontext() if boundary else self.accelerator.no_sync(self.model)
+            with sync:
+                with self.accelerator.autocast():
+                    loss, terms = self.task.loss(self.model, batch)
+                self.accelerator.backward(loss / accum)
+            batch_index += 1
+            samples += len(batch["key"])
+            if boundary:
+                finite = self._finite_step(loss)
+                if finite:
+                    self.optimizer.step()
+                    self.scheduler.step()
+                else:
+                    skipped += 1
+                    self._non_finite(skipped, epoch, batch_index)
+                self.optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if self.logger and step % cfg.log_every_steps == 0:
+                    self.logger.step({"step": step, "epoch": epoch, "loss": float(loss.detach()),
+                                      **{k: float(v) for k, v in terms.items()},
+                                      "lr": self.scheduler.get_last_lr()[0],
+                                      "data_wait_fraction": wait / max(1e-9, wait + busy),
+                                      "samples_per_s": samples / max(1e-9, wait + busy),
+                                      "peak_memory_mb": peak_memory_mb(self.device)})
+                if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and batch_index < n_batches:
+                    self._save(epoch, batch_index, step, history, skipped)
+                if self._save_requested():
+                    path = self._save(epoch, batch_index, step, history, skipped)
+                    raise Preempted(f"save requested by signal {self.save_request.signal}: saved {path or 'on rank 0'}")
+            tick = time.perf_counter()
+            busy += tick - got
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.4f}",
+                                sps=f"{samples / max(1e-9, wait + busy):.0f}",
+                                wait=f"{wait / max(1e-9, wait + busy):.0%}")
+        if bar is not None:
+            bar.close()
+        del iterator
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+        if self.logger:
+            self.logger.event({"event": "epoch_end", "epoch": epoch, "data_wait_fraction":
+                               round(wait / max(1e-9, wait + busy), 4), "samples_per_s_rank0":
+                               round(samples / max(1e-9, wait + busy), 2), "skipped_steps": skipped,
+                               "skipped_samples": dict(getattr(self.train_loader, "skipped", {}))})
+        return step, skipped, 0
+
+    def _finite_step(self, loss) -> bool:
+        """Unscale, clip, and decide on every rank alike whether this step is finite (loss and
+        gradient norm; gradients are all-reduced, so their norm is the same on every rank)."""
+        import torch
+
+        if self.cfg.deepspeed.enabled:  # DeepSpeed clips and checks overflow itself
+            return bool(torch.isfinite(loss.detach().float()).all())
+        if self.cfg.clip_grad_norm:
+            norm = self.accelerator.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad_norm)
+        else:
+            self.accelerator.unscale_gradients()
+            grads = [p.grad.detach().float().norm() for p in self.model.parameters() if p.grad is not None]
+            norm = torch.stack(grads).norm() if grads else torch.zeros(())
+        flag = torch.tensor([float(torch.isfinite(loss.detach().float()).all() and torch.isfinite(norm))],
+                            device=self.device)
+        flag = self.accelerator.reduce(flag, reduction="sum") if self.world.distributed else flag
+        return bool(flag.item() == max(1, self.world.world_size))
+
+    def _non_finite(self, skipped: int, epoch: int, batch_index: int) -> None:
+        where = f"epoch {epoch}, batch {batch_index}"
+        if self.cfg.nan_policy == "stop":
+            raise NonFiniteLoss(f"non-finite loss or gradient at {where} (train.nan_policy=stop)")
+        log.warning("non-finite loss or gradient at %s: step skipped (%d so far)", where, skipped)
+        if self.logger:
+            self.logger.event({"event": "skipped_step", "epoch": epoch, "batch": batch_index, "count": skipped})
+        if skipped > self.cfg.max_skipped_steps:
+            raise NonFiniteLoss(f"{skipped} non-finite steps (train.max_skipped_steps "
+                                f"{self.cfg.max_skipped_steps}): the run diverged; lower the LR or check the data")
+
+    def _save_requested(self) -> bool:
+        import torch
+
+        if not self.world.distributed:
+            return self.save_request.requested
+        flag = torch.tensor([float(self.save_request.requested)], device=self.device)
+        return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
+
+    def _bar(self, epoch: int, total: int, start: int):
+        if not (self.is_main and self.cfg.progress):
+            return None
+        from tqdm import tqdm
+        return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
+                    dynamic_ncols=True, leave=False)
+
+    # -- validation ----------------------------------------------------------------------------
+    def predict(self, loader) -> dict:
+        """{head: (probs [N, C], mask [N]), "labels": [N, C], "keys": [...]} gathered over ranks;
+        padding samples (valid=False) are dropped, so each sample appears exactly once."""
+        import torch
+
+        model = self.model
+        model.eval()
+        heads: dict[str, list] = {}
+        labels, keys = [], []
+        with torch.inference_mode(), self.accelerator.autocast():
+            for batch in loader:
+                valid = batch["valid"].numpy()
+                batch = to_device(batch, self.device)
+                for head, (probs, mask) in self.task.predict(model, batch).items():
+                    heads.setdefault(head, []).append(
+                        (probs.float().cpu().numpy()[valid], mask.cpu().numpy()[valid]))
+                labels.append(batch["labels"].cpu().numpy()[valid])
+                keys += [k for k, v in zip(batch["key"], valid) if v]
+        model.train()
+        local = {"labels": np.concatenate(labels) if labels else np.zeros((0, len(self.label_names))),
+                 "keys": keys,
+                 **{h: (np.concatenate([p for p, _ in v]), np.concatenate([m for _, m in v])) for h, v in heads.items()}}
+        parts = all_gather_objects(local)
+        merged = {"labels": np.concatenate([p["labels"] for p in parts]), "keys": sum((p["keys"] for p in parts), [])}
+        for head in local:
+            if head not in ("labels", "keys"):
+                merged[head] = (np.concatenate([p[head][0] for p in parts]),
+                                np.concatenate([p[head][1] for p in parts]))
+        return merged
+
+    def validate(self) -> dict:
+        self.val_loader.set_epoch(0)
+        preds = self.predict(self.val_loader)
+        return self.metric_fn(preds, self.task.main_head, self.label_names)
+
+
+def default_metrics(preds: dict, main_head: str, label_names: list) -> dict:
+    """Macro AUROC/AUPRC per head on the samples each head covers; the main head's are also
+    reported unprefixed (``auroc_macro``) for model selection."""
+    from kdscale.eval.metrics import label_metrics
+
+    out = {}
+    for head, value in preds.items():
+        if head in ("labels", "keys"):
+            continue
+        probs, mask = value
+        if mask.sum() == 0:
+            continue
+        m = label_metrics(preds["labels"][mask], probs[mask], label_names)
+        out[f"{head}/auroc_macro"] = float(m["auroc_macro"])
+        out[f"{head}/auprc_macro"] = float(m["auprc_macro"])
+        out[f"{head}/n"] = int(mask.sum())
+        if head == main_head:
+            out["auroc_macro"], out["auprc_macro"] = out[f"{head}/auroc_macro"], out[f"{head}/auprc_macro"]
+    return out
