@@ -2,23 +2,36 @@
 """Shard benchmark: read throughput (shard loader vs a per-file MedFuse-style dataset vs pure
 decode+transform of in-memory bytes) and write throughput + peak RSS of the shard writer.
 
-    python bench/bench_shards.py                          # demo source (default), ~2-3 min on 2 cores
-    python bench/bench_shards.py --source synthetic       # the older synthetic per-file tree
-    python bench/bench_shards.py --demo-n 2000 --write-sizes 1000,10000,50000
+    python bench/bench_shards.py                          # demo source (default), ~1.5 min on 2 cores
+    python bench/bench_shards.py --source synthetic       # synthetic 512x512 JPEGs, numeric EHR CSVs
+    python bench/bench_shards.py --demo-n 3000 --epochs 7 --write-sizes 1000,10000,50000
 
 Read, ``--source demo`` (default): generates (or reuses) the MIMIC demo tree
 (``kdscale.data.sources.demo.generate``), builds shards from it with ``build_shards`` and
-configs/data/demo_mimic.yaml (phenotyping, partial cohort), then reads the train split
-(a) through the shard loader and (b) through ``MedFuseDataset``, which does what MedFuse's
-``__getitem__`` does per sample: open the CXR JPEG from the ``files/pXX/p<subject>/s<study>/``
-tree with PIL, read the stay's raw ``episodeN_timeseries.csv``, discretize it (76 features) and
-normalize it with a normalizer fitted once at setup. Same samples, transforms, batch size and
-worker counts. ``--source synthetic`` keeps the older synthetic tree (pre-discretized numeric
-EHR CSVs, 512x512 JPEGs).
+configs/data/demo_mimic.yaml (phenotyping, partial cohort; CXRs stored resized to shorter side
+256), then reads the train split
+(a) through the shard loader (``build_loader``: image + EHR, MedFuse train transform),
+(b) through ``MedFuseDataset``, which does what MedFuse's ``__getitem__`` does per sample: open
+the CXR JPEG with PIL + ``.convert("RGB")`` + MedFuse's torchvision transform (ToTensor,
+Normalize), read the stay's raw ``episodeN_timeseries.csv``, discretize it (76 features) and
+normalize it with a normalizer fitted once at setup; MedFuse's own DataLoader (shuffle, same
+batch size and worker count, persistent workers),
+(c) the same per-file dataset with the shard loader's image decode path (grayscale kept in one
+channel; identical tensors): what is left of the gap is the file format, not the image code.
+Both sides decode the same JPEG bytes: a source JPEG that the shard build resizes is given to
+the per-file reader pre-resized the same way (MedFuse's resize.py step); the demo's 256x320
+films are already at the target and are stored unchanged.
+
+Timing: each reader is built once; its first epoch (worker start-up, imports) is reported on its
+own, then ``--epochs`` epochs per reader, interleaved, give the steady figure (median); then one
+cold-cache epoch per reader, after its files are evicted from the page cache (``--no-cold``
+skips it). ``--source synthetic``: 512x512 JPEGs (stored / pre-resized to 256x256) and
+pre-discretized numeric EHR CSVs.
 
 Write: samples/s, MB/s and peak RSS of ``build_shards`` at ``--write-sizes``, always from the
-synthetic source (generating a 10k-stay demo tree takes ~80 s on 2 cores, longer than the
-benchmark budget; the synthetic source costs ~nothing, so the writer is what is measured).
+synthetic source without resizing (generating a 10k-stay demo tree takes ~80 s on 2 cores,
+longer than the benchmark budget; the synthetic source costs ~nothing, so the writer is what is
+measured).
 
 Prints a table and saves bench/results/shards.json.
 """
@@ -91,10 +104,10 @@ class BenchSource:
             yield self.record(i)
 
 
-def _cfg(out: Path, per_shard: int):
+def _cfg(out: Path, per_shard: int, *overrides: str):
     from kdscale.schema import load_config
 
-    return load_config(None, [f"run.out_dir={out}", f"shards.max_samples_per_shard={per_shard}"])
+    return load_config(None, [f"run.out_dir={out}", f"shards.max_samples_per_shard={per_shard}", *overrides])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,14 +130,17 @@ def write_child(n: int, out: str, width: int, height: int, workers: int) -> None
     from kdscale.data.shards import build_shards
 
     source = BenchSource(n, width, height)
+    cfg = _cfg(Path(out), 1000)      # config loading (and what it imports) is not the writer's cost
     base_rss = _peak_rss_mb()
     start = time.perf_counter()
-    summary = build_shards(_cfg(Path(out), 1000), workers=workers, source=source)
+    summary = build_shards(cfg, workers=workers, source=source)
     elapsed = time.perf_counter() - start
     size = sum(p.stat().st_size for p in Path(out, "shards").glob("*/*.tar"))
+    peak = _peak_rss_mb()
     print(json.dumps({"samples": summary["written"], "seconds": elapsed, "samples_per_s": n / elapsed,
                       "mb_per_s": size / elapsed / 1e6, "shard_bytes": size,
-                      "peak_rss_mb": _peak_rss_mb(), "peak_rss_before_build_mb": base_rss,
+                      "peak_rss_mb": peak, "peak_rss_before_build_mb": base_rss,
+                      "peak_rss_growth_during_build_mb": peak - base_rss,
                       "children_peak_rss_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 
 
@@ -136,33 +152,173 @@ def bench_write(sizes: list[int], width: int, height: int, workers: int) -> list
                    "--image-height", str(height), "--write-workers", str(workers)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results.append({"n": n, "workers": workers, **json.loads(proc.stdout.strip().splitlines()[-1])})
-        print(f"write {n:>7} samples: {results[-1]['samples_per_s']:8.0f} samples/s "
-              f"{results[-1]['mb_per_s']:7.1f} MB/s  peak RSS {results[-1]['peak_rss_mb']:.0f} MB", flush=True)
+        row = results[-1]
+        print(f"write {n:>7} samples: {row['samples_per_s']:8.0f} samples/s {row['mb_per_s']:7.1f} MB/s  peak RSS "
+              f"{row['peak_rss_mb']:.0f} MB ({row['peak_rss_growth_during_build_mb']:+.0f} MB during the build)",
+              flush=True)
     return results
 
 
 # ---------------------------------------------------------------------------------------------
-# Read
+# Read: shared pieces
+# ---------------------------------------------------------------------------------------------
+
+# MedFuse's stored-image preprocessing as the shard build does it by default for CXRs
+# (configs/data/*mimic*.yaml): shorter side resized to 256, JPEG re-encoded at quality 90.
+RESIZE = ["shards.image_resize=shorter", "shards.image_resize_to=256"]
+
+
+def medfuse_transform(cfg, train: bool):
+    """MedFuse's torchvision pipeline, verbatim (ToTensor + Normalize on an RGB image), with the
+    sizes and augmentation of ``cfg`` (a LoaderConfig)."""
+    from torchvision import transforms as T
+
+    steps = [T.Resize(cfg.resize_size)]
+    if train:
+        steps += [T.RandomHorizontalFlip(),
+                  T.RandomAffine(degrees=cfg.affine_degrees, shear=0,
+                                 translate=(cfg.affine_translate, cfg.affine_translate),
+                                 scale=tuple(cfg.affine_scale))]
+    steps += [T.CenterCrop(cfg.image_size), T.ToTensor(), T.Normalize(cfg.mean, cfg.std)]
+    return T.Compose(steps)
+
+
+def open_image(path, fast: bool):
+    """MedFuse: ``Image.open(path).convert("RGB")``. ``fast``: the shard loader's decode path on the
+    same file (grayscale kept in one channel: same tensors after the loader's transform)."""
+    from PIL import Image
+
+    from kdscale.data.transforms import decode_for_transform
+
+    if fast:
+        return decode_for_transform(Path(path).read_bytes())
+    with Image.open(path) as img:
+        return img.convert("RGB")
+
+
+def _epoch(iterable, count) -> tuple[int, float]:
+    start = time.perf_counter()
+    n = sum(count(batch) for batch in iterable)
+    return n, time.perf_counter() - start
+
+
+def evict(files) -> int:
+    """Drop these files' pages from the page cache (posix_fadvise DONTNEED: no root needed, other
+    files untouched) -> bytes evicted. The next read comes from the disk (or the host's cache on
+    a VM: "cold" here means the guest's page cache)."""
+    total = 0
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            total += os.fstat(fd).st_size
+        finally:
+            os.close(fd)
+    return total
+
+
+def measure(readers: dict, epochs: int, cold: bool) -> dict:
+    """Each reader: ``(run_epoch(epoch) -> iterable of batches, count(batch) -> samples, files)``,
+    built once (persistent workers). Epoch 0 is timed on its own (it includes worker start-up and
+    first imports); then ``epochs`` further epochs per reader, interleaved round-robin so that
+    load from other processes on the machine hits every reader alike: steady = their median.
+    ``cold``: one more epoch per reader right after evicting its files from the page cache."""
+    out = {}
+    for name, (run, count, _) in readers.items():
+        n, seconds = _epoch(run(0), count)
+        out[name] = {"first_epoch": n / seconds, "epochs": []}
+    for e in range(1, epochs + 1):
+        names = list(readers)
+        names = names[e % len(names):] + names[:e % len(names)]  # rotate who goes first
+        for name in names:
+            run, count, _ = readers[name]
+            n, seconds = _epoch(run(e), count)
+            out[name]["epochs"].append(n / seconds)
+    for name, (run, count, files) in readers.items():
+        if cold:
+            evict(files)
+            n, seconds = _epoch(run(epochs + 1), count)
+            out[name]["cold_epoch"] = n / seconds
+    for stats in out.values():
+        stats["steady_median"] = float(np.median(stats["epochs"]))
+        stats["steady_best"] = max(stats["epochs"])
+    return out
+
+
+def _shard_reader(loader):
+    def run(epoch):
+        loader.set_epoch(epoch)
+        return loader
+    return run, lambda b: int(b["valid"].sum()), [p for p, _ in loader.shards]
+
+
+def _torch_reader(dataset, batch: int, workers: int, collate, files: list):
+    import torch
+
+    kwargs = {"persistent_workers": True, "prefetch_factor": 2} if workers > 0 else {}
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=workers,
+                                         collate_fn=collate, **kwargs)
+    return (lambda epoch: loader), (lambda b: b[0].shape[0]), files
+
+
+def _report(results: dict, workers: list[int], measured: dict, pure: dict) -> None:
+    """Fill samples/s and ratios from ``measured[w][reader]``; print one line per worker count."""
+    sps, ratio = results["samples_per_s"], {}
+    for w in workers:
+        m = measured[w]
+        for name, stats in m.items():
+            sps.setdefault(name, {})[w] = {k: (round(v, 1) if isinstance(v, float) else [round(x, 1) for x in v])
+                                           for k, v in stats.items()}
+        shard, base = m["shard_loader"]["steady_median"], m["per_file_medfuse"]["steady_median"]
+        ratio[w] = shard / base
+        # the least favourable pairing of steady epochs: the shard loader's slowest, MedFuse's fastest
+        results["ratio_shard_over_per_file_worst_case"][w] = (min(m["shard_loader"]["epochs"])
+                                                              / max(m["per_file_medfuse"]["epochs"]))
+        results["ratio_shard_over_per_file_first_epoch"][w] = (m["shard_loader"]["first_epoch"]
+                                                               / m["per_file_medfuse"]["first_epoch"])
+        fast_image = m["per_file_loader_image_path"]["steady_median"]
+        results["ratio_shard_over_per_file_loader_image_path"][w] = shard / fast_image
+        if "cold_epoch" in m["shard_loader"]:
+            results["ratio_shard_over_per_file_cold_epoch"][w] = (m["shard_loader"]["cold_epoch"]
+                                                                  / m["per_file_medfuse"]["cold_epoch"])
+        results["ratio_shard_over_pure"][w] = {k: shard / v for k, v in pure.items()}
+        line = (f"workers {w}: steady (median) shard loader {shard:6.0f}, per-file MedFuse {base:6.0f}, per-file "
+                f"with the loader's image path {fast_image:6.0f} samples/s: shard/per-file {ratio[w]:4.2f}x "
+                f"(worst pairing {results['ratio_shard_over_per_file_worst_case'][w]:4.2f}x); first "
+                f"epoch {m['shard_loader']['first_epoch']:6.0f} vs {m['per_file_medfuse']['first_epoch']:6.0f}")
+        if "cold_epoch" in m["shard_loader"]:
+            line += f"; cold epoch {m['shard_loader']['cold_epoch']:6.0f} vs {m['per_file_medfuse']['cold_epoch']:6.0f}"
+        print(line + "; shard/pure " + ", ".join(f"{k} {shard / v:4.2f}" for k, v in pure.items()), flush=True)
+    results["ratio_shard_over_per_file"] = ratio
+    results["target_3x_met"] = {w: r >= 3.0 for w, r in ratio.items()}
+
+
+def _new_results(**fields) -> dict:
+    return {**fields, "samples_per_s": {}, "ratio_shard_over_per_file": {}, "ratio_shard_over_per_file_worst_case": {},
+            "ratio_shard_over_per_file_first_epoch": {}, "ratio_shard_over_per_file_cold_epoch": {},
+            "ratio_shard_over_per_file_loader_image_path": {},
+            "ratio_shard_over_pure": {}}
+
+
+# ---------------------------------------------------------------------------------------------
+# Read, synthetic source: per-file tree of JPEGs + pre-discretized numeric EHR CSVs
 # ---------------------------------------------------------------------------------------------
 
 class PerFileDataset:
-    """MedFuse-style: a listfile CSV read once; per sample, open the JPEG file and parse the
-    sample's EHR CSV (MedFuse reads one ``*_timeseries.csv`` per stay)."""
+    """A listfile CSV read once; per sample, open the JPEG file and parse the sample's EHR CSV
+    (MedFuse reads one ``*_timeseries.csv`` per stay; here already discretized numbers)."""
 
-    def __init__(self, root: Path, transform):
+    def __init__(self, root: Path, transform, fast: bool = False):
         with open(root / "listfile.csv") as fh:
             self.rows = list(csv.DictReader(fh))
-        self.root, self.transform = root, transform
+        self.root, self.transform, self.fast = root, transform, fast
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         row = self.rows[i]
-        with Image.open(self.root / "files" / f"{row['key']}.jpg") as img:
-            image = self.transform(img.convert("RGB"))
+        image = self.transform(open_image(self.root / "files" / f"{row['key']}.jpg", self.fast))
         with open(self.root / "ehr" / f"{row['key']}_timeseries.csv") as fh:
             reader = csv.reader(fh)
             next(reader)
@@ -182,15 +338,22 @@ def per_file_collate(items):
     return images, ehr, torch.from_numpy(np.stack([it[2] for it in items]))
 
 
-def write_per_file_tree(source: BenchSource, root: Path) -> None:
+def write_per_file_tree(source: BenchSource, root: Path, shards_cfg) -> None:
+    """The per-file tree, JPEGs pre-resized exactly as the shard build stores them (MedFuse's
+    resize.py step), so both readers decode the same bytes."""
+    from kdscale.data.shards import encode_image
+
     (root / "files").mkdir(parents=True)
     (root / "ehr").mkdir()
+    resized = {}
     with open(root / "listfile.csv", "w", newline="") as fh:
         out = csv.writer(fh)
         out.writerow(["key", "labels"])
         for i in range(source.n):
             rec = source.record(i)
-            (root / "files" / f"{rec.key}.jpg").write_bytes(rec.image)
+            if id(rec.image) not in resized:
+                resized[id(rec.image)] = encode_image(rec.image, shards_cfg)[0]
+            (root / "files" / f"{rec.key}.jpg").write_bytes(resized[id(rec.image)])
             with open(root / "ehr" / f"{rec.key}_timeseries.csv", "w", newline="") as eh:
                 w = csv.writer(eh)
                 w.writerow([f"f{j}" for j in range(N_FEATURES)])
@@ -198,46 +361,48 @@ def write_per_file_tree(source: BenchSource, root: Path) -> None:
             out.writerow([rec.key, " ".join(str(int(v)) for v in rec.labels)])
 
 
-def _timed(iterable, count) -> float:
-    start = time.perf_counter()
-    n = sum(count(batch) for batch in iterable)
-    return n / (time.perf_counter() - start)
-
-
-def bench_read(n: int, width: int, height: int, batch: int, workers: list[int]) -> dict:
-    import torch
-
+def bench_read(n: int, width: int, height: int, batch: int, workers: list[int], epochs: int, cold: bool) -> dict:
     from kdscale.data.loader import LoaderConfig, build_loader
-    from kdscale.data.shards import build_shards
-    from kdscale.data.transforms import build_image_transform, decode_image
+    from kdscale.data.shards import build_shards, encode_image
+    from kdscale.data.transforms import build_image_transform, decode_for_transform, decode_image
 
     source = BenchSource(n, width, height)
-    results = {"n": n, "batch_size": batch, "shard_loader": {}, "per_file": {}}
     with tempfile.TemporaryDirectory(prefix="kdscale-bench-") as tmp:
         tmp = Path(tmp)
-        build_shards(_cfg(tmp, max(16, n // 16)), source=BenchSource(n, width, height))
-        write_per_file_tree(source, tmp / "perfile")
+        cfg_shards = _cfg(tmp, max(16, n // 16), *RESIZE)
+        build_shards(cfg_shards, source=BenchSource(n, width, height))
+        write_per_file_tree(source, tmp / "perfile", cfg_shards.shards)
+        stored = encode_image(source.images[0], cfg_shards.shards)[2]
         cfg = LoaderConfig(batch_size=batch, drop_last=False, modalities=["image", "ehr"])
-        transform = build_image_transform(cfg, train=True)
-        images = [source.record(i).image for i in range(min(n, 256))]
-        start = time.perf_counter()
-        for data in images:
-            transform(decode_image(data))
-        results["pure_decode_transform"] = len(images) / (time.perf_counter() - start)
-        print(f"pure decode+transform (1 process): {results['pure_decode_transform']:8.1f} samples/s", flush=True)
+        results = _new_results(source="synthetic", n=n, batch_size=batch, epochs_per_measurement=epochs,
+                               images={"source": f"{width}x{height} grayscale JPEG",
+                                       "stored_and_per_file": f"{stored[0]}x{stored[1]} (shorter side 256, "
+                                                              f"JPEG q90: the same bytes on both sides)"})
+        images = [encode_image(source.record(i).image, cfg_shards.shards)[0] for i in range(min(n, 256))]
+        medfuse, loader_tf = medfuse_transform(cfg, True), build_image_transform(cfg, True)
+        pure = {}
+        for name, decode, tf in (("medfuse_path", decode_image, medfuse),
+                                 ("loader_path", decode_for_transform, loader_tf)):
+            start = time.perf_counter()
+            for data in images:
+                tf(decode(data))
+            pure[name] = len(images) / (time.perf_counter() - start)
+        results["samples_per_s"]["pure_decode_transform"] = pure
+        print("pure decode+transform (1 process): " + ", ".join(f"{k} {v:.0f}/s" for k, v in pure.items()), flush=True)
+        measured = {}
         for w in workers:
             cfg.num_workers = w
-            loader = build_loader(tmp / "shards", "train", cfg, train=True, rank=0, world_size=1)
-            results["shard_loader"][w] = _timed(loader, lambda b: int(b["valid"].sum()))
-            dataset = PerFileDataset(tmp / "perfile", transform)
-            per_file = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=w,
-                                                   collate_fn=per_file_collate)
-            results["per_file"][w] = _timed(per_file, lambda b: b[0].shape[0])
-            print(f"workers {w}: shard loader {results['shard_loader'][w]:8.1f} samples/s   "
-                  f"per-file {results['per_file'][w]:8.1f} samples/s", flush=True)
-    results["shard_loader_w0_over_pure"] = results["shard_loader"][workers[0]] / results["pure_decode_transform"]
-    results["ratio_shard_over_per_file"] = {w: results["shard_loader"][w] / results["per_file"][w] for w in workers}
-    results["source"] = "synthetic"
+            files = sorted(str(p) for p in (tmp / "perfile").rglob("*") if p.is_file())
+            readers = {
+                "shard_loader": _shard_reader(build_loader(tmp / "shards", "train", cfg, train=True, rank=0,
+                                                           world_size=1)),
+                "per_file_medfuse": _torch_reader(PerFileDataset(tmp / "perfile", medfuse), batch, w,
+                                                  per_file_collate, files),
+                "per_file_loader_image_path": _torch_reader(PerFileDataset(tmp / "perfile", loader_tf, fast=True),
+                                                            batch, w, per_file_collate, files)}
+            measured[w] = measure(readers, epochs, cold)
+            del readers
+        _report(results, workers, measured, pure)
     return results
 
 
@@ -254,28 +419,27 @@ class MedFuseDataset:
 
     Setup (once, like MedFuse reading its listfiles and loading a precomputed normalizer): a list
     of (image path or None, timeseries CSV path, period length, labels). ``__getitem__``: open the
-    JPEG with PIL, ``.convert("RGB")``, train transform; read the raw ``episodeN_timeseries.csv``
-    (Hours + 17 channels as strings), Discretizer.transform (76 features), Normalizer.apply.
-    A stay without a paired image gets a zero image (3 x size x size), as in MedFuse.
+    JPEG with PIL, ``.convert("RGB")``, MedFuse's train transform; read the raw
+    ``episodeN_timeseries.csv`` (Hours + 17 channels as strings), Discretizer.transform (76
+    features), Normalizer.apply. A stay without a paired image gets a zero image (3 x size x
+    size), as in MedFuse. ``fast``: the shard loader's image decode path instead (same tensors).
     """
 
-    def __init__(self, items: list[dict], discretizer, normalizer, transform, image_size: int):
+    def __init__(self, items: list[dict], discretizer, normalizer, transform, image_size: int, fast: bool = False):
         self.items, self.discretizer, self.normalizer = items, discretizer, normalizer
-        self.transform, self.image_size = transform, image_size
+        self.transform, self.image_size, self.fast = transform, image_size, fast
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, i: int):
         import torch
-        from PIL import Image
 
         from kdscale.data.ehr import read_timeseries_csv
 
         item = self.items[i]
         if item["image_file"] is not None:
-            with Image.open(item["image_file"]) as img:
-                image = self.transform(img.convert("RGB"))
+            image = self.transform(open_image(item["image_file"], self.fast))
         else:
             image = torch.zeros(3, self.image_size, self.image_size)
         events = read_timeseries_csv(item["timeseries_file"], self.discretizer.config.channel_names)
@@ -296,18 +460,18 @@ def _collate_pairs(items):
 
 
 def demo_setup(n: int, seed: int, demo_dir: Path, shard_root: Path, per_shard: int) -> dict:
-    """Generate/reuse the demo tree, build its shards, collect the per-file list of train samples."""
+    """Generate/reuse the demo tree, build its shards (with the config's image resize), collect the
+    per-file list of train samples; pre-resize the per-file JPEGs the same way where the resize
+    changes them (MedFuse's resize.py step), so both readers decode the same bytes."""
     from kdscale.data.demo.mimic_demo import mimic_config_for_demo
     from kdscale.data.ehr import Normalizer
     from kdscale.data.ingest import IngestLog
-    from kdscale.data.shards import build_shards, npy_bytes
-    from kdscale.data.sources.demo import generate
+    from kdscale.data.shards import _target_size, build_shards, encode_image, npy_bytes
+    from kdscale.data.sources.demo import MARKER, generate
     from kdscale.data.sources.mimic import MimicSource
     from kdscale.schema import load_config
 
     start = time.perf_counter()
-    from kdscale.data.sources.demo import MARKER
-
     reused = (demo_dir / MARKER).is_file()
     generate(demo_dir, "mimic", n, seed)
     gen_s = time.perf_counter() - start
@@ -324,41 +488,53 @@ def demo_setup(n: int, seed: int, demo_dir: Path, shard_root: Path, per_shard: i
     # One metadata pass over the same reader the shards came from: the train keys' file paths.
     source = MimicSource(mimic_config_for_demo(demo_dir, DEMO_TASK, DEMO_COHORT))
     normalizer = Normalizer(source.discretizer.feature_names)
-    items, memory = [], []
+    items, memory, sizes, resized = [], [], set(), 0
+    (shard_root / "resized").mkdir()
     for rec in source.records(IngestLog(source="bench")):
         if rec.split != "train":
             continue
         normalizer.update(rec.ehr)
-        items.append({"key": rec.key, "image_file": rec.meta.get("image_file"),
+        image_file, image = rec.meta.get("image_file"), rec.image
+        if image is not None:
+            sizes.add(tuple(rec.image_size))
+            if _target_size(tuple(rec.image_size), cfg.shards) != tuple(rec.image_size):
+                image = encode_image(rec.image, cfg.shards)[0]
+                image_file = shard_root / "resized" / f"{rec.key}.jpg"   # flat, as resize.py writes
+                image_file.write_bytes(image)
+                resized += 1
+        items.append({"key": rec.key, "image_file": image_file,
                       "timeseries_file": rec.meta["timeseries_file"], "hours": float(rec.meta["ehr_hours"]),
                       "labels": np.asarray(rec.labels, dtype=np.float32)})
-        memory.append((rec.image, npy_bytes(np.asarray(rec.ehr, dtype=np.float32))))
+        memory.append((image, npy_bytes(np.asarray(rec.ehr, dtype=np.float32))))
     normalizer.finalize()
     if len(items) != index["num_samples"]:
         raise RuntimeError(f"per-file list has {len(items)} train samples, shards {index['num_samples']}")
+    images = {"source_sizes": sorted(f"{w}x{h}" for w, h in sizes),
+              "shards_image_resize": f"{cfg.shards.image_resize} {cfg.shards.image_resize_to}",
+              "resized_by_the_setting": resized,
+              "per_file_reads": ("pre-resized copies (same bytes as the shards)" if resized else
+                                 "the tree's own JPEGs: already at the target size, so the shards store "
+                                 "the same bytes unchanged")}
     return {"items": items, "memory": memory, "discretizer": source.discretizer, "normalizer": normalizer,
-            "shard_dir": shard_dir, "index": index, "generate_s": gen_s, "build_s": build_s,
+            "shard_dir": shard_dir, "index": index, "generate_s": gen_s, "build_s": build_s, "images": images,
             "build_summary": {k: v for k, v in summary.items() if isinstance(v, (int, float, str, bool))},
             "demo_dir": str(demo_dir), "demo_reused": reused}
 
 
-def pure_decode(memory: list, transform, normalizer) -> float:
+def pure_decode(memory: list, decode, transform, normalizer) -> float:
     """Samples/s of decode+transform of in-memory image bytes + npy EHR decode + normalize."""
-    from kdscale.data.transforms import decode_image
-
     start = time.perf_counter()
     for image, ehr in memory:
         if image is not None:
-            transform(decode_image(image))
+            transform(decode(image))
         normalizer.apply(np.load(io.BytesIO(ehr), allow_pickle=False))
     return len(memory) / (time.perf_counter() - start)
 
 
-def bench_read_demo(n: int, seed: int, demo_dir: Path, batch: int, workers: list[int], epochs: int) -> dict:
-    import torch
-
+def bench_read_demo(n: int, seed: int, demo_dir: Path, batch: int, workers: list[int], epochs: int,
+                    cold: bool) -> dict:
     from kdscale.data.loader import LoaderConfig, build_loader
-    from kdscale.data.transforms import build_image_transform
+    from kdscale.data.transforms import build_image_transform, decode_for_transform, decode_image
 
     with tempfile.TemporaryDirectory(prefix="kdscale-bench-") as tmp:
         tmp = Path(tmp)
@@ -366,39 +542,35 @@ def bench_read_demo(n: int, seed: int, demo_dir: Path, batch: int, workers: list
         items = setup["items"]
         paired = sum(it["image_file"] is not None for it in items)
         cfg = LoaderConfig(batch_size=batch, drop_last=False, modalities=["image", "ehr"])
-        transform = build_image_transform(cfg, train=True)
-        results = {"source": "demo", "demo_n": n, "demo_seed": seed, "task": DEMO_TASK, "cohort": DEMO_COHORT,
-                   "demo_dir": setup["demo_dir"], "demo_generate_s": round(setup["generate_s"], 2),
-                   "shard_build_s": round(setup["build_s"], 2), "train_samples": len(items),
-                   "train_samples_with_image": paired, "shards": len(setup["index"]["shards"]),
-                   "batch_size": batch, "epochs_per_measurement": epochs,
-                   "samples_per_s": {"shard_loader": {}, "per_file_medfuse": {}},
-                   "ratio_shard_over_per_file": {}, "ratio_shard_over_pure": {}}
+        medfuse, loader_tf = medfuse_transform(cfg, True), build_image_transform(cfg, True)
+        results = _new_results(source="demo", demo_n=n, demo_seed=seed, task=DEMO_TASK, cohort=DEMO_COHORT,
+                               demo_dir=setup["demo_dir"], demo_generate_s=round(setup["generate_s"], 2),
+                               shard_build_s=round(setup["build_s"], 2), train_samples=len(items),
+                               train_samples_with_image=paired, shards=len(setup["index"]["shards"]),
+                               images=setup["images"], batch_size=batch, epochs_per_measurement=epochs)
         print(f"demo tree n={n}: {len(items)} train stays ({paired} with an image), "
               f"{len(setup['index']['shards'])} shards; generate {setup['generate_s']:.1f} s, "
-              f"build {setup['build_s']:.1f} s", flush=True)
-        pure = pure_decode(setup["memory"], transform, setup["normalizer"])
+              f"build {setup['build_s']:.1f} s; images {setup['images']}", flush=True)
+        pure = {"medfuse_path": pure_decode(setup["memory"], decode_image, medfuse, setup["normalizer"]),
+                "loader_path": pure_decode(setup["memory"], decode_for_transform, loader_tf, setup["normalizer"])}
         results["samples_per_s"]["pure_decode_transform"] = pure
-        print(f"pure decode+transform+EHR decode (1 process, in memory): {pure:8.1f} samples/s", flush=True)
-        dataset = MedFuseDataset(items, setup["discretizer"], setup["normalizer"], transform, cfg.image_size)
+        print("pure decode+transform+EHR decode (1 process, in memory): "
+              + ", ".join(f"{k} {v:.0f}/s" for k, v in pure.items()), flush=True)
+        args = (items, setup["discretizer"], setup["normalizer"])
+        files = sorted({str(it[k]) for it in items for k in ("image_file", "timeseries_file") if it[k] is not None})
+        measured = {}
         for w in workers:
             cfg.num_workers = w
-            shard_s, file_s = [], []
-            for epoch in range(epochs):
-                loader = build_loader(setup["shard_dir"], "train", cfg, train=True, rank=0, world_size=1,
-                                      epoch=epoch)
-                shard_s.append(_timed(loader, lambda b: int(b["valid"].sum())))
-                per_file = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=True, num_workers=w,
-                                                       collate_fn=_collate_pairs)
-                file_s.append(_timed(per_file, lambda b: b[0].shape[0]))
-            results["samples_per_s"]["shard_loader"][w] = max(shard_s)
-            results["samples_per_s"]["per_file_medfuse"][w] = max(file_s)
-            results["ratio_shard_over_per_file"][w] = max(shard_s) / max(file_s)
-            results["ratio_shard_over_pure"][w] = max(shard_s) / pure
-            print(f"workers {w}: shard loader {max(shard_s):8.1f} samples/s   per-file (MedFuse) "
-                  f"{max(file_s):8.1f} samples/s   shard/per-file {max(shard_s) / max(file_s):5.2f}x   "
-                  f"shard/pure {max(shard_s) / pure:5.2f}", flush=True)
-        results["target_3x_met"] = {w: r >= 3.0 for w, r in results["ratio_shard_over_per_file"].items()}
+            readers = {
+                "shard_loader": _shard_reader(build_loader(setup["shard_dir"], "train", cfg, train=True, rank=0,
+                                                           world_size=1)),
+                "per_file_medfuse": _torch_reader(MedFuseDataset(*args, medfuse, cfg.image_size), batch, w,
+                                                  _collate_pairs, files),
+                "per_file_loader_image_path": _torch_reader(
+                    MedFuseDataset(*args, loader_tf, cfg.image_size, fast=True), batch, w, _collate_pairs, files)}
+            measured[w] = measure(readers, epochs, cold)
+            del readers
+        _report(results, workers, measured, pure)
     return results
 
 
@@ -411,7 +583,10 @@ def main() -> int:
     parser.add_argument("--demo-seed", type=int, default=0)
     parser.add_argument("--demo-dir", default="", help="demo tree folder (reused when its parameters match); "
                         "default: <tmp>/kdscale-bench-demo-n<N>-s<SEED>")
-    parser.add_argument("--epochs", type=int, default=2, help="demo read: epochs per measurement, best kept")
+    parser.add_argument("--epochs", type=int, default=5, help="read: timed epochs per reader after the first "
+                        "(which includes worker start-up and is reported apart); the median is the figure")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache epoch (files evicted from "
+                        "the page cache with posix_fadvise before one more epoch per reader)")
     parser.add_argument("--n-read", type=int, default=384, help="synthetic read: samples")
     parser.add_argument("--read-workers", default="0,1,2")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -432,10 +607,13 @@ def main() -> int:
     torch.set_num_threads(1)
     workers = [int(w) for w in args.read_workers.split(",")]
     if args.source == "demo":
-        demo_dir = Path(args.demo_dir or Path(tempfile.gettempdir()) / f"kdscale-bench-demo-n{args.demo_n}-s{args.demo_seed}")
-        read = bench_read_demo(args.demo_n, args.demo_seed, demo_dir, args.batch_size, workers, args.epochs)
+        default_dir = Path(tempfile.gettempdir()) / f"kdscale-bench-demo-n{args.demo_n}-s{args.demo_seed}"
+        demo_dir = Path(args.demo_dir or default_dir)
+        read = bench_read_demo(args.demo_n, args.demo_seed, demo_dir, args.batch_size, workers, args.epochs,
+                               not args.no_cold)
     else:
-        read = bench_read(args.n_read, args.image_width, args.image_height, args.batch_size, workers)
+        read = bench_read(args.n_read, args.image_width, args.image_height, args.batch_size, workers, args.epochs,
+                          not args.no_cold)
     write_rows = bench_write([int(s) for s in args.write_sizes.split(",")], args.image_width, args.image_height,
                              args.write_workers)
     write = {"source": "synthetic",
@@ -445,7 +623,9 @@ def main() -> int:
              "rows": write_rows}
     result = {"read": read, "write": write, "args": {k: v for k, v in vars(args).items() if k != "_write_child"},
               "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-                          "platform": platform.platform(), "gpu": False, "page_cache": "warm"}}
+                          "platform": platform.platform(), "gpu": False,
+                          "page_cache": "warm for first_epoch and steady; cold_epoch: the reader's files evicted "
+                                        "from the guest page cache (posix_fadvise DONTNEED) just before"}}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"saved {args.out}")

@@ -12,7 +12,7 @@ from kdscale.data.sources.demo import DemoConfig
 from kdscale.data.sources.iu_xray import IuXrayConfig
 from kdscale.data.sources.manifest import ManifestConfig
 from kdscale.data.sources.mimic import MimicConfig
-from kdscale.distill.teacher_pass import SoftLabelsConfig
+from kdscale.distill.softlabels import SoftLabelsConfig
 from kdscale.distill.teachers import TeachersConfig
 
 

@@ -1,7 +1,8 @@
 """Two ranks (torchrun, gloo) on a deliberately uneven shard set: 3 shards of 6, 6 and 4 train
 samples read by 2 ranks x 2 workers = 4 reader slots (more slots than shards). Every rank must
 yield the same number of batches per epoch -- an all_reduce per step would hang otherwise --
-and the eval loader must give every sample exactly once across ranks."""
+and the eval loader must give every sample exactly once across ranks; the same with
+``loader.require=[image]`` over the samples that have an image."""
 from __future__ import annotations
 
 import json
@@ -13,6 +14,7 @@ import pytest
 from shard_fixtures import REPO, TORCHRUN, FakeSource, make_cfg
 
 from kdscale.data.shards import build_shards
+from kdscale.data.tario import iter_samples
 
 SCRIPT = textwrap.dedent("""
     import gc, json, sys
@@ -44,10 +46,28 @@ SCRIPT = textwrap.dedent("""
     gathered = [None] * world
     dist.all_gather_object(gathered, keys)
     result["eval_keys"] = gathered
+    # loader.require: only the samples with an image (an image teacher's data)
+    image_cfg = LoaderConfig(batch_size=2, num_workers=2, shuffle_buffer=4, image_size=16, resize_size=18,
+                             drop_last=False, require=["image"])
+    image_eval = build_loader(shards, "train", image_cfg, train=False)
+    keys = [k for b in image_eval for k, v in zip(b["key"], b["valid"].tolist()) if v]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, keys)
+    result["image_eval_keys"] = gathered
+    image_train = build_loader(shards, "train", image_cfg, train=True)
+    batches = 0
+    for batch in image_train:
+        assert bool(batch["present"]["image"].all())
+        batches += 1
+        dist.all_reduce(torch.ones(1))                              # a collective every step
+    counts = torch.tensor([batches, -batches])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    result["image_train"] = {"batches": batches, "len": len(image_train), "max": int(counts[0]),
+                             "min": -int(counts[1])}
     with open(f"{out}/rank{rank}.json", "w") as fh:
         json.dump(result, fh)
     # gloo can abort at exit with live references (docs/platform-notes.md): free, collect, destroy.
-    del train, evaluation, batch, step, counts
+    del train, evaluation, image_eval, image_train, batch, step, counts
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
@@ -75,3 +95,10 @@ def test_two_ranks_uneven_shards_equal_batches(tmp_path):
         assert stats[0]["samples_all_ranks"] == 16
     keys = [k for rank_keys in ranks[0]["eval_keys"] for k in rank_keys]
     assert len(keys) == len(set(keys)) == 16
+    with_image = {s["__key__"] for p in sorted((tmp_path / "shards" / "train").glob("*.tar"))
+                  for s in iter_samples(p) if json.loads(s["json"])["present"]["image"]}
+    assert 0 < len(with_image) < 16
+    keys = [k for rank_keys in ranks[0]["image_eval_keys"] for k in rank_keys]
+    assert len(keys) == len(set(keys)) and set(keys) == with_image      # each once, all of them
+    stats = [r["image_train"] for r in ranks]
+    assert stats[0]["batches"] == stats[1]["batches"] == stats[0]["len"] == stats[0]["max"] == stats[0]["min"]

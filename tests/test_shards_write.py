@@ -57,6 +57,19 @@ def test_write_then_verify_and_reconcile(tmp_path):
     assert read_index(shard_dir, "val")["ehr"]["normalizer"] == index["ehr"]["normalizer"]  # train's
     assert index["config_hash"] and index["kdscale_version"] and index["config"]["shards"]
 
+    # per-shard presence (loader.require counts qualifying samples from these, without reading)
+    for modality, total in index["presence"].items():
+        assert sum(e["presence"][modality] for e in index["shards"]) == total
+    for entry in index["shards"]:
+        assert sum(entry["presence_patterns"].values()) == entry["count"]
+        for modality, n in entry["presence"].items():
+            assert sum(c for p, c in entry["presence_patterns"].items() if modality in p.split("+")) == n
+    index["shards"][0]["presence"]["image"] += 1
+    (shard_dir / "train" / "index.json").write_text(json.dumps(index))
+    assert any("samples per modality" in p for p in verify_shards(shard_dir))
+    index["shards"][0]["presence"]["image"] -= 1
+    (shard_dir / "train" / "index.json").write_text(json.dumps(index))
+
     first = next(iter_samples(shard_dir / "train" / "shard-000000.tar"))
     meta = json.loads(first["json"])
     assert meta["members"][0] == "json" and set(meta["members"]) <= set(first)

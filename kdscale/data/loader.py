@@ -12,11 +12,20 @@ worker yields ``batches_per_slot`` full batches and every rank ``batches_per_slo
 * eval: slot j's real samples are [floor(jN/S), floor((j+1)N/S)); it is padded to the common
   quota with samples flagged ``valid=False``, so each sample is valid exactly once across ranks.
 
+``require`` (e.g. ``["image"]`` for an image teacher): G_e holds only the samples that have every
+required modality, N counts only those (from the per-shard presence counts in index.json), and
+positions are counted over them; the others are passed over while reading (their soft labels are
+still checked for alignment).
+
 A corrupt sample is skipped and counted; the slot then reads on past its range (train: valid
 repeats, eval: invalid padding), so batch counts never change. Decoding happens after the
 shuffle buffer (it holds raw bytes). Resume: ``state_dict()`` = (epoch, batches consumed on this
 rank); each worker skips its share of raw samples without decoding them, and augmentation is
 seeded per sample by (seed, epoch, position), so a resumed epoch continues exactly.
+
+Workers are persistent (started at the first epoch, reused after): the epoch and resume batch of
+each iteration reach them through a small shared-memory tensor that the training process sets
+before the iteration starts and each worker reads when it begins its slot of that epoch.
 """
 from __future__ import annotations
 
@@ -33,10 +42,15 @@ from typing import Iterator, Literal, Optional
 from kdscale.data.ingest import DataError
 from kdscale.data.record import MODALITIES
 from kdscale.data.shard_index import read_index
-from kdscale.data.tario import is_soft_ext, iter_samples
+from kdscale.data.shards import MODALITY_MEMBERS
+from kdscale.data.tario import iter_samples
 from kdscale.data.transforms import SampleDecoder, collate
 
 log = logging.getLogger(__name__)
+
+# Reusable shared-memory batch buffers per worker: prefetch_factor (in flight) + this many (the
+# batch being filled, the one the training loop holds; measured: no fresh allocations with 2).
+BUFFER_SLOTS_EXTRA = 2
 
 IMAGENET_MEAN = [0.485, 0.456, 0.406]
 IMAGENET_STD = [0.229, 0.224, 0.225]
@@ -50,8 +64,13 @@ class LoaderConfig:
     seed: int = 0
     drop_last: bool = True                # train only (MedFuse trains with drop_last=True)
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # others are not loaded
+    # only samples that have ALL of these (e.g. [image] for an image teacher); [] = every sample
+    require: list[str] = field(default_factory=list)
     image_size: int = 224                 # CenterCrop
     resize_size: int = 256                # Resize of the shorter side before the crop
+    # decode JPEGs >= 2x resize_size (shorter side) at a reduced DCT scale (PIL draft): much faster
+    # for large stored images; pixels differ slightly from a full decode + Resize (off = MedFuse)
+    jpeg_draft: bool = False
     augment: Literal["medfuse", "none"] = "medfuse"
     hflip: bool = True
     affine_degrees: float = 45.0
@@ -61,6 +80,7 @@ class LoaderConfig:
     std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
     normalize_ehr: bool = True            # with the train-fitted normalizer stored in index.json
     prefetch_factor: int = 2
+    persistent_workers: bool = True       # keep worker processes (and their batch buffers) between epochs
     pin_memory: bool = False
     max_logged_errors: int = 3            # per reason and worker; the counts are always complete
 
@@ -73,6 +93,13 @@ class LoaderConfig:
         unknown = sorted(set(self.modalities) - set(MODALITIES))
         if unknown:
             raise ValueError(f"loader.modalities: unknown {unknown}; valid: {list(MODALITIES)}")
+        unknown = sorted(set(self.require) - set(MODALITIES))
+        if unknown:
+            raise ValueError(f"loader.require: unknown {unknown}; valid: {list(MODALITIES)}")
+        unloaded = sorted(set(self.require) - set(self.modalities))
+        if unloaded:
+            raise ValueError(f"loader.require: {unloaded} not in loader.modalities {list(self.modalities)}: a "
+                             f"required modality must be loaded")
         if len(self.affine_scale) != 2 or len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("loader.affine_scale needs 2 numbers, loader.mean and loader.std 3 each")
 
@@ -156,7 +183,7 @@ class _Errors:
 @dataclass
 class _Spec:
     """Everything a worker needs; plain data so it pickles under any start method."""
-    shards: list[tuple[str, int]]          # (path, count) in index order
+    shards: list[tuple[str, int]]          # (path, samples in G_e: all, or those with `require`) in index order
     soft_shards: Optional[list[str]]
     plan: EpochPlan
     cfg: LoaderConfig
@@ -170,37 +197,175 @@ class _Spec:
     normalizer: Optional[dict]
 
 
-class _SlotPipeline:
-    """Called once per worker (webdataset DataPipeline source); yields this slot's batches."""
+class _EpochState:
+    """Shared memory between the training process and its persistent workers.
 
-    def __init__(self, spec: _Spec):
-        self.spec = spec
+    ``values`` = (epoch, start batch, iteration number) of the current iteration: the training
+    process sets them before an iteration starts, each worker reads them when it begins its slot
+    of that iteration. ``slots`` [workers, pool size]: the state of each worker's reusable batch
+    buffers (``_BufferPool``): 0 = free, else the iteration number that took it. Pickles as
+    shared memory under any start method."""
+
+    def __init__(self, workers: int, pool: int):
+        import torch
+
+        self.values = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self.slots = torch.zeros(max(1, workers), max(1, pool), dtype=torch.int64).share_memory_()
+
+    def set(self, epoch: int, start_batch: int, iteration: int) -> None:
+        self.values[0], self.values[1], self.values[2] = epoch, start_batch, iteration
+
+    def get(self) -> tuple[int, int, int]:
+        epoch, start, iteration = self.values.tolist()
+        return int(epoch), int(start), int(iteration)
+
+
+class _BufferPool:
+    """Worker side: shared-memory batch tensors reused from batch to batch.
+
+    A batch tensor already in shared memory is sent to the training process without a copy, but
+    a fresh one costs its page faults (the kernel zero-fills every page) in the worker and its
+    unmapping later: ~15 ms for a [32, 3, 224, 224] float batch on a 2-core VM, more than
+    decoding the batch. So each worker keeps a few buffer sets ("slots"). A batch takes a free
+    slot (state = this iteration's number); the training process frees the slot when every
+    tensor of that batch is gone (weak references: a batch the caller keeps is never
+    overwritten), or at a later iteration when the batch was discarded by a cut-short one. No
+    free slot: a fresh tensor, as before."""
+
+    def __init__(self, states, iteration: int):
+        self.states, self.iteration = states, iteration        # states: this worker's row of slots
+        self.buffers: list[dict] = [{} for _ in range(len(states))]
+        self.current: Optional[int] = None
+
+    def take(self) -> Optional[int]:
+        self.current = None
+        for slot, state in enumerate(self.states.tolist()):
+            if state == 0:
+                self.states[slot] = self.iteration
+                self.current = slot
+                break
+        return self.current
+
+    def alloc(self, name: str, shape: tuple, dtype):
+        from kdscale.data.transforms import _batch_tensor
+
+        if self.current is None:
+            return _batch_tensor(shape, dtype)
+        numel = math.prod(shape)
+        buf = self.buffers[self.current].get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < numel:
+            buf = self.buffers[self.current][name] = _batch_tensor((numel,), dtype)
+        return buf[:numel].view(shape)
+
+
+class _Held:
+    """Training-process side of ``_BufferPool``: frees a worker's slot when the batch is gone."""
+
+    def __init__(self, state: _EpochState):
+        self.state, self.held = state, []   # [(worker, slot, [StorageWeakRef])]
+
+    def add(self, where: tuple[int, int], batch: dict) -> None:
+        from torch.multiprocessing.reductions import StorageWeakRef
+
+        refs = [StorageWeakRef(t.untyped_storage()) for t in _tensors(batch)]
+        self.held.append((where[0], where[1], refs))
+
+    def release(self, iteration: int) -> None:
+        keep, held_slots = [], set()
+        for worker, slot, refs in self.held:
+            if all(ref.expired() for ref in refs):
+                self.state.slots[worker, slot] = 0
+            else:
+                keep.append((worker, slot, refs))
+                held_slots.add((worker, slot))
+        self.held = keep
+        # slots taken in an earlier iteration and never received: their batch was discarded when
+        # that iteration was cut short (nothing of it is in flight once a new one has started)
+        stale = ((self.state.slots > 0) & (self.state.slots < iteration)).nonzero().tolist()
+        for worker, slot in stale:
+            if (worker, slot) not in held_slots:
+                self.state.slots[worker, slot] = 0
+
+
+def _tensors(batch: dict) -> list:
+    return [batch[k] for k in ("image", "ehr") if k in batch]
+
+
+class _SlotPipeline:
+    """Called once per worker and iteration; yields this slot's batches of the current epoch."""
+
+    def __init__(self, spec: _Spec, state: Optional[_EpochState] = None):
+        self.spec, self.state = spec, state
 
     def __call__(self) -> Iterator[dict]:
+        import dataclasses
+
         import torch.utils.data
 
-        spec = self.spec
+        spec, pool = self.spec, None
         info = torch.utils.data.get_worker_info()
-        worker = info.id if info is not None else 0
-        slot = spec.rank * max(1, spec.workers) + worker
+        process = info.id if info is not None else 0
+        if self.state is not None:
+            epoch, start_batch, iteration = self.state.get()
+            spec = dataclasses.replace(spec, epoch=epoch, start_batch=start_batch)
+            if info is not None:
+                pool = self._pool(process, iteration)
+        own = max(1, spec.workers)
+        # The DataLoader takes batches round-robin from worker process 0 on. Batch b of the epoch
+        # belongs to reader worker b % workers, so on a resume at batch s process i plays reader
+        # worker (i + s) % workers: the batches then come in the uninterrupted epoch's order.
+        worker = (process + spec.start_batch) % own
+        slot = spec.rank * own + worker
         errors = _Errors(spec.cfg.max_logged_errors, f"rank {spec.rank} worker {worker}")
         reader = _RangeReader(spec, errors)
         start, valid_end = spec.plan.slot_range(slot)
         quota = spec.plan.quota
         raw = reader.read(start, start + quota)
         if spec.train and spec.cfg.shuffle_buffer > 1:
-            from webdataset.filters import _shuffle
             rng = random.Random(f"kdscale-sample:{spec.cfg.seed}:{spec.epoch}:{slot}")
-            buf = spec.cfg.shuffle_buffer
-            raw = _shuffle(iter(raw), bufsize=buf, initial=buf, rng=rng)
+            raw = _shuffle(raw, spec.cfg.shuffle_buffer, rng)
         stream = _chain(raw, reader.read(start + quota, None))  # fill: past the range, only if needed
-        own = max(1, spec.workers)
         skip_batches = len(range(worker, spec.start_batch, own))
         for _ in range(skip_batches * spec.plan.batch_size):   # resume: no decoding
             next(stream)
         decoder = SampleDecoder(spec, errors)
         yield from _batches(stream, decoder, valid_end, quota - skip_batches * spec.plan.batch_size,
-                            spec, errors)
+                            spec, errors, pool, process)
+
+    def _pool(self, process: int, iteration: int) -> "_BufferPool":
+        """This worker process's buffer pool, kept across iterations (persistent workers)."""
+        pool = getattr(self, "_buffer_pool", None)
+        if pool is None:
+            pool = self._buffer_pool = _BufferPool(self.state.slots[process], iteration)
+        pool.iteration = iteration
+        return pool
+
+
+def _shuffle(data: Iterator[dict], bufsize: int, rng: random.Random) -> Iterator[dict]:
+    """A shuffle buffer of ``bufsize`` raw samples, filled before the first one leaves
+    (webdataset's ``shuffle(bufsize, initial=bufsize)``, same draws, same order)."""
+    buf: list = []
+    for sample in data:
+        buf.append(sample)
+        if len(buf) < bufsize:
+            nxt = next(data, _END)
+            if nxt is not _END:
+                buf.append(nxt)
+        if len(buf) >= bufsize:
+            yield _pick(buf, rng)
+    while buf:
+        yield _pick(buf, rng)
+
+
+_END = object()
+
+
+def _pick(buf: list, rng: random.Random):
+    k = rng.randint(0, len(buf) - 1)
+    sample = buf[k]
+    buf[k] = buf[-1]
+    buf.pop()
+    return sample
 
 
 def _chain(a, b):
@@ -208,7 +373,8 @@ def _chain(a, b):
     yield from b
 
 
-def _batches(stream, decoder, valid_end, n_good: int, spec: _Spec, errors: _Errors) -> Iterator[dict]:
+def _batches(stream, decoder, valid_end, n_good: int, spec: _Spec, errors: _Errors,
+             pool: Optional[_BufferPool] = None, process: int = 0) -> Iterator[dict]:
     batch, failures = [], 0
     limit = spec.plan.num_samples + spec.plan.quota  # a whole cycle without one good sample: give up
     while n_good > 0:
@@ -224,17 +390,27 @@ def _batches(stream, decoder, valid_end, n_good: int, spec: _Spec, errors: _Erro
         batch.append(sample)
         n_good -= 1
         if len(batch) == spec.plan.batch_size:
-            out = collate(batch, spec.cfg, spec.n_features)
+            slot = pool.take() if pool is not None else None
+            out = collate(batch, spec.cfg, spec.n_features, alloc=pool.alloc if pool is not None else None)
             out["_skipped"] = errors.take()
+            if slot is not None:
+                out["_slot"] = (process, slot)
             yield out
             batch = []
 
 
+def has_modalities(sample: dict, require) -> bool:
+    """Whether a raw sample (member ext -> bytes) holds a member of every modality in ``require``."""
+    return all(any(ext in sample for ext in MODALITY_MEMBERS[m]) for m in require)
+
+
 class _RangeReader:
-    """Reads positions of the epoch sequence G_e (modulo N), joining soft-label shards by key."""
+    """Reads positions of the epoch sequence G_e (modulo N), joining soft-label shards by key.
+    With ``cfg.require``, G_e and the positions count only the samples that have those modalities."""
 
     def __init__(self, spec: _Spec, errors: _Errors):
         self.spec, self.errors = spec, errors
+        self.require = tuple(spec.cfg.require)
         order = shard_order(len(spec.shards), spec.cfg.seed, spec.epoch, spec.train)
         self.order = order
         self.starts, total = [], 0
@@ -250,7 +426,7 @@ class _RangeReader:
                 raise DataError(f"no readable sample in a full pass over {len(self.order)} shards "
                                 f"(truncated or unreadable?): {dict(self.errors.counts)}")
             local = pos % self.n
-            i = bisect.bisect_right(self.starts, local) - 1
+            i = bisect.bisect_right(self.starts, local) - 1   # a shard with 0 samples in G_e is never i
             k = self.order[i]
             offset = local - self.starts[i]
             take = self.spec.shards[k][1] - offset
@@ -262,26 +438,42 @@ class _RangeReader:
             pos += take
 
     def _shard(self, k: int, offset: int, take: int) -> Iterator[dict]:
+        """Samples [offset, offset + take) of shard k, counted over the samples in G_e."""
         path = self.spec.shards[k][0]
+        name = Path(path).name
         samples = iter_samples(path, self.errors)
         soft = None
         if self.spec.soft_shards is not None:
             soft_path = self.spec.soft_shards[k]
-            soft = iter_samples(soft_path, _soft_raise(soft_path), allowed=is_soft_ext)
+            soft = iter_soft_rows(soft_path)
+        require, seen = self.require, 0   # seen: samples of G_e passed so far in this shard
+        # A range that ends with the shard's last sample of G_e also checks the filtered-out samples
+        # after it (no other range passes them): every sample's soft labels are checked.
+        to_end = require and soft is not None and offset + take >= self.spec.shards[k][1]
         for i, sample in enumerate(samples):
-            if i >= offset + take:
+            if seen >= offset + take and not to_end:
                 return
-            if soft is not None:  # checked for skipped samples too: misalignment is always an error
+            if soft is not None:  # checked for skipped and filtered-out samples too: misalignment is always an error
                 _join_soft(sample, soft, self.spec.soft_shards[k], i)
-            if i >= offset:
-                sample["__shard__"] = Path(path).name
+            if require and not has_modalities(sample, require):
+                continue
+            if seen >= offset + take:
+                return
+            if seen >= offset:
+                sample["__shard__"] = name
                 yield sample
+            seen += 1
 
 
-def _soft_raise(path: str):
-    def fail(reason: str, detail: str) -> None:
-        raise SoftLabelError(f"soft-label shard {path}: {reason}: {detail}")
-    return fail
+def iter_soft_rows(path: str) -> Iterator[dict]:
+    """The rows of a packed soft-label shard (kdscale.distill.softlabels) as per-sample dicts
+    ``{"__key__", "logits.npy", "seen.npy", "ensemble.npy", "ensemble_seen.npy"}`` (arrays)."""
+    from kdscale.distill.softlabels import ARRAYS, read_soft_shard
+
+    shard = read_soft_shard(path)
+    arrays = {f"{name}.npy": getattr(shard, name) for name in ARRAYS}
+    for i, key in enumerate(shard.keys):
+        yield {"__key__": key, **{ext: array[i] for ext, array in arrays.items()}}
 
 
 def _join_soft(sample: dict, soft: Iterator[dict], soft_path: str, i: int) -> None:
@@ -295,6 +487,57 @@ def _join_soft(sample: dict, soft: Iterator[dict], soft_path: str, i: int) -> No
     for ext, data in other.items():
         if ext != "__key__":
             sample["soft:" + ext] = data
+
+
+def _qualifying_counts(index: dict, require: list[str], shard_dir: Path, split: str) -> list[int]:
+    """Samples per shard that have every modality in ``require`` (all samples when empty), from
+    the per-shard presence counts in index.json."""
+    if not require:
+        return [int(s["count"]) for s in index["shards"]]
+    want, counts = set(require), []
+    for entry in index["shards"]:
+        patterns = entry.get("presence_patterns")
+        if patterns is not None:
+            counts.append(sum(int(n) for combo, n in patterns.items() if want <= set(combo.split("+"))))
+        elif len(want) == 1 and "presence" in entry:
+            counts.append(int(entry["presence"].get(require[0], 0)))
+        else:
+            raise DataError(f"loader.require={list(require)}: index.json of split {split!r} has no per-shard "
+                            f"presence counts (the shards were built by an older kdscale); rebuild the shards "
+                            f"(into a new shards.out_dir, or delete {shard_dir} first)",
+                            file=shard_dir / split / "index.json")
+    return counts
+
+
+class _SlotDatasetBase:
+    """An IterableDataset over one rank's reader slots (the class is made on first use, so that
+    importing this module does not import torch; ``_SlotDataset`` resolves it for pickling)."""
+
+    def __init__(self, pipeline: _SlotPipeline):
+        self.pipeline = pipeline
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.pipeline()
+
+
+def _slot_dataset_class():
+    cls = globals().get("_SlotDatasetClass")
+    if cls is None:
+        import torch.utils.data
+
+        cls = type("_SlotDataset", (_SlotDatasetBase, torch.utils.data.IterableDataset), {"__module__": __name__})
+        globals()["_SlotDatasetClass"] = cls
+    return cls
+
+
+def __getattr__(name: str):   # PEP 562: pickle finds "kdscale.data.loader._SlotDataset" here
+    if name == "_SlotDataset":
+        return _slot_dataset_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _identity(batch):
+    return batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,7 +562,11 @@ class ShardLoader:
     ``set_epoch(e)`` before each epoch (like DistributedSampler). ``skipped`` counts the
     samples skipped in the current/last epoch by reason (corrupt, incomplete, truncated shard).
     ``state_dict()``/``load_state_dict()`` give exact mid-epoch resume with the same world size,
-    workers, batch size and seed.
+    workers, batch size, seed and ``require``. With ``num_workers > 0`` the worker processes are
+    started by the first iteration and kept for the next epochs (``loader.persistent_workers``;
+    ``close()`` ends them, so does dropping the loader). One iteration at a time: starting a new
+    one ends the previous one. Batches are in shared memory that a worker reuses once the batch is
+    gone: do not hand batch tensors on to other processes without copying them.
     """
 
     def __init__(self, shard_dir, split: str, cfg: LoaderConfig, *, train: bool, rank: Optional[int] = None,
@@ -327,9 +574,15 @@ class ShardLoader:
         self.shard_dir, self.split, self.cfg, self.train = Path(shard_dir), split, cfg, train
         self.rank, self.world_size = _world(rank, world_size)
         self.index = read_index(self.shard_dir, split)
-        self.shards = [(str(self.shard_dir / split / s["name"]), int(s["count"])) for s in self.index["shards"]]
+        counts = _qualifying_counts(self.index, list(cfg.require), self.shard_dir, split)
+        self.shards = [(str(self.shard_dir / split / s["name"]), n) for s, n in zip(self.index["shards"], counts)]
+        self.num_samples = sum(counts)
+        if cfg.require and self.num_samples == 0:
+            raise DataError(f"split {split!r}: none of its {self.index['num_samples']} samples has "
+                            f"{' and '.join(cfg.require)} (loader.require={list(cfg.require)}; samples per "
+                            f"modality: {self.index.get('presence')})", file=self.shard_dir / split / "index.json")
         self.soft_shards = _soft_shards(soft_dir, split, self.index) if soft_dir is not None else None
-        self.plan = EpochPlan.make(self.index["num_samples"], self.world_size, cfg.num_workers, cfg.batch_size,
+        self.plan = EpochPlan.make(self.num_samples, self.world_size, cfg.num_workers, cfg.batch_size,
                                    train, cfg.drop_last)
         if self.plan.slots > len(self.shards) and self.rank == 0:
             log.info("%s: %d reader slots (world %d x workers %d) share %d shards: slots read sub-ranges of "
@@ -341,6 +594,10 @@ class ShardLoader:
         self.n_features, self.normalizer = int(ehr.get("num_features", 0)), ehr.get("normalizer")
         if cfg.normalize_ehr and self.normalizer is None and ehr.get("num_features"):
             log.warning("%s: index.json has no EHR normalizer: EHR values are passed raw", split)
+        self._dataloader, self._dataloader_cfg = None, None   # persistent, made by the first iteration
+        self._state: Optional[_EpochState] = None
+        self._held: Optional[_Held] = None
+        self._iteration = 0
 
     def __len__(self) -> int:
         return self.plan.batches_per_slot * max(1, self.cfg.num_workers)
@@ -358,38 +615,69 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at batch ``state["batch"]`` of epoch ``state["epoch"]`` on the next iteration."""
-        mismatch = {k: (state.get(k), v) for k, v in self._geometry().items() if state.get(k) != v}
+        defaults = {"require": []}    # states saved before loader.require existed
+        mismatch = {k: (state.get(k, defaults.get(k)), v) for k, v in self._geometry().items()
+                    if state.get(k, defaults.get(k)) != v}
         if mismatch:
             raise ValueError(f"loader state is from another geometry {mismatch} (saved, now): the sample "
-                             f"order differs; resume with the same world size, workers, batch size and seed")
+                             f"order differs; resume with the same world size, workers, batch size, seed and "
+                             f"require")
         self.epoch, self._start_batch = int(state["epoch"]), int(state["batch"])
 
     def _geometry(self) -> dict:
         return {"world_size": self.world_size, "num_workers": self.cfg.num_workers,
                 "batch_size": self.cfg.batch_size, "seed": self.cfg.seed,
-                "num_samples": self.plan.num_samples, "train": self.train}
+                "num_samples": self.plan.num_samples, "train": self.train, "require": sorted(self.cfg.require)}
 
     def _spec(self, start_batch: int) -> _Spec:
         return _Spec(self.shards, self.soft_shards, self.plan, self.cfg, self.train, self.epoch, self.rank,
                      self.cfg.num_workers, start_batch, len(self.index["label_names"]), self.n_features,
                      self.normalizer)
 
-    def __iter__(self) -> Iterator[dict]:
+    def _loader(self, start: int):
+        """The DataLoader of this iteration: the persistent one (workers read the epoch and start
+        batch from ``self._state``), or with 0 workers a fresh in-process one."""
         import torch.utils.data
-        import webdataset as wds
 
+        dataset_cls = _slot_dataset_class()
+        if self.cfg.num_workers == 0:
+            return torch.utils.data.DataLoader(dataset_cls(_SlotPipeline(self._spec(start))), batch_size=None,
+                                               collate_fn=_identity, pin_memory=self.cfg.pin_memory)
+        if self._state is None:
+            self._state = _EpochState(self.cfg.num_workers, self.cfg.prefetch_factor + BUFFER_SLOTS_EXTRA)
+            self._held = _Held(self._state)
+        self._iteration += 1
+        self._state.set(self.epoch, start, self._iteration)   # before the iteration starts: workers read it then
+        cfg_now = repr(self.cfg)   # the workers hold the config of their start: a changed one needs new workers
+        if self._dataloader is None or self._dataloader_cfg != cfg_now or not self.cfg.persistent_workers:
+            self._dataloader, self._dataloader_cfg = torch.utils.data.DataLoader(
+                dataset_cls(_SlotPipeline(self._spec(0), self._state)), batch_size=None, collate_fn=_identity,
+                num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=self.cfg.persistent_workers), cfg_now
+        return self._dataloader
+
+    def close(self) -> None:
+        """End the persistent worker processes (a later iteration starts new ones)."""
+        self._dataloader, self._state, self._held = None, None, None
+
+    def __getstate__(self) -> dict:   # worker processes and shared memory do not travel
+        return {**self.__dict__, "_dataloader": None, "_state": None, "_held": None}
+
+    def __iter__(self) -> Iterator[dict]:
         if "image" in self.cfg.modalities:
             import torchvision.transforms  # noqa: F401  -- once here, not in every forked worker
         start, self._start_batch = self._start_batch, 0
         self.position, self.skipped = start, Counter()
-        kwargs = {"prefetch_factor": self.cfg.prefetch_factor} if self.cfg.num_workers > 0 else {}
-        loader = torch.utils.data.DataLoader(wds.DataPipeline(_SlotPipeline(self._spec(start))), batch_size=None,
-                                             num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                                             **kwargs)
-        for batch in loader:
+        for batch in self._loader(start):
             self.skipped.update(batch.pop("_skipped"))
+            where = batch.pop("_slot", None)
+            if where is not None:
+                self._held.add(where, batch)
+            if self._held is not None:
+                self._held.release(self._iteration)
             self.position += 1
             yield batch
+            del batch   # the caller's reference is what keeps its buffers from reuse
         if self.skipped:
             log.warning("%s epoch %d rank %d: skipped %d samples (%s)", self.split, self.epoch, self.rank,
                         self.num_skipped, ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())))

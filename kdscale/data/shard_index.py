@@ -21,7 +21,8 @@ import numpy as np
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
-from kdscale.data.shards import BUILD_DIR, FORMAT, shard_is_done, stats_path, write_json_atomic
+from kdscale.data.record import MODALITIES
+from kdscale.data.shards import BUILD_DIR, FORMAT, MODALITY_MEMBERS, shard_is_done, stats_path, write_json_atomic
 from kdscale.data.tario import iter_samples, iter_selected, sha256_file
 
 log = logging.getLogger(__name__)
@@ -79,6 +80,17 @@ def _fit_normalizer(out: Path, feature_names: list[str], train_stats: list[dict]
     return norm.finalize().to_json() if norm.count else None
 
 
+def _shard_entry(s: dict) -> dict:
+    """A shard's index.json entry. ``presence`` (samples per modality) and ``presence_patterns``
+    (samples per exact combination, e.g. "image+ehr") let the loader count the samples that have
+    given modalities (``loader.require``) without reading the shard."""
+    entry = {"name": s["shard"], "count": s["count"], "bytes": s["bytes"], "sha256": s["sha256"],
+             "first_key": s["first_key"], "last_key": s["last_key"], "presence": dict(s["presence"])}
+    if "presence_patterns" in s:   # absent in the stats of shards written by an older kdscale
+        entry["presence_patterns"] = dict(s["presence_patterns"])
+    return entry
+
+
 def _merge_split(stats: list[dict]) -> dict:
     def total(field):
         return [int(v) for v in np.sum([s[field] for s in stats], axis=0)] if stats else []
@@ -89,8 +101,7 @@ def _merge_split(stats: list[dict]) -> dict:
     return {
         "num_samples": sum(s["count"] for s in stats),
         "num_shards": len(stats),
-        "shards": [{"name": s["shard"], "count": s["count"], "bytes": s["bytes"], "sha256": s["sha256"],
-                    "first_key": s["first_key"], "last_key": s["last_key"]} for s in stats],
+        "shards": [_shard_entry(s) for s in stats],
         "label_positives": total("label_positives"),
         "label_known": total("label_known"),
         "presence": dict(presence),
@@ -223,12 +234,16 @@ class _Verifier:
             return positives
         if sha256_file(path) != entry["sha256"]:
             self.problem(f"{where}: sha256 does not match index.json (modified or corrupt)")
-        count = 0
+        count, presence = 0, Counter()
         for sample in iter_samples(path, on_error=lambda r, d: self.problem(f"{where}: {r}: {d}")):
             count += 1
             positives += self.sample(split, where, sample, n_labels)
+            presence.update(m for m in MODALITIES if any(e in sample for e in MODALITY_MEMBERS[m]))
         if count != entry["count"]:
             self.problem(f"{where}: {count} samples, index.json says {entry['count']}")
+        if "presence" in entry and {m: presence[m] for m in MODALITIES} != \
+                {m: entry["presence"].get(m, 0) for m in MODALITIES}:
+            self.problem(f"{where}: samples per modality {dict(presence)} != index.json {entry['presence']}")
         return positives
 
     def sample(self, split: str, where: str, sample: dict, n_labels: int) -> np.ndarray:
@@ -245,6 +260,9 @@ class _Verifier:
         missing = [e for e in meta.get("members", []) if e not in sample]
         if missing:
             self.problem(f"{where}: sample {key}: missing members {missing}")
+        for m in MODALITIES:
+            if bool(meta.get("present", {}).get(m)) != any(e in sample for e in MODALITY_MEMBERS[m]):
+                self.problem(f"{where}: sample {key}: present[{m!r}] disagrees with its members")
         if meta.get("split") != split:
             self.problem(f"{where}: sample {key} says split {meta.get('split')!r}")
         patient = str(meta.get("patient_id"))

@@ -36,6 +36,10 @@ log = logging.getLogger(__name__)
 
 FORMAT = "kdscale-shards/1"
 BUILD_DIR = "_build"
+# The member extensions that carry each modality (encode_record): a sample's presence can be
+# read off its member names, without parsing its JSON (the loader's ``require`` filter does).
+MODALITY_MEMBERS = {"image": ("jpg", "png"), "ehr": ("ehr.npy",), "report": ("txt",),
+                    "tabular": ("tabular.json",)}
 
 
 @dataclass
@@ -299,12 +303,19 @@ def shard_is_done(split_dir: Path, index: int, config_hash: str) -> bool:
     return tar.is_file() and tar.stat().st_size == stats["bytes"]
 
 
+def presence_pattern(present: dict) -> str:
+    """The modalities a sample has, as a key of per-shard ``presence_patterns``: "image+ehr"
+    (MODALITIES order), "none" for a sample with none."""
+    return "+".join(m for m in MODALITIES if present.get(m)) or "none"
+
+
 class _ShardStats:
     def __init__(self, n_labels: int):
         self.count, self.boxes, self.ehr_rows, self.ehr_max = 0, 0, 0, 0
         self.positives = np.zeros(n_labels, np.int64)
         self.known = np.zeros(n_labels, np.int64)
         self.present = dict.fromkeys(MODALITIES, 0)
+        self.patterns: dict[str, int] = {}    # "image+ehr" -> samples with exactly those modalities
         self.paired_image_ehr = 0
         self.skipped: list[dict] = []
         self.first_key = self.last_key = None
@@ -318,6 +329,8 @@ class _ShardStats:
         self.known += ~np.isnan(labels)
         for modality, present in stats["present"].items():
             self.present[modality] += int(present)
+        pattern = presence_pattern(stats["present"])
+        self.patterns[pattern] = self.patterns.get(pattern, 0) + 1
         self.paired_image_ehr += int(stats["present"]["image"] and stats["present"]["ehr"])
         self.ehr_rows += stats["ehr_len"]
         self.ehr_max = max(self.ehr_max, stats["ehr_len"])
@@ -326,6 +339,7 @@ class _ShardStats:
     def to_json(self) -> dict:
         return {"count": self.count, "label_positives": self.positives.tolist(),
                 "label_known": self.known.tolist(), "presence": self.present,
+                "presence_patterns": dict(sorted(self.patterns.items())),
                 "paired_image_ehr": self.paired_image_ehr, "ehr_rows": self.ehr_rows,
                 "ehr_max_len": self.ehr_max, "boxes": self.boxes, "skipped": self.skipped,
                 "first_key": self.first_key, "last_key": self.last_key}

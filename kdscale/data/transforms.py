@@ -5,28 +5,32 @@ train: Resize(resize) -> RandomHorizontalFlip -> RandomAffine(degrees, translate
        -> CenterCrop(size) -> ToTensor -> Normalize(mean, std)
 eval:  Resize(resize) -> CenterCrop(size) -> ToTensor -> Normalize(mean, std)
 
-Every image is converted to 3-channel RGB first (CXRs and mammograms are grayscale; 16-bit PNGs
-are scaled to 8 bits), as MedFuse's ``.convert('RGB')`` does. (torchvision is imported inside
+Every image becomes 3-channel RGB, as MedFuse's ``.convert('RGB')`` does (CXRs and mammograms
+are grayscale; 16-bit PNGs are scaled to 8 bits). The loader keeps a grayscale image in one
+channel through the geometric steps and broadcasts it into the 3 channels at the tensor step
+(``ToNormalizedTensor`` = ToTensor + Normalize): the result is bit-identical to converting first
+(every step treats channels alike; tests/test_shards_read.py checks it), for a third of the work.
+In the loader the tensor step writes straight into the batch tensor. ``loader.jpeg_draft``
+(off by default) decodes large JPEGs at a reduced DCT scale. (torchvision is imported inside
 functions, after ``kdscale`` -- this module's parent package -- installed its CPU shim.)
 """
 from __future__ import annotations
 
 import io
 import json
+import math
+import re
 from typing import Callable, Optional
 
 import numpy as np
 
+from kdscale.data.record import MODALITIES
+
 
 def to_rgb(img):
     """PIL image of any mode -> RGB. 16/32-bit grayscale is scaled by its max, not clipped."""
-    import numpy as np
-    from PIL import Image
-
     if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        arr = np.asarray(img, dtype=np.float32)
-        top = float(arr.max()) or 1.0
-        img = Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
+        img = _to_l8(img)
     return img if img.mode == "RGB" else img.convert("RGB")
 
 
@@ -39,9 +43,84 @@ def decode_image(data: bytes):
         return to_rgb(img)
 
 
-def build_image_transform(cfg, train: bool) -> Callable:
+def _gray_or_rgb(img):
+    """PIL image of any mode -> "L" (grayscale of any depth, scaled as ``to_rgb`` does) or "RGB"."""
+    if img.mode in ("L", "RGB"):
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        return _to_l8(img)
+    return img.convert("RGB")
+
+
+def _to_l8(img):
+    """16/32-bit grayscale -> 8-bit "L", scaled by the image's max (not clipped)."""
+    from PIL import Image
+
+    arr = np.asarray(img, dtype=np.float32)
+    top = float(arr.max()) or 1.0
+    return Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
+
+
+def decode_for_transform(data: bytes, draft_shorter: int = 0):
+    """Encoded bytes -> decoded PIL image in mode "L" or "RGB" (what ``build_image_transform``
+    takes; its output equals that of the RGB-converted image). ``draft_shorter`` > 0: a JPEG at
+    least twice that size on its shorter side is decoded at a reduced DCT scale (PIL ``draft``),
+    keeping the shorter side >= ``draft_shorter``: much cheaper for large stored images, and the
+    Resize that follows sees a slightly different (box-filtered) input."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        if draft_shorter and img.format == "JPEG" and min(img.size) >= 2 * draft_shorter:
+            scale = draft_shorter / min(img.size)
+            img.draft(img.mode, (math.ceil(img.size[0] * scale), math.ceil(img.size[1] * scale)))
+        img.load()
+        return _gray_or_rgb(img)
+
+
+class ToNormalizedTensor:
+    """PIL "L" or "RGB" image -> float tensor [3, H, W], (x / 255 - mean) / std per channel:
+    bit-identical to ``ToTensor()`` + ``Normalize(mean, std)`` of the RGB image. A grayscale image
+    is broadcast into the 3 channels by the arithmetic itself (no RGB image is ever made).
+    ``pixels`` + ``into`` split it: uint8 [1|3, H, W], then normalized into a given [3, H, W]."""
+
+    def __init__(self, mean, std):
+        import torch
+
+        self.mean = torch.as_tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
+        if self.mean.shape != (3, 1, 1) or self.std.shape != (3, 1, 1) or (self.std == 0).any():
+            raise ValueError("mean and std need 3 values each, std non-zero")
+
+    @staticmethod
+    def pixels(pic):
+        """PIL image -> uint8 tensor [1, H, W] ("L") or [3, H, W] (any other mode, as RGB)."""
+        import torch
+
+        if pic.mode not in ("L", "RGB"):
+            pic = pic.convert("RGB")
+        pixels = torch.from_numpy(np.array(pic, dtype=np.uint8, copy=True))
+        return pixels.unsqueeze(0) if pixels.ndim == 2 else pixels.permute(2, 0, 1).contiguous()
+
+    def into(self, pixels, out):
+        """uint8 [1|3, H, W] -> ``out`` float32 [3, H, W] (a batch row: no temporary tensors)."""
+        out.copy_(pixels.expand(out.shape))
+        return out.div_(255).sub_(self.mean).div_(self.std)
+
+    def __call__(self, pic):
+        import torch
+
+        pixels = self.pixels(pic)
+        return self.into(pixels, torch.empty((3, *pixels.shape[1:]), dtype=torch.float32))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
+
+
+def build_image_transform(cfg, train: bool, to_tensor: bool = True) -> Callable:
     """A torchvision transform from a LoaderConfig (fields image_size, resize_size, augment,
-    hflip, affine_degrees, affine_translate, affine_scale, mean, std)."""
+    hflip, affine_degrees, affine_translate, affine_scale, mean, std). Takes a PIL image in mode
+    "L" or "RGB" (other modes are converted to RGB at the tensor step); returns float [3, S, S],
+    or with ``to_tensor=False`` the cropped PIL image (the loader normalizes into the batch)."""
     from torchvision import transforms as T
 
     steps = [T.Resize(cfg.resize_size)]
@@ -51,7 +130,9 @@ def build_image_transform(cfg, train: bool) -> Callable:
         steps.append(T.RandomAffine(degrees=cfg.affine_degrees, shear=0,
                                     translate=(cfg.affine_translate, cfg.affine_translate),
                                     scale=tuple(cfg.affine_scale)))
-    steps += [T.CenterCrop(cfg.image_size), T.ToTensor(), T.Normalize(list(cfg.mean), list(cfg.std))]
+    steps.append(T.CenterCrop(cfg.image_size))
+    if to_tensor:
+        steps.append(ToNormalizedTensor(cfg.mean, cfg.std))
     return T.Compose(steps)
 
 
@@ -88,7 +169,9 @@ class SampleDecoder:
     def __init__(self, spec, on_error):
         self.spec, self.on_error = spec, on_error
         self.want = set(spec.cfg.modalities)
-        self.transform = build_image_transform(spec.cfg, spec.train) if "image" in self.want else None
+        # the geometric steps; pixels stay uint8 until collate normalizes them into the batch
+        self.transform = build_image_transform(spec.cfg, spec.train, to_tensor=False) if "image" in self.want else None
+        self.draft = spec.cfg.resize_size if getattr(spec.cfg, "jpeg_draft", False) else 0
         self.normalizer = None
         if spec.normalizer is not None and spec.cfg.normalize_ehr and "ehr" in self.want:
             from kdscale.data.ehr import Normalizer
@@ -103,8 +186,6 @@ class SampleDecoder:
             return None
 
     def decode(self, raw: dict) -> dict:
-        from kdscale.data.record import MODALITIES
-
         meta = json.loads(raw["json"])
         missing = [e for e in meta["members"] if e not in raw]
         if missing:
@@ -112,16 +193,19 @@ class SampleDecoder:
         labels = _npy(raw["labels.npy"]).astype(np.float32)
         if labels.shape != (self.spec.n_labels,):
             raise ValueError(f"labels shape {labels.shape}, index has {self.spec.n_labels} labels")
-        present = {m: bool(meta["present"][m]) and m in self.want for m in MODALITIES}
+        flags, want = meta["present"], self.want
+        present = {m: bool(flags[m]) and m in want for m in MODALITIES}
         out = {"key": raw["__key__"], "meta": meta, "labels": labels, "present": present,
                "soft": {ext[5:]: _decode_soft(ext[5:], raw[ext]) for ext in raw if ext.startswith("soft:")}}
         if present["image"]:
             out["image"] = self._image(raw[meta["image_ext"]], raw["__pos__"])
         if present["ehr"]:
-            ehr = _npy(raw["ehr.npy"]).astype(np.float32)
+            ehr = _npy(raw["ehr.npy"])
             if ehr.shape != (meta["ehr_len"], self.spec.n_features):
                 raise ValueError(f"EHR shape {ehr.shape}, expected ({meta['ehr_len']}, {self.spec.n_features})")
-            out["ehr"] = self.normalizer.apply(ehr) if self.normalizer is not None else ehr
+            # apply() returns a new float32 array; without it, copy (the parsed array is read-only)
+            out["ehr"] = self.normalizer.apply(ehr) if self.normalizer is not None else \
+                np.array(ehr, dtype=np.float32, copy=True)
         if present["report"]:
             out["report"] = raw["txt"].decode("utf-8")
         if present["tabular"]:
@@ -129,33 +213,85 @@ class SampleDecoder:
         return out
 
     def _image(self, data: bytes, position: int):
+        """-> uint8 [1|3, S, S] after the geometric transform steps."""
         import torch
 
-        img = decode_image(data)
+        img = decode_for_transform(data, self.draft)
         if not self.spec.train:
-            return self.transform(img)
+            return ToNormalizedTensor.pixels(self.transform(img))
         # Seeded per sample: a sample's augmentation does not depend on which worker or resume
-        # point reached it. fork_rng leaves the caller's torch RNG stream untouched. Only the CPU
+        # point reached it. The caller's torch RNG stream is restored afterwards. Only the CPU
         # generator is seeded: torch.manual_seed would also queue a lazy CUDA/XPU seed call, with
         # a formatted stack, per sample on a process that has not initialised CUDA.
-        with torch.random.fork_rng(devices=[]):
+        state = torch.random.get_rng_state()
+        try:
             torch.default_generator.manual_seed(_sample_seed(self.spec.cfg.seed, self.spec.epoch, position))
-            return self.transform(img)
+            return ToNormalizedTensor.pixels(self.transform(img))
+        finally:
+            torch.random.set_rng_state(state)
+
+
+# np.save's header for a C-order array of a plain numeric dtype; anything else goes to np.load
+_NPY_HEADER = re.compile(rb"\{'descr': '([<>|][fiub][1248])', 'fortran_order': False, "
+                         rb"'shape': \(((?:[0-9]+, )*[0-9]*,?)\), \} *\n")
 
 
 def _npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)  # never unpickle shard content
+    """``.npy`` bytes -> array, never unpickling shard content. The common case (version 1.0
+    header of a numeric C-order array, as np.save writes it) is parsed directly and returned as a
+    read-only view of ``data``; everything else goes through ``np.load(allow_pickle=False)``."""
+    if data[:8] == b"\x93NUMPY\x01\x00":
+        end = 10 + int.from_bytes(data[8:10], "little")
+        match = _NPY_HEADER.fullmatch(data, 10, end)
+        if match:
+            shape = tuple(int(v) for v in match.group(2).split(b",") if v.strip())
+            dtype = np.dtype(match.group(1).decode())
+            count = math.prod(shape)
+            if len(data) - end == count * dtype.itemsize:
+                return np.frombuffer(data, dtype=dtype, count=count, offset=end).reshape(shape)
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def _decode_soft(ext: str, data: bytes):
+def _decode_soft(ext: str, data):
+    if isinstance(data, np.ndarray):  # packed soft-label shards hand over array rows
+        return data
     return _npy(data) if ext.endswith(".npy") else json.loads(data)
 
 
-def collate(samples: list[dict], cfg, n_features: int) -> dict:
-    """Samples -> the batch dict documented in shards/README.md."""
+def _batch_tensor(shape: tuple, dtype=None):
+    """An uninitialised tensor; in a DataLoader worker, in shared memory, so sending the batch to
+    the training process does not copy it again (what torch's default_collate does)."""
     import torch
 
-    from kdscale.data.record import MODALITIES
+    dtype = dtype or torch.float32
+    if torch.utils.data.get_worker_info() is not None:
+        try:
+            proto = torch.empty(0, dtype=dtype)
+            storage = proto._typed_storage()._new_shared(math.prod(shape), device=proto.device)
+            return proto.new(storage).resize_(*shape)
+        except (AttributeError, RuntimeError):  # private API moved: fall back to a plain tensor
+            pass
+    return torch.empty(*shape, dtype=dtype)
+
+
+_NORMALIZERS: dict = {}
+
+
+def _normalizer(cfg) -> ToNormalizedTensor:
+    key = (tuple(cfg.mean), tuple(cfg.std))
+    if key not in _NORMALIZERS:
+        _NORMALIZERS[key] = ToNormalizedTensor(*key)
+    return _NORMALIZERS[key]
+
+
+def collate(samples: list[dict], cfg, n_features: int, alloc: Optional[Callable] = None) -> dict:
+    """Samples -> the batch dict documented in shards/README.md. ``alloc(name, shape, dtype)``
+    gives the (uninitialised) image and EHR batch tensors; default: ``_batch_tensor``."""
+    import torch
+
+    if alloc is None:
+        def alloc(name, shape, dtype):
+            return _batch_tensor(shape, dtype)
 
     b, want = len(samples), set(cfg.modalities)
     batch = {"key": [s["key"] for s in samples], "meta": [s["meta"] for s in samples],
@@ -164,11 +300,18 @@ def collate(samples: list[dict], cfg, n_features: int) -> dict:
              "present": {m: torch.tensor([s["present"][m] for s in samples], dtype=torch.bool)
                          for m in MODALITIES}}
     if "image" in want:
-        zeros = torch.zeros(3, cfg.image_size, cfg.image_size)
-        batch["image"] = torch.stack([s.get("image", zeros) for s in samples])
+        images = alloc("image", (b, 3, cfg.image_size, cfg.image_size), torch.float32)
+        norm = _normalizer(cfg)
+        for i, s in enumerate(samples):
+            if "image" in s:
+                norm.into(s["image"], images[i])
+            else:
+                images[i].zero_()
+        batch["image"] = images
     if "ehr" in want:
         lengths = [s["ehr"].shape[0] if "ehr" in s else 0 for s in samples]
-        ehr = torch.zeros(b, max(1, max(lengths)), n_features)
+        ehr = alloc("ehr", (b, max(1, max(lengths)), n_features), torch.float32)
+        ehr.zero_()
         for i, s in enumerate(samples):
             if "ehr" in s:
                 ehr[i, :lengths[i]] = torch.from_numpy(s["ehr"])

@@ -30,28 +30,10 @@ import torch.utils.data
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
-from kdscale.distill.softlabels import (FORMAT, SoftShard, read_soft_shard, soft_shard_is_current,
-                                        teachers_fingerprint, write_soft_shard)
+from kdscale.distill.softlabels import (FORMAT, SoftLabelsConfig, SoftShard, read_soft_shard,
+                                        soft_shard_is_current, teachers_fingerprint, write_soft_shard)
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SoftLabelsConfig:
-    out_dir: str = ""                 # default: <run.out_dir>/softlabels
-    batch_size: int = 256             # inference batch: no activations are kept, so go large
-    num_workers: int = 2              # decoding workers per rank
-    precision: str = "fp32"           # fp32 | bf16 (autocast for the teachers' forward)
-    splits: list[str] = dataclasses.field(default_factory=lambda: list(SPLITS))
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("softlabels.batch_size must be >= 1 and softlabels.num_workers >= 0")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"softlabels.precision must be fp32 or bf16, got {self.precision!r}")
-        unknown = sorted(set(self.splits) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"softlabels.splits: unknown {unknown}; valid: {list(SPLITS)}")
 
 
 def softlabels_dir(cfg) -> Path:
