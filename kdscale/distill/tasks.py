@@ -1,0 +1,425 @@
+"""Training tasks for the students (the engine's ``Task`` protocol, kdscale/engine/trainer.py;
+docs/students.md).
+
+================== ============================= ============================== ==============
+task               student                       loss                           main_head
+================== ============================= ============================== ==============
+MindTask           MultimodalStudent, kind mind  ``mind_loss`` (+ learnable ω)  ``routed``
+JointTask          MultimodalStudent (joint)     supervised fusion loss         ``routed``
+MedFuseTask        MultimodalStudent (medfuse)   supervised fusion loss         ``routed``
+MmpkdTask          ViTStudent                    ``mmpkd_loss``                 ``image``
+SupervisedImageTask ViTStudent / UnimodalStudent supervised loss                ``image``
+================== ============================= ============================== ==============
+
+Soft labels come from ``batch["soft"]`` (the soft-label shards joined by key): ``"ensemble"``
+[B, G, C] combined teacher logits at T = 1 in the soft-label index's ``ensemble_names`` order,
+``"ensemble_seen"`` [B, G]. Tasks take those names as constructor arguments and resolve the
+column of each ensemble once.
+
+``main_head = "routed"`` for the multimodal tasks: on a paired validation set it is exactly the
+fusion head (every sample is routed to g_AB); on a partial one it is the §1.5 deployment rule.
+To select on the fusion head alone (§1.7, MedFuse), set ``train.select_metric:
+fusion/auroc_macro`` (the engine logs ``<head>/auroc_macro`` for every head) or pass
+``main_head="fusion"``.
+
+Learnable ω (``MindTask(learnable_omega="uncertainty")``): the task owns an ``nn.Module``
+(``task.extra_module``, a :class:`KdUncertaintyWeighting`). Call ``task.attach(model)`` BEFORE
+building the optimizer / ``Trainer``: it registers the module on the student as the submodule
+``loss_weighting`` (``EXTRA_MODULE_NAME``), so its parameters are optimised, all-reduced by DDP
+(they are used in every step) and saved/restored with the model's state dict. ``loss`` reads the
+module back from the (unwrapped) model and raises if it was not attached.
+"""
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from kdscale.distill.losses import (MindLossConfig, MmpkdLossConfig, UncertaintyWeighting, _kind, mind_loss,
+                                    mmpkd_loss, supervised_loss, utilization_gap)
+from kdscale.models.students import unwrap_model
+
+__all__ = ["EXTRA_MODULE_NAME", "LEARNABLE_OMEGA", "KdUncertaintyWeighting", "MindTask", "JointTask",
+           "MedFuseTask", "MmpkdTask", "SupervisedImageTask", "utilization", "mind_metrics",
+           "ensemble_index"]
+
+EXTRA_MODULE_NAME = "loss_weighting"
+LEARNABLE_OMEGA = ("none", "uncertainty")
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+# ----------------------------------------------------------------------------------------------
+
+def _activate(logits: Tensor, task: str) -> Tensor:
+    logits = logits.float()
+    return torch.softmax(logits, dim=-1) if _kind(task) == "softmax" else torch.sigmoid(logits)
+
+
+def _attached_zero(outputs: Mapping[str, Tensor]) -> Tensor:
+    """0 * (finite part of every output): every head is in the graph with an exact zero gradient
+    (DDP with find_unused_parameters=False), NaN entries included safely."""
+    return sum(torch.where(torch.isfinite(o), o, torch.zeros_like(o)).sum() * 0.0 for o in outputs.values())
+
+
+def _present(batch: Mapping, modality: str, b: int, device) -> Tensor:
+    flag = (batch.get("present") or {}).get(modality)
+    if flag is None:
+        return torch.ones(b, dtype=torch.bool, device=device)
+    return torch.as_tensor(flag, device=device).bool()
+
+
+def ensemble_index(ensemble_names: Sequence[str], name: str, *, what: str = "ensemble") -> int:
+    """Column of ensemble ``name`` in ``batch["soft"]["ensemble"]`` (soft-label index order)."""
+    names = list(ensemble_names)
+    if name not in names:
+        raise ValueError(f"{what} {name!r} is not in the soft labels' ensemble_names {names} "
+                         f"(index.json of the soft-label set)")
+    return names.index(name)
+
+
+def _soft(batch: Mapping) -> Optional[Mapping]:
+    soft = batch.get("soft")
+    if soft is None:
+        return None
+    for key in ("ensemble", "ensemble_seen"):
+        if key not in soft:
+            raise KeyError(f"batch['soft'] has no {key!r} (keys: {sorted(soft)}): the soft-label shards must "
+                           f"hold ensemble.npy and ensemble_seen.npy")
+    return soft
+
+
+# ----------------------------------------------------------------------------------------------
+# learnable omega
+# ----------------------------------------------------------------------------------------------
+
+class KdUncertaintyWeighting(nn.Module):
+    """Learnable ω for the distillation terms only: the terms in ``names`` (``kd_image``,
+    ``kd_ehr``, and ``kd_fusion`` under V4) go through :class:`UncertaintyWeighting`
+    (exp(-s) * ω_m * L + s, s learnable, init 0, so the configured ω_m is the initial weight);
+    every other term keeps its fixed config weight. Usable as ``mind_loss(..., weighting=)``."""
+
+    def __init__(self, names: Sequence[str], init_log_var: float = 0.0, min_log_var: Optional[float] = None):
+        super().__init__()
+        self.inner = UncertaintyWeighting(names, init_log_var=init_log_var, min_log_var=min_log_var)
+
+    @property
+    def names(self) -> tuple:
+        return self.inner.names
+
+    def forward(self, losses: Mapping[str, Tensor], active: Optional[Mapping] = None,
+                base_weights: Optional[Mapping[str, float]] = None) -> Tensor:
+        learn = {k: v for k, v in losses.items() if k in self.inner.names}
+        total = self.inner(learn, active=active, base_weights=base_weights)
+        for name, value in losses.items():
+            if name not in learn:
+                w = 1.0 if base_weights is None else float(base_weights.get(name, 1.0))
+                total = total + w * value
+        return total
+
+    def weights(self) -> dict[str, float]:
+        """Current effective multipliers exp(-s) of the learnable terms (times the config ω)."""
+        return self.inner.weights()
+
+
+# ----------------------------------------------------------------------------------------------
+# MIND
+# ----------------------------------------------------------------------------------------------
+
+class MindTask:
+    """MIND on a :class:`~kdscale.models.students.MultimodalStudent` with aux heads.
+
+    ``ensemble_names``: the soft-label index's ensemble names, in column order. The teacher
+    ensemble of modality m is the one named ``ensemble_for.get(m, m)`` (default: named after the
+    modality, as ``TeachersConfig.resolved_ensembles`` names them). Its soft target is
+    q_m = act(z_ens / τ) with τ = ``loss_cfg.temperature`` (sigmoid or softmax), has_target =
+    ``ensemble_seen``; ``mind_loss`` wants probabilities at τ, and the stored ensemble is logits
+    at T = 1. NOTE: for an ensemble combined in probability space, tempering its logits is not the
+    same as averaging the members' tempered probabilities (kdscale.distill.ensemble.combine); at
+    τ = 1 they agree. A batch without ``soft`` is allowed when every KD weight is 0 (ω = 0,
+    "heads only").
+
+    ``loss`` terms: ``sup_fusion``, ``sup_image``, ``kd_image``, ``sup_ehr``, ``kd_ehr``
+    (``kd_fusion`` under V4), unweighted; with learnable ω also ``omega/kd_<m>`` (effective
+    multiplier exp(-s), detached).
+
+    ``predict`` heads: ``fusion`` (paired samples), ``image`` (image present), ``ehr`` (EHR
+    present), ``routed`` (every sample with >= 1 modality, §1.5 routing).
+    """
+
+    def __init__(self, loss_cfg: MindLossConfig, ensemble_names: Sequence[str] = (),
+                 learnable_omega: str = "none", *, ensemble_for: Optional[Mapping[str, str]] = None,
+                 main_head: str = "routed", min_log_var: Optional[float] = None):
+        if not isinstance(loss_cfg, MindLossConfig):
+            raise TypeError(f"loss_cfg must be a MindLossConfig, got {type(loss_cfg).__name__}")
+        if set(loss_cfg.modalities) != {"image", "ehr"}:
+            raise ValueError(f"the MIND student has image and ehr heads; loss_cfg.modalities is {loss_cfg.modalities}")
+        if learnable_omega not in LEARNABLE_OMEGA:
+            raise ValueError(f"learnable_omega must be one of {LEARNABLE_OMEGA}, got {learnable_omega!r}")
+        if main_head not in ("routed", "fusion", "image", "ehr"):
+            raise ValueError(f"main_head must be routed, fusion, image or ehr, got {main_head!r}")
+        self.loss_cfg, self.task, self.main_head = loss_cfg, loss_cfg.task, main_head
+        self.ensemble_names = [str(n) for n in ensemble_names]
+        ensemble_for = dict(ensemble_for or {})
+        unknown = sorted(set(ensemble_for) - set(loss_cfg.modalities))
+        if unknown:
+            raise ValueError(f"ensemble_for has unknown modalities {unknown}")
+        self.columns: dict[str, int] = {}
+        for m in loss_cfg.modalities:
+            name = ensemble_for.get(m, m)
+            if name in self.ensemble_names:
+                self.columns[m] = self.ensemble_names.index(name)
+            elif loss_cfg.weights_for(m)[1] > 0:
+                raise ValueError(f"modality {m!r} has KD weight {loss_cfg.weights_for(m)[1]} (variant "
+                                 f"{loss_cfg.variant}) but its teacher ensemble {name!r} is not in the soft labels' "
+                                 f"ensemble_names {self.ensemble_names}; set ensemble_for or omega[{m!r}]=0")
+        self.learnable_omega = learnable_omega
+        self.extra_module: Optional[nn.Module] = None
+        if learnable_omega == "uncertainty":
+            names = [f"kd_{m}" for m in loss_cfg.modalities if loss_cfg.weights_for(m)[1] > 0]
+            if loss_cfg.variant == "V4" and loss_cfg.fusion_kd_weight > 0:
+                names.append("kd_fusion")
+            if not names:
+                raise ValueError("learnable_omega='uncertainty' but no KD term has a positive weight")
+            self.extra_module = KdUncertaintyWeighting(names, min_log_var=min_log_var)
+
+    # -- learnable omega contract ------------------------------------------------------------
+    def attach(self, model: nn.Module) -> nn.Module:
+        """Register ``extra_module`` on the student (submodule ``loss_weighting``); call before
+        building the optimizer. A no-op without learnable ω. Returns ``model``."""
+        if self.extra_module is not None:
+            target = unwrap_model(model)
+            existing = getattr(target, EXTRA_MODULE_NAME, None)
+            if existing is not None and existing is not self.extra_module:
+                self.extra_module = existing  # e.g. a second task object on the same model
+            else:
+                target.add_module(EXTRA_MODULE_NAME, self.extra_module)
+        return model
+
+    def weighting(self, model: nn.Module) -> Optional[nn.Module]:
+        if self.extra_module is None:
+            return None
+        module = getattr(unwrap_model(model), EXTRA_MODULE_NAME, None)
+        if module is None:
+            raise RuntimeError("learnable_omega='uncertainty': call task.attach(model) before building the "
+                               "optimizer, so the learnable weights are part of the model")
+        return module
+
+    # -- soft targets ------------------------------------------------------------------------
+    def soft_targets(self, batch: Mapping, device=None) -> dict:
+        """{modality: (q_m [B, C] at τ, has_target bool [B])} for the modalities with a column."""
+        soft = _soft(batch)
+        if soft is None:
+            return {}
+        out = {}
+        for m, g in self.columns.items():
+            z = torch.as_tensor(soft["ensemble"])[:, g].to(device).float()
+            has = torch.as_tensor(soft["ensemble_seen"])[:, g].to(device).bool()
+            out[m] = (_activate(z / self.loss_cfg.temperature, self.task), has)
+        return out
+
+    # -- Task protocol -----------------------------------------------------------------------
+    def loss(self, model, batch: dict):
+        outputs = {k: v.float() for k, v in model(batch).items()}
+        missing = [h for h in ("fusion", "image", "ehr") if h not in outputs]
+        if missing:
+            raise ValueError(f"MindTask needs a student with fusion, image and ehr heads (kind mind); "
+                             f"missing {missing}")
+        device = outputs["fusion"].device
+        view = {"labels": batch["labels"], "present": batch.get("present") or {},
+                "soft_targets": self.soft_targets(batch, device)}
+        weighting = self.weighting(model)
+        total, terms = mind_loss(outputs, view, self.loss_cfg, weighting)
+        terms = {k: v.detach() for k, v in terms.items()}
+        if weighting is not None:
+            s = weighting.inner._s().detach()
+            terms.update({f"omega/{n}": torch.exp(-v) for n, v in zip(weighting.names, s)})
+        return total, terms
+
+    def predict(self, model, batch: dict) -> dict:
+        outputs = model(batch)
+        student = unwrap_model(model)
+        img_p, ehr_p = student.presence(batch)
+        routed, covered = student.route(outputs, batch.get("present"))
+        return {"fusion": (_activate(outputs["fusion"], self.task), img_p & ehr_p),
+                "image": (_activate(outputs["image"], self.task), img_p),
+                "ehr": (_activate(outputs["ehr"], self.task), ehr_p),
+                "routed": (_activate(routed, self.task), covered)}
+
+
+# ----------------------------------------------------------------------------------------------
+# joint fusion baselines
+# ----------------------------------------------------------------------------------------------
+
+class JointTask:
+    """Vanilla joint fusion: the supervised loss of the fusion head only (MedFuse trains only
+    the fused output, §3.10). ``fusion_samples``: ``"paired"`` (default) trains on samples with
+    both modalities; ``"defined"`` on every sample the fusion head defines (LSTM fusion: >= 1
+    modality, the missing token dropped; concat fusion with ``impute_missing``: zero features).
+    Other heads of the model (if any) get a zero gradient. ``predict``: ``fusion`` (paired
+    samples) and ``routed`` (every sample the fusion head defines; aux heads are not used)."""
+
+    FUSION_SAMPLES = ("paired", "defined")
+    default_fusion_samples = "paired"
+
+    def __init__(self, task: str = "multilabel", fusion_samples: Optional[str] = None, *,
+                 main_head: str = "routed"):
+        _kind(task)
+        fusion_samples = fusion_samples or self.default_fusion_samples
+        if fusion_samples not in self.FUSION_SAMPLES:
+            raise ValueError(f"fusion_samples must be one of {self.FUSION_SAMPLES}, got {fusion_samples!r}")
+        if main_head not in ("routed", "fusion"):
+            raise ValueError(f"main_head must be routed or fusion, got {main_head!r}")
+        self.task, self.fusion_samples, self.main_head = task, fusion_samples, main_head
+
+    def _check(self, student) -> None:
+        pass
+
+    def loss(self, model, batch: dict):
+        student = unwrap_model(model)
+        self._check(student)
+        outputs = {k: v.float() for k, v in model(batch).items()}
+        img_p, ehr_p = student.presence(batch)
+        mask = img_p & ehr_p if self.fusion_samples == "paired" else student.fusion_mask(img_p, ehr_p)
+        sup = supervised_loss(outputs["fusion"], batch["labels"], self.task, mask=mask)
+        return sup + _attached_zero(outputs), {"sup_fusion": sup.detach()}
+
+    def predict(self, model, batch: dict) -> dict:
+        outputs = model(batch)
+        student = unwrap_model(model)
+        img_p, ehr_p = student.presence(batch)
+        routed, covered = student.route(outputs, batch.get("present"), use_aux=False)
+        return {"fusion": (_activate(outputs["fusion"], self.task), img_p & ehr_p),
+                "routed": (_activate(routed, self.task), covered)}
+
+
+class MedFuseTask(JointTask):
+    """MedFuse (LSTM fusion): :class:`JointTask` that trains on every sample its fusion defines
+    by default (MedFuse's partial_ehr_cxr training: a missing CXR leaves a length-1 sequence)."""
+
+    default_fusion_samples = "defined"
+
+    def _check(self, student) -> None:
+        if getattr(student, "fusion", None) != "lstm":
+            raise ValueError(f"MedFuseTask needs a student with LSTM fusion, got fusion "
+                             f"{getattr(student, 'fusion', None)!r}")
+
+
+# ----------------------------------------------------------------------------------------------
+# MMPKD and the supervised image baseline
+# ----------------------------------------------------------------------------------------------
+
+class MmpkdTask:
+    """MMPKD on an image student (``ViTStudent``): ``mmpkd_loss`` with the privileged teacher's
+    logits ``batch["soft"]["ensemble"][:, g]`` (g = column of ``teacher_ensemble`` in
+    ``ensemble_names``), teacher mask ``ensemble_seen[:, g]``, samples restricted to those with
+    the head's modality. With ``lam == 0`` and no soft labels it is the plain supervised baseline
+    (with soft labels the ``kd`` term is still logged). Terms: ``sup``, ``kd``, ``teacher_frac``."""
+
+    def __init__(self, loss_cfg: MmpkdLossConfig, teacher_ensemble: str = "",
+                 ensemble_names: Sequence[str] = (), *, head: str = "image", main_head: Optional[str] = None):
+        if not isinstance(loss_cfg, MmpkdLossConfig):
+            raise TypeError(f"loss_cfg must be an MmpkdLossConfig, got {type(loss_cfg).__name__}")
+        self.loss_cfg, self.task, self.head = loss_cfg, loss_cfg.task, head
+        self.main_head = main_head or head
+        self.column: Optional[int] = None
+        if teacher_ensemble:
+            self.column = ensemble_index(ensemble_names, teacher_ensemble, what="teacher_ensemble")
+        elif loss_cfg.lam > 0:
+            raise ValueError(f"MMPKD with lam={loss_cfg.lam} needs teacher_ensemble (and the soft labels' "
+                             f"ensemble_names)")
+        self.teacher_ensemble = teacher_ensemble
+
+    def loss(self, model, batch: dict):
+        z = model(batch)[self.head].float()
+        b = z.shape[0]
+        mask = _present(batch, self.head, b, z.device)
+        soft = _soft(batch) if self.column is not None else None
+        if soft is not None:
+            teacher = torch.as_tensor(soft["ensemble"])[:, self.column].to(z.device).float()
+            teacher_mask = torch.as_tensor(soft["ensemble_seen"])[:, self.column].to(z.device).bool()
+        elif self.loss_cfg.lam > 0:
+            raise ValueError(f"MMPKD lam={self.loss_cfg.lam}: the batch has no soft labels (batch['soft']); "
+                             f"join the soft-label shards (teacher ensemble {self.teacher_ensemble!r})")
+        else:
+            teacher = torch.full_like(z, float("nan"))
+            teacher_mask = torch.zeros(b, dtype=torch.bool, device=z.device)
+        total, terms = mmpkd_loss(z, batch["labels"], teacher, self.loss_cfg, teacher_mask=teacher_mask, mask=mask)
+        return total, {k: v.detach() for k, v in terms.items()}
+
+    def predict(self, model, batch: dict) -> dict:
+        z = model(batch)[self.head]
+        return {self.head: (_activate(z, self.task), _present(batch, self.head, z.shape[0], z.device))}
+
+
+class SupervisedImageTask:
+    """The supervised baseline of a unimodal student: ``supervised_loss`` of head ``head`` on
+    the samples with that modality (identical to ``MmpkdTask`` with lam = 0 and no soft labels)."""
+
+    def __init__(self, task: str = "multilabel", *, head: str = "image"):
+        _kind(task)
+        self.task, self.head, self.main_head = task, head, head
+
+    def loss(self, model, batch: dict):
+        z = model(batch)[self.head].float()
+        sup = supervised_loss(z, batch["labels"], self.task, mask=_present(batch, self.head, z.shape[0], z.device))
+        return sup, {"sup": sup.detach()}
+
+    def predict(self, model, batch: dict) -> dict:
+        z = model(batch)[self.head]
+        return {self.head: (_activate(z, self.task), _present(batch, self.head, z.shape[0], z.device))}
+
+
+# ----------------------------------------------------------------------------------------------
+# utilization gap (option iii of method-and-data.md §1.6)
+# ----------------------------------------------------------------------------------------------
+
+def _macro_auroc(y, p) -> float:
+    import numpy as np
+
+    from kdscale.eval.metrics import label_metrics, multiclass_metrics
+
+    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
+    if len(y) == 0:
+        return float("nan")
+    if y.ndim == 1 and p.ndim == 2 and p.shape[1] > 1:   # multiclass class indices
+        return float(multiclass_metrics(y.astype(np.int64), p)["auroc_ovr_macro"])
+    return float(label_metrics(y.astype(np.float64), p)["auroc_macro"])
+
+
+def utilization(preds: Mapping, *, baseline: float = 0.0, prefix: str = "util/") -> dict:
+    """d_util from the engine's gathered predictions ``{head: (probs, mask)}`` + ``"labels"``,
+    option (iii) of method-and-data.md §1.6: M = macro AUROC on the PAIRED samples (covered by
+    all of the fusion, image and ehr heads), M(A,B) = fusion head, M(A) = image aux head, M(B) =
+    ehr aux head; u(B|A), u(A|B), d_util = u(A|B) - u(B|A) by ``utilization_gap`` (``baseline``
+    0.5 measures AUROC above chance). Values are NaN when a metric is undefined (no paired
+    sample, a label without both classes everywhere)."""
+    import numpy as np
+
+    for head in ("fusion", "image", "ehr"):
+        if head not in preds:
+            raise KeyError(f"utilization needs the {head!r} head in the predictions (MindTask.predict); "
+                           f"got {sorted(preds)}")
+    labels = np.asarray(preds["labels"])
+    paired = np.asarray(preds["fusion"][1], bool) & np.asarray(preds["image"][1], bool) & \
+        np.asarray(preds["ehr"][1], bool)
+    m = {h: _macro_auroc(labels[paired], np.asarray(preds[h][0])[paired]) for h in ("fusion", "image", "ehr")}
+    out = {f"{prefix}m_ab": m["fusion"], f"{prefix}m_a": m["image"], f"{prefix}m_b": m["ehr"],
+           f"{prefix}n_paired": int(paired.sum())}
+    nan = float("nan")
+    try:
+        gap = utilization_gap(m["fusion"], m["image"], m["ehr"], baseline=baseline)
+    except ValueError:  # a non-finite metric, or M(A,B) == baseline
+        gap = {"u_b_given_a": nan, "u_a_given_b": nan, "d_util": nan}
+    out.update({f"{prefix}{k}": float(v) for k, v in gap.items()})
+    return out
+
+
+def mind_metrics(preds: Mapping, main_head: str, label_names: Sequence[str]) -> dict:
+    """The engine's default metrics plus :func:`utilization`: pass as ``Trainer(metric_fn=)``."""
+    from kdscale.engine.trainer import default_metrics
+
+    out = default_metrics(preds, main_head, list(label_names))
+    out.update(utilization(preds))
+    return out
