@@ -46,13 +46,13 @@ MEMBERS = ("meta.json", "keys.json") + tuple(f"{a}.npy" for a in ARRAYS)
 class SoftLabelsConfig:
     out_dir: str = ""                 # default: <run.out_dir>/softlabels
     batch_size: int = 256             # inference batch: no activations are kept, so go large
-    num_workers: int = 2              # decoding workers per rank
+    num_workers: int = -1             # decoding workers per rank; -1 = auto: 2 on GPU, 0 on CPU (see below)
     precision: str = "fp32"           # fp32 | bf16 (autocast for the teachers' forward)
     splits: list[str] = dataclasses.field(default_factory=lambda: list(SPLITS))
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("softlabels.batch_size must be >= 1 and softlabels.num_workers >= 0")
+        if self.batch_size < 1 or self.num_workers < -1:
+            raise ValueError("softlabels.batch_size must be >= 1 and softlabels.num_workers >= -1 (auto)")
         if self.precision not in ("fp32", "bf16"):
             raise ValueError(f"softlabels.precision must be fp32 or bf16, got {self.precision!r}")
         unknown = sorted(set(self.splits) - set(SPLITS))

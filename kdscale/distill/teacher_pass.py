@@ -273,8 +273,21 @@ def teacher_pass(cfg, *, device: Optional[str] = None, progress: bool = True) ->
     loader_cfg = dataclasses.replace(cfg.loader, modalities=teachers.modalities, require=[],
                                      batch_size=sl.batch_size)
     specs = {split: _DecodeSpec(loader_cfg, index) for split, index in indexes.items()}
-    stats = _run_jobs(todo, specs, teachers, dev, sl, fingerprint, out, cfg.teachers.task,
-                      progress and world.is_main)
+    # Auto workers: on a GPU, decoding workers overlap I/O with the forward; on CPU they compete
+    # with it for the same cores (bench/bench_teacher_pass.py: 0.90 of the raw forward rate with
+    # inline decoding vs 0.56 with one worker on 2 cores), so decode inline there.
+    workers = sl.num_workers if sl.num_workers >= 0 else (2 if dev.type == "cuda" else 0)
+    sl = dataclasses.replace(sl, num_workers=workers)
+    threads = torch.get_num_threads()
+    if dev.type == "cpu" and sl.num_workers > 0 and todo:
+        # On CPU the decoding workers and the forward share the cores: OpenMP threads that spin
+        # while a worker holds their core slow convolutions several-fold. Leave them their cores.
+        torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 1) - sl.num_workers)))
+    try:
+        stats = _run_jobs(todo, specs, teachers, dev, sl, fingerprint, out, cfg.teachers.task,
+                          progress and world.is_main)
+    finally:
+        torch.set_num_threads(threads)
     stats["skipped_current"] = len(mine) - len(todo)
     all_stats = all_gather_objects(stats)
     barrier()
