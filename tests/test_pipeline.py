@@ -23,11 +23,17 @@ def kdscale(*args: str) -> subprocess.CompletedProcess:
 def test_demo_pipeline_end_to_end(tmp_path):
     run = tmp_path / "run"
     result = kdscale("pipeline", "--cfg", "configs/demo.yaml", f"run.out_dir={run}",
-                     f"data.demo.out_dir={run}/demo-data", "data.demo.n=120", "shards.max_samples_per_shard=40")
+                     f"data.demo.out_dir={run}/demo-data", "data.demo.n=120", "shards.max_samples_per_shard=40",
+                     "loader.image_size=32", "loader.resize_size=36", "loader.batch_size=8", "teachers.train.epochs=1",
+                     "teachers.train.progress=false")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Outputs in {run}" in result.stdout
     outputs = json.loads((run / "pipeline.json").read_text())
     assert outputs["shards"]["verified"] is True
+    assert outputs["softlabels"]["verified"] is True
+    assert set(outputs["teachers"]["val_auroc_macro"]) == {"cxr_resnet34", "cxr_resnet18", "cxr_resnet10",
+                                                           "ehr_lstm", "ehr_transformer", "report_bert"}
+    assert kdscale("verify", str(run / "softlabels")).returncode == 0
     summary = json.loads((run / "data" / "data_summary.json").read_text())
     assert summary["ingest"]["read"] == summary["ingest"]["kept"] + summary["ingest"]["skipped"]
     assert set(summary["data"]["splits"]) == {"train", "val", "test"}
@@ -63,7 +69,8 @@ def test_cli_errors_are_one_clear_line(capsys):
     assert main(["demo-data", "--out", "/tmp/unused", "--n", "3"]) == 2
 
 
-@pytest.mark.parametrize("command", ["config", "demo-data", "inspect", "shards", "verify", "pipeline"])
+@pytest.mark.parametrize("command", ["config", "demo-data", "inspect", "shards", "verify", "pipeline", "teachers",
+                                     "softlabels"])
 def test_every_command_has_help(command):
     result = kdscale(command, "--help")
     assert result.returncode == 0 and "usage: kdscale" in result.stdout
