@@ -112,7 +112,10 @@ class Trainer:
         self.metric_fn = metric_fn or default_metrics
         self.extra_state = extra_state or {}
         self.world = detect_world()
-        export_env(self.world)  # SLURM tasks -> torchrun variables, read by Accelerate
+        if self.world.distributed and self.world.launcher == "slurm":
+            export_env(self.world)  # SLURM tasks -> torchrun variables, read by Accelerate
+        # (never for one process: MASTER_ADDR/PORT in the env make Accelerate open a process group
+        # on a fixed port, which collides with any other single-process run on the machine)
         self.accelerator = self._accelerator()
         self.device = self.accelerator.device
         self.is_main = self.accelerator.is_main_process
