@@ -35,6 +35,7 @@ import numpy as np
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
+from kdscale.data.shards import npy_bytes
 from kdscale.data.tario import TarShardWriter, sha256_file
 
 FORMAT = "kdscale-softlabels/1"
@@ -77,12 +78,6 @@ class SoftShard:
         return len(self.keys)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
-
-
 def write_soft_shard(path: str | os.PathLike, shard: SoftShard) -> dict:
     """Atomic (temp file + rename): a soft-label shard either exists complete or not at all."""
     n = len(shard.keys)
@@ -93,10 +88,10 @@ def write_soft_shard(path: str | os.PathLike, shard: SoftShard) -> dict:
     try:
         writer.add("meta.json", json.dumps(shard.meta, sort_keys=True).encode())
         writer.add("keys.json", json.dumps(shard.keys).encode())
-        writer.add("logits.npy", _npy_bytes(shard.logits.astype(np.float16)))
-        writer.add("seen.npy", _npy_bytes(shard.seen.astype(bool)))
-        writer.add("ensemble.npy", _npy_bytes(shard.ensemble.astype(np.float16)))
-        writer.add("ensemble_seen.npy", _npy_bytes(shard.ensemble_seen.astype(bool)))
+        writer.add("logits.npy", npy_bytes(shard.logits.astype(np.float16)))
+        writer.add("seen.npy", npy_bytes(shard.seen.astype(bool)))
+        writer.add("ensemble.npy", npy_bytes(shard.ensemble.astype(np.float16)))
+        writer.add("ensemble_seen.npy", npy_bytes(shard.ensemble_seen.astype(bool)))
         return writer.commit()
     except BaseException:
         writer.abort()

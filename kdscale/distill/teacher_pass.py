@@ -65,7 +65,7 @@ def load_teachers(cfg) -> LoadedTeachers:
     from kdscale.distill.ensemble import ensemble_weights
     from kdscale.distill.teachers import load_teacher, teachers_dir
 
-    models, infos = [], []
+    models, infos, label_names = [], [], None
     for teacher in cfg.teachers.members:
         folder = teachers_dir(cfg) / teacher.name
         info_path = folder / "teacher.json"
@@ -77,12 +77,15 @@ def load_teachers(cfg) -> LoadedTeachers:
         if sha != info["checkpoint_sha256"]:
             raise DataError(f"teacher {teacher.name!r}: teacher.pt does not match teacher.json's sha256 "
                             f"(partially overwritten?); retrain it", file=folder / "teacher.pt")
-        model, _ = load_teacher(folder / "teacher.pt")
+        model, loaded = load_teacher(folder / "teacher.pt")
+        if label_names is not None and loaded["label_names"] != label_names:
+            raise DataError(f"teacher {teacher.name!r} predicts {loaded['label_names']}, teacher "
+                            f"{cfg.teachers.members[0].name!r} {label_names}: one pass needs one label set",
+                            file=folder / "teacher.pt")
+        label_names = loaded["label_names"]
         models.append(model)
         infos.append({**{k: info.get(k) for k in ("name", "modality", "arch", "val_auroc_macro", "parameters")},
                       "checkpoint": str((folder / "teacher.pt").resolve()), "checkpoint_sha256": sha})
-    label_names = json.loads((teachers_dir(cfg) / cfg.teachers.members[0].name / "teacher.json")
-                             .read_text())["label_names"]
     val_auroc = {i["name"]: i["val_auroc_macro"] for i in infos}
     ensembles = []
     for ens in cfg.teachers.resolved_ensembles():
@@ -373,6 +376,7 @@ def write_index(out: Path, data_dir: Path, indexes: dict, teachers: LoadedTeache
     """index.json from the soft shards on disk (so shards written by earlier, killed runs count)."""
     from kdscale import __version__
     from kdscale.config import config_hash
+    from kdscale.data.shards import write_json_atomic
     from kdscale.data.tario import sha256_file
 
     splits, total, shards, bad = {}, 0, 0, 0
@@ -402,8 +406,6 @@ def write_index(out: Path, data_dir: Path, indexes: dict, teachers: LoadedTeache
              "pass": {"ranks": len(all_stats), "written_now": written, "undecodable_samples": bad,
                       "forward_s": round(sum(s["forward_s"] for s in all_stats), 3),
                       "wall_s": round(max(s["wall_s"] for s in all_stats), 3)}}
-    tmp = out / "index.json.tmp"
-    tmp.write_text(json.dumps(index, indent=2))
-    tmp.replace(out / "index.json")
+    write_json_atomic(out / "index.json", index)
     return {"num_samples": total, "num_shards": shards, "written_now": written,
             "already_current": shards - written, "undecodable_samples": bad, "out_dir": str(out)}

@@ -196,7 +196,7 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
 
     from kdscale.data.loader import build_loader
     from kdscale.data.shard_index import read_index
-    from kdscale.data.shards import shards_out_dir
+    from kdscale.data.shards import shards_out_dir, write_json_atomic
     from kdscale.engine.checkpoint import load_checkpoint, save_atomic
     from kdscale.engine.distributed import barrier, detect_world
     from kdscale.engine.rng import seed_everything
@@ -248,9 +248,7 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
                 "best_epoch": best_record.get("epoch"), "epochs_done": result.epochs_done,
                 "skipped_steps": result.skipped_steps, "train_samples": train_loader.plan.num_samples,
                 "val_samples": val_loader.plan.num_samples, "history": result.history}
-        tmp = done.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        tmp.replace(done)
+        write_json_atomic(done, info)
         print(f"teacher {teacher.name}: best val macro AUROC {info['val_auroc_macro']} "
               f"(epoch {info['best_epoch']}) -> {out / 'teacher.pt'}")
     barrier()
