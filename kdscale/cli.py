@@ -111,6 +111,21 @@ def cmd_softlabels(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from kdscale.config import dump
+    from kdscale.distill.student_training import select_students, students_root, train_student
+    from kdscale.engine.distributed import detect_world, teardown
+
+    cfg = _load(args)
+    chosen = select_students(cfg, only=args.only, index=args.index)
+    if detect_world().rank == 0:
+        dump(cfg, students_root(cfg) / "config.yaml")
+    for student in chosen:
+        train_student(cfg, student, resume=args.resume, force=args.force)
+    teardown()
+    return 0
+
+
 def cmd_verify(args) -> int:
     from kdscale.data.shard_index import verify_shards
     from kdscale.distill.softlabels import verify_softlabels
@@ -179,6 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_softlabels)
 
+    p = sub.add_parser("train", help="train the configured students (MIND, MMPKD, baselines) from the shards "
+                                     "and soft labels (distributed under torchrun / SLURM)")
+    _add_cfg(p)
+    p.add_argument("--only", default="", help="comma-separated student names (default: all)")
+    p.add_argument("--index", type=int, default=None, help="train only student number INDEX (SLURM array task)")
+    p.add_argument("--resume", default=None,
+                   help="'latest', 'best', a checkpoint path, or 'auto' (latest when one exists, else fresh)")
+    p.add_argument("--force", action="store_true", help="retrain students that are already trained")
+    p.set_defaults(func=cmd_train)
+
     p = sub.add_parser("verify", help="check a shard set (or a soft-label set) against its index; "
                                       "non-zero exit on problems")
     p.add_argument("dir", help="shard folder (holding <split>/index.json) or soft-label folder (index.json)")
@@ -196,11 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     from kdscale.config import ConfigError
     from kdscale.data.ingest import DataError
 
+    from kdscale.engine.signals import EXIT_PREEMPTED, Preempted
+
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     try:
         return args.func(args)
+    except Preempted as exc:
+        # A save was requested (SLURM preemption / time limit): the checkpoint is written; the
+        # distinct status tells the launcher to requeue and resume (--resume auto).
+        print(f"kdscale {args.command}: preempted: {exc}", file=sys.stderr)
+        return EXIT_PREEMPTED
     except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
         # Expected user-facing failures: one clear line (the traceback with -v).
         if args.verbose:

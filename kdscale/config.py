@@ -131,18 +131,31 @@ def parse_override(text: str) -> tuple[str, Any]:
 
 
 def apply_overrides(tree: dict, overrides: Iterable[str], origins: dict) -> dict:
+    """Set ``a.b.c=value`` in the tree. A numeric part indexes a list (``students.0.model.kind``),
+    so a list entry declared in a file can be changed without restating the list."""
     for text in overrides:
         key, value = parse_override(text)
-        node = tree
+        node: Any = tree
         parts = key.split(".")
-        for i, part in enumerate(parts[:-1]):
-            child = node.get(part)
-            if child is None:
-                child = node[part] = {}
-            elif not isinstance(child, dict):
-                raise ConfigError(f"override {text!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
-            node = child
-        node[parts[-1]] = value
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: '{'.'.join(parts[:i])}' is a list of {len(node)}; "
+                                      f"'{part}' is not an index into it")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: '{'.'.join(parts[:i])}' is a value, not a section")
+            if last:
+                node[part] = value
+            else:
+                if node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
         _record_origins(value, origins, COMMAND_LINE, key)
     return tree
 

@@ -60,8 +60,19 @@ def stage_softlabels(cfg, run_dir: Path) -> dict:
     return {"softlabels": summary["out_dir"], "samples": summary["num_samples"], "verified": True}
 
 
+def stage_train(cfg, run_dir: Path) -> dict:
+    from kdscale.distill.student_training import students_root, train_student
+
+    if not cfg.students:
+        print("no students configured (students): stage skipped")
+        return {"skipped": "no students configured"}
+    results = {s.name: train_student(cfg, s) for s in cfg.students}
+    return {"students": str(students_root(cfg)),
+            "val_auroc_macro": {name: info.get("val_auroc_macro") for name, info in results.items()}}
+
+
 STAGES: dict[str, Callable] = {"data": stage_data, "shards": stage_shards, "teachers": stage_teachers,
-                               "softlabels": stage_softlabels}
+                               "softlabels": stage_softlabels, "train": stage_train}
 
 
 def run_pipeline(cfg, stages: str = "") -> int:

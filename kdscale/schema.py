@@ -13,6 +13,7 @@ from kdscale.data.sources.iu_xray import IuXrayConfig
 from kdscale.data.sources.manifest import ManifestConfig
 from kdscale.data.sources.mimic import MimicConfig
 from kdscale.distill.softlabels import SoftLabelsConfig
+from kdscale.distill.student_training import StudentRunConfig, check_students
 from kdscale.distill.teachers import TeachersConfig
 
 
@@ -41,6 +42,24 @@ class DataConfig:
 
 
 @dataclass
+class EvalConfig:
+    split: Literal["test", "val"] = "test"
+    bootstrap: int = 1000                 # resamples (patients are resampled) for every CI
+    seed: int = 0
+    min_group_size: int = 30              # subgroups smaller than this are flagged, not hidden
+    random_removal: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])  # robustness curve
+    compare_to: str = ""                  # student compared against the others (default: the first)
+    localization: bool = True             # attention maps vs boxes for image students (ViT / CNN)
+    localization_threshold: float = 0.5   # of the min-max normalised map (docs/eval.md)
+
+    def __post_init__(self) -> None:
+        if self.bootstrap < 0 or self.min_group_size < 1:
+            raise ValueError("eval.bootstrap must be >= 0 and eval.min_group_size >= 1")
+        if any(not 0.0 < r < 1.0 for r in self.random_removal):
+            raise ValueError(f"eval.random_removal rates must lie in (0, 1), got {self.random_removal}")
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -48,6 +67,11 @@ class Config:
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     softlabels: SoftLabelsConfig = field(default_factory=SoftLabelsConfig)
+    students: list[StudentRunConfig] = field(default_factory=list)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        check_students(self.students, self.teachers)
 
 
 def load_config(path=None, overrides=(), base_dir=None) -> Config:

@@ -642,7 +642,8 @@ class ShardLoader:
         dataset_cls = _slot_dataset_class()
         if self.cfg.num_workers == 0:
             return torch.utils.data.DataLoader(dataset_cls(_SlotPipeline(self._spec(start))), batch_size=None,
-                                               collate_fn=_identity, pin_memory=self.cfg.pin_memory)
+                                               collate_fn=_identity, pin_memory=self.cfg.pin_memory,
+                                               generator=_private_generator())
         if self._state is None:
             self._state = _EpochState(self.cfg.num_workers, self.cfg.prefetch_factor + BUFFER_SLOTS_EXTRA)
             self._held = _Held(self._state)
@@ -653,7 +654,8 @@ class ShardLoader:
             self._dataloader, self._dataloader_cfg = torch.utils.data.DataLoader(
                 dataset_cls(_SlotPipeline(self._spec(0), self._state)), batch_size=None, collate_fn=_identity,
                 num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
-                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=self.cfg.persistent_workers), cfg_now
+                prefetch_factor=self.cfg.prefetch_factor, persistent_workers=self.cfg.persistent_workers,
+                generator=_private_generator()), cfg_now
         return self._dataloader
 
     def close(self) -> None:
@@ -690,6 +692,17 @@ def _soft_shards(soft_dir, split: str, index: dict) -> list[str]:
         raise SoftLabelError(f"soft-label shards missing for split {split!r}: {missing[:3]}"
                              + (f" and {len(missing) - 3} more" if len(missing) > 3 else ""))
     return [str(p) for p in paths]
+
+
+def _private_generator():
+    """A DataLoader draws its base seed from its generator each time an iterator starts; with the
+    default (the GLOBAL torch generator) starting an epoch's iterator shifts the model's dropout
+    stream, so a run resumed mid-epoch (new iterator after restoring the RNG) would diverge from
+    an uninterrupted one. Our samples are seeded by (seed, epoch, position) and never use that
+    base seed, so a private generator keeps the global stream untouched."""
+    import torch
+
+    return torch.Generator().manual_seed(0)
 
 
 def build_loader(shard_dir, split: str, cfg: LoaderConfig, *, train: bool, rank: Optional[int] = None,

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import resource
 import signal
 import time
@@ -31,6 +32,7 @@ import numpy as np
 from kdscale.engine.config import TrainConfig, build_optimizer, build_scheduler
 from kdscale.engine.distributed import all_gather_objects, detect_world, export_env
 from kdscale.engine.precision import accelerate_precision
+from kdscale.engine.signals import Preempted  # noqa: F401  (re-exported: kdscale.engine.trainer.Preempted)
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +47,6 @@ class Task(Protocol):
 
 class NonFiniteLoss(RuntimeError):
     """Training produced a NaN/inf loss or gradient and the policy says stop."""
-
-
-class Preempted(RuntimeError):
-    """A save was requested by a signal (SLURM preemption / time limit); the state is saved."""
 
 
 @dataclass
@@ -121,6 +119,8 @@ class Trainer:
         self.is_main = self.accelerator.is_main_process
         self.model = model
         self.save_request = _SaveRequest()
+        # tests only: SIGKILL rank 0 right after this optimizer step (0 = off)
+        self._fault_kill_at_step = int(os.environ.get("KDSCALE_FAULT_KILL_AT_STEP", "0") or 0)
 
     # -- setup ---------------------------------------------------------------------------------
     def _accelerator(self):
@@ -311,6 +311,8 @@ class Trainer:
                                       "peak_memory_mb": peak_memory_mb(self.device)})
                 if cfg.checkpoint_every_steps and step % cfg.checkpoint_every_steps == 0 and batch_index < n_batches:
                     self._save(epoch, batch_index, step, history, skipped)
+                if self._fault_kill_at_step and step == self._fault_kill_at_step and self.is_main:
+                    os.kill(os.getpid(), signal.SIGKILL)   # tests: a hard crash mid-epoch, after any save
                 if self._save_requested():
                     path = self._save(epoch, batch_index, step, history, skipped)
                     raise Preempted(f"save requested by signal {self.save_request.signal}: saved {path or 'on rank 0'}")

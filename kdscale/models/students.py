@@ -212,6 +212,21 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
         sees every parameter used in every step."""
         return sum(p.reshape(-1)[:1].sum() for p in module.parameters()) * 0.0
 
+    def _run_encoder(encoder: nn.Module, inputs: dict, n: int) -> torch.Tensor:
+        """The encoder on ``n`` samples. In a partial cohort a batch can hold ONE sample of a
+        modality; batch norm cannot compute batch statistics from one sample in training, so
+        then its BN layers use (and do not update) their running statistics for this call."""
+        bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if n > 1 or not bns:
+            return encoder(inputs)
+        for m in bns:
+            m.eval()
+        try:
+            return encoder(inputs)
+        finally:
+            for m in bns:
+                m.train()
+
     def _nan_outside(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return torch.where(mask[:, None], z, torch.full_like(z, float("nan")))
 
@@ -296,12 +311,12 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
         def _encode(self, encoder: nn.Module, mask: torch.Tensor, sub_batch, dim: int, ghosts: list):
             b = mask.shape[0]
             if bool(mask.all()):
-                return encoder(sub_batch(None))
+                return _run_encoder(encoder, sub_batch(None), b)
             idx = torch.nonzero(mask).squeeze(1)
             if idx.numel() == 0:
                 ghosts.append(_ghost(encoder))
                 return torch.zeros(b, dim, device=mask.device)
-            sub = encoder(sub_batch(idx))
+            sub = _run_encoder(encoder, sub_batch(idx), idx.numel())
             return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
 
         def forward(self, batch: dict) -> dict:

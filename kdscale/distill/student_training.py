@@ -1,0 +1,327 @@
+"""Students: configuration, and training one student from the shards and the soft labels.
+
+A run declares its students in ``students:`` (a list; each one a name, a ``method`` and a
+``model``). ``kdscale train --cfg FILE`` trains all of them, ``--only NAME`` / ``--index I`` one
+(a SLURM array task or a sweep point). Each writes ``<run.out_dir>/students/<name>/``:
+
+* ``checkpoints/``: the engine's (atomic, keep-last-K + best, resumable with ``--resume``);
+* ``student.pt``: the best weights + the student config + label names + method (what
+  ``kdscale eval`` loads, with ``weights_only=True``);
+* ``student.json``: method, parameter count, best validation metrics, per-epoch history, seed,
+  the fingerprint of what it was trained from (a re-run with the same inputs is skipped);
+* ``metrics.jsonl`` + TensorBoard events.
+
+========== ============================ ============================================ =============
+method     model.kind                   loss (kdscale/distill/tasks.py)               soft labels
+========== ============================ ============================================ =============
+mind       mind                         MIND: fusion + aux heads + ω-weighted KD      image, ehr ensembles
+joint      joint (or mind/medfuse)      supervised fusion head only                   --
+medfuse    medfuse                      supervised LSTM fusion (partial samples)      --
+mmpkd      vit (or unimodal image)      (1-λ)·L(y, ŷ) + λ·L(s, ŷ), s privileged       ``teacher_ensemble``
+supervised vit / unimodal               supervised loss of the one head               --
+========== ============================ ============================================ =============
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+from kdscale.distill.loss_config import MindLossConfig, MmpkdLossConfig
+from kdscale.engine.config import TrainConfig
+from kdscale.models.students import StudentConfig
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mind", "joint", "medfuse", "mmpkd", "supervised")
+# which model kinds each method can train
+_METHOD_KINDS = {"mind": ("mind",), "joint": ("joint", "mind", "medfuse"), "medfuse": ("medfuse",),
+                 "mmpkd": ("vit", "unimodal"), "supervised": ("vit", "unimodal")}
+
+
+@dataclass
+class StudentRunConfig:
+    name: str
+    method: Literal["mind", "joint", "medfuse", "mmpkd", "supervised"] = "mind"
+    model: StudentConfig = field(default_factory=StudentConfig)
+    mind: MindLossConfig = field(default_factory=MindLossConfig)        # method mind
+    mmpkd: MmpkdLossConfig = field(default_factory=MmpkdLossConfig)     # method mmpkd
+    learnable_omega: Literal["none", "uncertainty"] = "none"            # mind: adapt ω (docs/losses.md)
+    ensemble_for: dict[str, str] = field(default_factory=dict)          # mind: modality -> ensemble name
+    teacher_ensemble: str = "report"      # mmpkd: the privileged teacher ensemble (soft-label ensemble name)
+    fusion_samples: Literal["", "paired", "defined"] = ""   # joint/medfuse: "" = the method's default
+    main_head: str = ""                   # model selection head; "" = routed (multimodal) / image
+    train: TrainConfig = field(default_factory=TrainConfig)
+    batch_size: Optional[int] = None      # overrides loader.batch_size
+    out_dir: str = ""                     # default: <run.out_dir>/students/<name>
+
+    def __post_init__(self) -> None:
+        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
+            raise ValueError(f"student name {self.name!r} must be non-empty letters, digits, '_' or '-'")
+        kinds = _METHOD_KINDS[self.method]
+        if self.model.kind not in kinds:
+            raise ValueError(f"student {self.name!r}: method {self.method!r} trains model.kind {list(kinds)}, "
+                             f"got {self.model.kind!r}")
+        if self.method in ("mmpkd", "supervised") and self.model.kind == "unimodal" \
+                and self.model.modality != "image":
+            raise ValueError(f"student {self.name!r}: method {self.method!r} with a unimodal model needs "
+                             f"model.modality image")
+        if self.method == "mmpkd" and self.mmpkd.lam > 0 and not self.teacher_ensemble:
+            raise ValueError(f"student {self.name!r}: mmpkd with lam {self.mmpkd.lam} needs teacher_ensemble")
+
+    @property
+    def needs_soft_labels(self) -> bool:
+        if self.method == "mind":
+            return any(self.mind.weights_for(m)[1] > 0 for m in self.mind.modalities)
+        return self.method == "mmpkd" and self.mmpkd.lam > 0
+
+    @property
+    def image_only(self) -> bool:
+        return self.model.kind == "vit" or (self.model.kind == "unimodal" and self.model.modality == "image")
+
+    def loader_modalities(self) -> list[str]:
+        if self.image_only:
+            return ["image"]
+        if self.model.kind == "unimodal":
+            return [self.model.modality]
+        return ["image", "ehr"]
+
+
+def check_students(students: list, teachers_cfg) -> None:
+    """Cross-section checks at load: unique names, the label task and the teacher ensembles the
+    students distil from agree with the teachers section."""
+    names = [s.name for s in students]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"students: duplicate names {dupes}")
+    ensembles = [e.name for e in teachers_cfg.resolved_ensembles()]
+    for s in students:
+        loss = s.mind if s.method == "mind" else s.mmpkd if s.method == "mmpkd" else None
+        if loss is not None and loss.task != teachers_cfg.task:
+            raise ValueError(f"students[{s.name}].{s.method}.task is {loss.task!r} but teachers.task is "
+                             f"{teachers_cfg.task!r}: they must match")
+        if not s.needs_soft_labels or not teachers_cfg.members:
+            continue
+        wanted = [s.teacher_ensemble] if s.method == "mmpkd" else \
+            [s.ensemble_for.get(m, m) for m in s.mind.modalities if s.mind.weights_for(m)[1] > 0]
+        unknown = [w for w in wanted if w not in ensembles]
+        if unknown:
+            raise ValueError(f"students[{s.name}] distils from teacher ensemble(s) {unknown}, which "
+                             f"teachers.ensembles does not define (defined: {ensembles})")
+
+
+def students_root(cfg) -> Path:
+    return Path(cfg.run.out_dir) / "students"
+
+
+def student_dir(cfg, student: StudentRunConfig) -> Path:
+    return Path(student.out_dir or students_root(cfg) / student.name)
+
+
+def select_students(cfg, only: str = "", index: Optional[int] = None) -> list[StudentRunConfig]:
+    students = cfg.students
+    if not students:
+        raise ValueError("students is empty: the config declares no student to train (see configs/mind.yaml)")
+    if index is not None:
+        if not 0 <= index < len(students):
+            raise ValueError(f"--index {index} out of range: {len(students)} students "
+                             f"({', '.join(s.name for s in students)})")
+        return [students[index]]
+    if only:
+        wanted = [n.strip() for n in only.split(",") if n.strip()]
+        unknown = [n for n in wanted if n not in [s.name for s in students]]
+        if unknown:
+            raise ValueError(f"--only: unknown student(s) {unknown}; configured: {[s.name for s in students]}")
+        return [s for s in students if s.name in wanted]
+    return list(students)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tasks (the engine's Task protocol) for each method
+# ---------------------------------------------------------------------------------------------
+
+def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
+    from kdscale.distill import tasks
+
+    main = student.main_head or None
+    if student.method == "mind":
+        kwargs = {"ensemble_for": student.ensemble_for}
+        if main:
+            kwargs["main_head"] = main
+        return tasks.MindTask(student.mind, ensemble_names, student.learnable_omega, **kwargs)
+    if student.method in ("joint", "medfuse"):
+        cls = tasks.MedFuseTask if student.method == "medfuse" else tasks.JointTask
+        return cls(task, student.fusion_samples or None, **({"main_head": main} if main else {}))
+    head = "image"
+    if student.method == "mmpkd":
+        return tasks.MmpkdTask(student.mmpkd, student.teacher_ensemble if student.mmpkd.lam > 0 else "",
+                               ensemble_names, head=head, main_head=main)
+    return tasks.SupervisedImageTask(task, head=head)
+
+
+def metric_fn_for(student: StudentRunConfig):
+    from kdscale.distill.tasks import mind_metrics
+    from kdscale.engine.trainer import default_metrics
+
+    return mind_metrics if student.model.kind == "mind" and student.model.aux_heads else default_metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# Soft labels: checked before training starts (the loader checks every key while reading)
+# ---------------------------------------------------------------------------------------------
+
+def check_soft_labels(soft_dir: Path, data_index: dict, split: str, label_names: list[str]) -> dict:
+    """The soft-label set in ``soft_dir`` covers ``split`` of the current data shards: every shard
+    present, computed from the same data shard bytes, same labels. Errors name the shard."""
+    from kdscale.data.ingest import DataError
+    from kdscale.distill.softlabels import read_soft_index
+
+    index = read_soft_index(soft_dir)
+    if list(index.get("label_names") or []) != list(label_names):
+        raise DataError(f"soft labels have labels {index.get('label_names')}, the data shards {label_names}",
+                        file=soft_dir / "index.json")
+    soft = {e["name"]: e for e in (index["splits"].get(split) or {}).get("shards", [])}
+    for entry in data_index["shards"]:
+        path = soft_dir / split / entry["name"]
+        if entry["name"] not in soft or not path.is_file():
+            raise DataError(f"soft-label shard missing for data shard {split}/{entry['name']} "
+                            f"(re-run `kdscale softlabels`)", file=path)
+        if soft[entry["name"]]["data_sha256"] != entry["sha256"]:
+            raise DataError(f"soft-label shard is stale: data shard {split}/{entry['name']} changed since the "
+                            f"teacher pass (re-run `kdscale softlabels`)", file=path)
+    return index
+
+
+# ---------------------------------------------------------------------------------------------
+# Training one student
+# ---------------------------------------------------------------------------------------------
+
+def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_index: Optional[dict]) -> str:
+    from kdscale.config import to_dict
+
+    payload = {"student": to_dict(student), "loader": to_dict(cfg.loader), "seed": cfg.run.seed,
+               "shards": [s["sha256"] for s in data_index["shards"]],
+               "soft": soft_index.get("fingerprint") if soft_index else None}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _loader_config(cfg, student: StudentRunConfig):
+    modalities = student.loader_modalities()
+    return dataclasses.replace(cfg.loader, modalities=modalities,
+                               require=["image"] if student.image_only else [],
+                               batch_size=student.batch_size or cfg.loader.batch_size)
+
+
+def resolve_resume(out: Path, resume: Optional[str]) -> Optional[str]:
+    """``auto``: the latest checkpoint when there is one, else a fresh start (requeued jobs)."""
+    if resume != "auto":
+        return resume
+    from kdscale.engine.checkpoint import CheckpointManager
+
+    try:
+        return "latest" if CheckpointManager(out / "checkpoints").latest() else None
+    except Exception:  # noqa: BLE001  (no usable checkpoint: start fresh, as documented)
+        return None
+
+
+def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = None, force: bool = False) -> dict:
+    import torch
+
+    from kdscale.data.loader import build_loader
+    from kdscale.data.shard_index import read_index
+    from kdscale.data.shards import shards_out_dir, write_json_atomic
+    from kdscale.distill.teacher_pass import softlabels_dir
+    from kdscale.engine.checkpoint import load_checkpoint, save_atomic
+    from kdscale.engine.distributed import barrier, detect_world
+    from kdscale.engine.rng import seed_everything
+    from kdscale.engine.trainer import Trainer
+    from kdscale.models.registry import count_parameters
+    from kdscale.models.students import build_student
+
+    world = detect_world()
+    shard_dir = shards_out_dir(cfg)
+    index = read_index(shard_dir, "train")
+    label_names = index["label_names"]
+    n_features = int((index.get("ehr") or {}).get("num_features") or 76)
+    soft_dir, soft_index, ensemble_names = None, None, []
+    if student.needs_soft_labels:
+        soft_dir = softlabels_dir(cfg)
+        soft_index = check_soft_labels(soft_dir, index, "train", label_names)
+        ensemble_names = list(soft_index["ensemble_names"])
+    out = student_dir(cfg, student)
+    fingerprint = student_fingerprint(cfg, student, index, soft_index)
+    done = out / "student.json"
+    resume = resolve_resume(out, resume)
+    if done.is_file() and not force and not resume:
+        info = json.loads(done.read_text())
+        if info.get("fingerprint") == fingerprint and (out / "student.pt").is_file():
+            if world.rank == 0:
+                print(f"student {student.name}: already trained (val {info.get('val_auroc_macro')}), skipping; "
+                      f"--force retrains")
+            return info
+    seed_everything(cfg.run.seed, world.rank)
+    model = build_student(student.model, len(label_names), ehr_features=n_features)
+    task = build_task(student, ensemble_names, cfg.teachers.task)
+    if hasattr(task, "attach"):
+        task.attach(model)   # learnable ω becomes part of the model before the optimizer exists
+    loader_cfg = _loader_config(cfg, student)
+    train_loader = build_loader(shard_dir, "train", loader_cfg, train=True, soft_dir=soft_dir)
+    val_loader = build_loader(shard_dir, "val", dataclasses.replace(loader_cfg, drop_last=False), train=False)
+    n_params = count_parameters(model)
+    if world.rank == 0:
+        print(f"student {student.name}: method {student.method}, {student.model.kind} student, {n_params:,} "
+              f"parameters, {train_loader.plan.num_samples} train / {val_loader.plan.num_samples} val samples, "
+              f"{world.world_size} process(es)" + (f", soft labels {soft_dir}" if soft_dir else ""))
+    trainer = Trainer(student.train, out, model, task, train_loader, val_loader, label_names=label_names,
+                      config_hash=fingerprint, metric_fn=metric_fn_for(student))
+    result = trainer.fit(resume=resume)
+    info = {}
+    if trainer.is_main:
+        best = load_checkpoint(result.best_checkpoint)
+        save_atomic({"model": best["model"], "student_config": dataclasses.asdict(student.model),
+                     "method": student.method, "name": student.name, "label_names": label_names,
+                     "task": cfg.teachers.task, "ehr_features": n_features, "ensemble_names": ensemble_names,
+                     "main_head": task.main_head}, out / "student.pt")
+        from kdscale.data.tario import sha256_file
+        best_record = max((r for r in result.history if r.get(student.train.select_metric) is not None),
+                          key=lambda r: r[student.train.select_metric], default={})
+        info = {"name": student.name, "method": student.method, "kind": student.model.kind,
+                "parameters": n_params, "label_names": label_names, "fingerprint": fingerprint,
+                "seed": cfg.run.seed, "world_size": world.world_size, "main_head": task.main_head,
+                "checkpoint": str((out / "student.pt").resolve()), "checkpoint_sha256": sha256_file(out / "student.pt"),
+                "val_auroc_macro": best_record.get("auroc_macro"), "val_auprc_macro": best_record.get("auprc_macro"),
+                "best_epoch": best_record.get("epoch"), "best_metrics": best_record,
+                "epochs_done": result.epochs_done, "steps": result.steps, "skipped_steps": result.skipped_steps,
+                "train_samples": train_loader.plan.num_samples, "val_samples": val_loader.plan.num_samples,
+                "soft_labels": str(soft_dir) if soft_dir else None,
+                "soft_fingerprint": soft_index.get("fingerprint") if soft_index else None,
+                "history": result.history}
+        write_json_atomic(done, info)
+        print(f"student {student.name}: best val macro AUROC {info['val_auroc_macro']} "
+              f"(epoch {info['best_epoch']}) -> {out / 'student.pt'}")
+    barrier()
+    train_loader.close()
+    val_loader.close()
+    del trainer, model
+    return info
+
+
+def load_student(path: str | Path):
+    """student.pt -> (model in eval mode, info dict). Weights only, no pickle."""
+    from kdscale.config import validate
+    from kdscale.engine.checkpoint import load_checkpoint
+    from kdscale.models.students import build_student
+
+    state = load_checkpoint(path)
+    model_cfg = validate(StudentConfig, state["student_config"])
+    model = build_student(model_cfg, len(state["label_names"]), ehr_features=int(state["ehr_features"]))
+    weights = {k: v for k, v in state["model"].items() if not k.startswith("loss_weighting.")}
+    model.load_state_dict(weights)
+    model.eval()
+    info = {k: state[k] for k in ("method", "name", "label_names", "task", "ensemble_names", "main_head")}
+    info["model_config"] = model_cfg
+    return model, info
