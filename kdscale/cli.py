@@ -126,6 +126,44 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _run_config(args):
+    """The config of a run directory: --cfg, else RUN/config.yaml (pipeline), else the one
+    `kdscale train` wrote (RUN/students/config.yaml)."""
+    from kdscale.schema import load_config
+
+    if args.cfg:
+        return load_config(args.cfg, [*args.overrides, f"run.out_dir={args.run}"] if args.run else args.overrides)
+    if not args.run:
+        raise ValueError("give --run RUN_DIR (a run directory) or --cfg FILE")
+    run = Path(args.run)
+    for candidate in (run / "config.yaml", run / "students" / "config.yaml"):
+        if candidate.is_file():
+            return load_config(candidate, [*args.overrides, f"run.out_dir={run}"])
+    raise FileNotFoundError(f"{run}: no config.yaml (nor students/config.yaml): is this a kdscale run directory?")
+
+
+def cmd_eval(args) -> int:
+    from kdscale.eval.run_eval import evaluate_run, report_run
+
+    cfg = _run_config(args)
+    summary = evaluate_run(cfg, split=args.split, progress=True)
+    print(f"evaluation of {summary['students']} on {summary['split']}: {summary['eval_dir']}")
+    if not args.no_report:
+        report = report_run(cfg)
+        print(report["table"])
+        print(f"report: {report['html']}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from kdscale.eval.run_eval import report_run
+
+    report = report_run(_run_config(args))
+    print(report["table"])
+    print(f"report: {report['html']}  (markdown: {report['markdown']})")
+    return 0
+
+
 def cmd_verify(args) -> int:
     from kdscale.data.shard_index import verify_shards
     from kdscale.distill.softlabels import verify_softlabels
@@ -203,6 +241,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest', 'best', a checkpoint path, or 'auto' (latest when one exists, else fresh)")
     p.add_argument("--force", action="store_true", help="retrain students that are already trained")
     p.set_defaults(func=cmd_train)
+
+    for name, func, text in (("eval", cmd_eval, "evaluate every trained student of a run: predictions, metrics with "
+                                                   "bootstrap CIs, cohorts, robustness, subgroups, calibration, "
+                                                   "attention localization, comparisons; then the report"),
+                             ("report", cmd_report, "render the HTML + Markdown report of an evaluated run")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--run", default="", help="run directory (run.out_dir of the pipeline)")
+        _add_cfg(p, required=False)
+        if name == "eval":
+            p.add_argument("--split", default=None, help="test (default: eval.split) or val")
+            p.add_argument("--no-report", action="store_true", help="do not render the report afterwards")
+        p.set_defaults(func=func)
 
     p = sub.add_parser("verify", help="check a shard set (or a soft-label set) against its index; "
                                       "non-zero exit on problems")

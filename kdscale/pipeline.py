@@ -71,8 +71,18 @@ def stage_train(cfg, run_dir: Path) -> dict:
             "val_auroc_macro": {name: info.get("val_auroc_macro") for name, info in results.items()}}
 
 
+def stage_eval(cfg, run_dir: Path) -> dict:
+    from kdscale.eval.run_eval import evaluate_run, report_run
+
+    if not cfg.students:
+        return {"skipped": "no students configured"}
+    summary = evaluate_run(cfg)
+    report = report_run(cfg)
+    return {"eval": summary["eval_dir"], "report": report["html"], "results": report["table"]}
+
+
 STAGES: dict[str, Callable] = {"data": stage_data, "shards": stage_shards, "teachers": stage_teachers,
-                               "softlabels": stage_softlabels, "train": stage_train}
+                               "softlabels": stage_softlabels, "train": stage_train, "eval": stage_eval}
 
 
 def run_pipeline(cfg, stages: str = "") -> int:
@@ -94,6 +104,9 @@ def run_pipeline(cfg, stages: str = "") -> int:
     print(f"\nkdscale pipeline finished. Outputs in {run_dir.resolve()}:")
     for name in wanted:
         for key, value in outputs[name].items():
-            if key != "seconds":
+            if key not in ("seconds", "results"):
                 print(f"  {name}.{key}: {value}")
+    if "results" in outputs.get("eval", {}):
+        print(f"\nResults ({cfg.eval.split} split):\n{outputs['eval']['results']}")
+        print(f"\nReport: {outputs['eval']['report']}")
     return 0

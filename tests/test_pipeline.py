@@ -25,7 +25,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
     result = kdscale("pipeline", "--cfg", "configs/demo.yaml", f"run.out_dir={run}",
                      f"data.demo.out_dir={run}/demo-data", "data.demo.n=120", "shards.max_samples_per_shard=40",
                      "loader.image_size=32", "loader.resize_size=36", "loader.batch_size=8", "teachers.train.epochs=1",
-                     "teachers.train.progress=false")
+                     "teachers.train.progress=false", "students.0.train.epochs=1", "students.1.train.epochs=1",
+                     "students.0.train.progress=false", "students.1.train.progress=false", "eval.bootstrap=50",
+                     "eval.min_group_size=5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Outputs in {run}" in result.stdout
     outputs = json.loads((run / "pipeline.json").read_text())
@@ -42,6 +44,18 @@ def test_demo_pipeline_end_to_end(tmp_path):
     written = sum(json.loads(p.read_text())["num_samples"] for p in (run / "shards").glob("*/index.json"))
     assert written == summary["ingest"]["kept"]
     assert kdscale("verify", str(run / "shards")).returncode == 0
+    # students, evaluation, report: the README's first command ends with the results and the report
+    assert set(outputs["train"]["val_auroc_macro"]) == {"mind", "joint"}
+    for name in ("mind", "joint"):
+        evaluation = json.loads((run / "eval" / name / "test" / "evaluation.json").read_text())
+        assert evaluation["info"]["student"] == name
+        assert {"full", "drop:image", "drop:ehr"} <= set(evaluation["robustness"]["conditions"])
+        assert (run / "eval" / name / "test" / "predictions.csv").is_file()
+    comparisons = json.loads((run / "eval" / "comparisons.json").read_text())
+    assert comparisons and comparisons[0]["run_a"] == "mind" and comparisons[0]["run_b"] == "joint"
+    report = run / "report" / "report.html"
+    assert report.is_file() and f"Report: {report}" in result.stdout
+    assert "AUROC paired" in result.stdout and "mind (test)" in result.stdout
 
 
 def test_demo_data_is_deterministic(tmp_path):
@@ -70,7 +84,7 @@ def test_cli_errors_are_one_clear_line(capsys):
 
 
 @pytest.mark.parametrize("command", ["config", "demo-data", "inspect", "shards", "verify", "pipeline", "teachers",
-                                     "softlabels"])
+                                     "softlabels", "train", "eval", "report"])
 def test_every_command_has_help(command):
     result = kdscale(command, "--help")
     assert result.returncode == 0 and "usage: kdscale" in result.stdout

@@ -3,6 +3,7 @@ run SIGKILLed mid-epoch resumes to the same weights as an uninterrupted one; non
 skipped or stop; a missing or stale soft-label shard stops training with an error naming it."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -39,6 +40,8 @@ STUDENTS = [
      "mmpkd": {"lam": 0.5, "temperature": 2.0}, "teacher_ensemble": "report", "train": TRAIN},
     {"name": "vit", "method": "supervised", "model": {"kind": "vit", "img_size": 32}, "train": TRAIN},
     {"name": "cnn", "method": "supervised", "model": {"kind": "unimodal", "modality": "image"}, "train": TRAIN},
+    {"name": "ehr_only", "method": "supervised", "model": {"kind": "unimodal", "modality": "ehr", "ehr_arch": "lstm_small"},
+     "train": TRAIN},
 ]
 
 
@@ -323,3 +326,36 @@ def test_students_config_errors_name_the_key(tmp_path):
                                       "teacher_ensemble": "notes"}])
     with pytest.raises((ValueError, ConfigError), match="teachers.task"):
         make_cfg(tmp_path, students=[{"name": "x", "method": "mind", "mind": {"task": "multiclass"}}])
+
+
+def test_eval_writes_predictions_metrics_robustness_and_attention_localization(prepared):
+    """`kdscale eval` on the trained students: predictions, CIs, robustness for the multimodal
+    ones, attention (ViT) / Grad-CAM (CNN) localization against the demo's recorded boxes."""
+    from kdscale.distill.student_training import train_student
+    from kdscale.eval.predictions import read_predictions
+    from kdscale.eval.run_eval import evaluate_run, report_run
+
+    root, cfg = prepared
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, split="val", bootstrap=30, min_group_size=3))
+    for student in cfg.students:
+        train_student(cfg, student)   # already trained by the first test when run in order
+    summary = evaluate_run(cfg, progress=False)
+    out = Path(summary["eval_dir"])
+    assert summary["students"] == [s.name for s in cfg.students]
+    mind = json.loads((out / "mind" / "val" / "evaluation.json").read_text())
+    assert mind["main_head"] == "routed" and "utilization" in mind
+    assert {"drop:image", "drop:ehr", "random:0.5"} <= set(mind["robustness"]["conditions"])
+    preds = read_predictions(out / "mind" / "val" / "predictions.csv")
+    assert {"fusion", "image", "ehr", "routed"} <= set(preds.heads)
+    assert preds.heads["image"][1].sum() == preds.present["image"].sum()   # the image head covers image samples
+    for name, method in (("vit", "cls_last"), ("cnn", "grad_cam")):
+        loc = json.loads((out / name / "val" / "evaluation.json").read_text())["localization"]
+        assert loc["primary_method"] == method and loc["n"] > 0
+        assert 0.0 <= loc["iou"]["mean"] <= 1.0 and 0.0 <= loc["fpr_area"]["mean"] <= 1.0
+        assert (out / loc["overlay_png"]).is_file()
+    vit = json.loads((out / "vit" / "val" / "evaluation.json").read_text())
+    assert set(vit["localization"]["methods"]) == {"cls_last", "rollout"} and "robustness" not in vit
+    comparisons = json.loads((out / "comparisons.json").read_text())
+    assert {c["run_b"] for c in comparisons} >= {"joint", "medfuse"}
+    report = report_run(cfg)
+    assert Path(report["html"]).is_file() and "mind (val)" in report["table"]

@@ -66,10 +66,9 @@ class StudentRunConfig:
         if self.model.kind not in kinds:
             raise ValueError(f"student {self.name!r}: method {self.method!r} trains model.kind {list(kinds)}, "
                              f"got {self.model.kind!r}")
-        if self.method in ("mmpkd", "supervised") and self.model.kind == "unimodal" \
-                and self.model.modality != "image":
-            raise ValueError(f"student {self.name!r}: method {self.method!r} with a unimodal model needs "
-                             f"model.modality image")
+        if self.method == "mmpkd" and self.model.kind == "unimodal" and self.model.modality != "image":
+            raise ValueError(f"student {self.name!r}: method mmpkd is an image student; a unimodal model "
+                             f"needs model.modality image")
         if self.method == "mmpkd" and self.mmpkd.lam > 0 and not self.teacher_ensemble:
             raise ValueError(f"student {self.name!r}: mmpkd with lam {self.mmpkd.lam} needs teacher_ensemble")
 
@@ -82,6 +81,11 @@ class StudentRunConfig:
     @property
     def image_only(self) -> bool:
         return self.model.kind == "vit" or (self.model.kind == "unimodal" and self.model.modality == "image")
+
+    @property
+    def head(self) -> str:
+        """The single head of a unimodal / ViT student (its modality)."""
+        return self.model.modality if self.model.kind == "unimodal" else "image"
 
     def loader_modalities(self) -> list[str]:
         if self.image_only:
@@ -156,7 +160,7 @@ def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
     if student.method in ("joint", "medfuse"):
         cls = tasks.MedFuseTask if student.method == "medfuse" else tasks.JointTask
         return cls(task, student.fusion_samples or None, **({"main_head": main} if main else {}))
-    head = "image"
+    head = student.head
     if student.method == "mmpkd":
         return tasks.MmpkdTask(student.mmpkd, student.teacher_ensemble if student.mmpkd.lam > 0 else "",
                                ensemble_names, head=head, main_head=main)
@@ -212,7 +216,7 @@ def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_i
 def _loader_config(cfg, student: StudentRunConfig):
     modalities = student.loader_modalities()
     return dataclasses.replace(cfg.loader, modalities=modalities,
-                               require=["image"] if student.image_only else [],
+                               require=[student.head] if student.model.kind in ("vit", "unimodal") else [],
                                batch_size=student.batch_size or cfg.loader.batch_size)
 
 

@@ -1,0 +1,296 @@
+"""`kdscale eval --run RUN_DIR`: run every trained student of a run on a split and write what the
+report needs (docs/eval.md).
+
+For each student ``<run>/students/<name>/student.pt``::
+
+    <run>/eval/<name>/<split>/predictions.csv (+ .json)   every sample: labels, each head's probs
+    <run>/eval/<name>/<split>/evaluation.json             analysis.evaluate + robustness + localization
+    <run>/eval/<name>/<split>/attention.png               ViT attention / CNN Grad-CAM over boxes
+    <run>/eval/comparisons.json                           paired bootstrap: reference vs each other
+
+Missing-modality robustness re-runs the model on the same samples with a modality's presence
+flag switched off (the student then routes to what is present; nothing is imputed), and with
+each modality removed at random at the configured rates (seeded per sample key, so every
+student loses the same samples). The report modality is privileged (teachers only): students
+never read it, so "drop:report" is not a condition.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+STUDENT_MODALITIES = ("image", "ehr")
+
+
+# ---------------------------------------------------------------------------------------------
+# Predictions
+# ---------------------------------------------------------------------------------------------
+
+def _drop_flags(keys: list[str], present: dict, condition: str, seed: int) -> dict:
+    """The presence flags under ``condition`` ("full", "drop:<m>", "random:<rate>")."""
+    import torch
+
+    if condition == "full":
+        return present
+    out = dict(present)
+    if condition.startswith("drop:"):
+        m = condition.split(":", 1)[1]
+        out[m] = torch.zeros_like(torch.as_tensor(present[m]), dtype=torch.bool)
+        return out
+    rate = float(condition.split(":", 1)[1])
+    for m in STUDENT_MODALITIES:
+        if m not in present:
+            continue
+        u = torch.tensor([_uniform(k, m, seed) for k in keys])
+        out[m] = torch.as_tensor(present[m]).bool() & (u >= rate)
+    return out
+
+
+def _uniform(key: str, modality: str, seed: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{modality}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2 ** 64
+
+
+def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict:
+    """{condition: Predictions} for every valid sample of ``loader``, one pass over the data."""
+    import torch
+
+    from kdscale.eval.predictions import Predictions
+
+    acc = {c: {"heads": {}} for c in conditions}
+    keys, patients, labels, present_all, meta = [], [], [], {}, {"sex": [], "age": [], "ethnicity": []}
+    model.eval()
+    with torch.inference_mode():
+        for batch in loader:
+            valid = batch["valid"].numpy().astype(bool)
+            batch_keys = list(batch["key"])
+            for c in conditions:
+                view = {**batch, "present": _drop_flags(batch_keys, batch["present"], c, seed)}
+                for head, (probs, mask) in task.predict(model, view).items():
+                    acc[c]["heads"].setdefault(head, []).append(
+                        (probs.float().cpu().numpy()[valid], mask.cpu().numpy().astype(bool)[valid]))
+            keys += [k for k, v in zip(batch_keys, valid) if v]
+            labels.append(batch["labels"].numpy()[valid])
+            for m, flag in batch["present"].items():
+                present_all.setdefault(m, []).append(np.asarray(flag, bool)[valid])
+            for record, v in zip(batch["meta"], valid):
+                if not v:
+                    continue
+                patients.append(str(record.get("patient_id", "")))
+                demo = record.get("meta") or {}
+                meta["sex"].append(str(demo.get("sex") or ""))
+                age = demo.get("age")
+                meta["age"].append(float(age) if isinstance(age, (int, float)) else float("nan"))
+                meta["ethnicity"].append(str(demo.get("ethnicity") or demo.get("race") or ""))
+    if not keys:
+        raise ValueError("the evaluation split has no samples for this student")
+    label_array = np.concatenate(labels).astype(np.float64)
+    present = {m: np.concatenate(v) for m, v in present_all.items()}
+    out = {}
+    for c in conditions:
+        heads = {h: (np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts]))
+                 for h, parts in acc[c]["heads"].items()}
+        shown = dict(present)
+        if c != "full":   # the presence the model saw under this condition
+            shown = {m: present[m] & _condition_mask(keys, m, c, seed) for m in present}
+        out[c] = Predictions(keys=list(keys), patient_ids=list(patients), label_names=list(loader.index["label_names"]),
+                             labels=label_array, heads=heads, present=shown, meta=meta)
+    return out
+
+
+def _condition_mask(keys: list[str], modality: str, condition: str, seed: int) -> np.ndarray:
+    if condition.startswith("drop:"):
+        return np.full(len(keys), condition != f"drop:{modality}")
+    if condition.startswith("random:") and modality in STUDENT_MODALITIES:
+        rate = float(condition.split(":", 1)[1])
+        return np.array([_uniform(k, modality, seed) >= rate for k in keys])
+    return np.ones(len(keys), bool)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention-map localization (image students)
+# ---------------------------------------------------------------------------------------------
+
+def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold: float, n_boot: int,
+                 seed: int, max_overlay: int = 8) -> Optional[dict]:
+    """ViT: last-layer CLS attention and attention rollout; CNN: Grad-CAM. Against the union of
+    each test image's boxes after the loader's resize + crop. None when no test image has a box."""
+    import torch
+
+    from kdscale.eval.attention import grad_cam, to_image_maps, vit_attention_maps
+    from kdscale.eval.localization import boxes_to_mask, localization_summary, transform_boxes
+    from kdscale.eval.plots import attention_overlays
+
+    size = loader_cfg.image_size
+    kind = info["model_config"].kind
+    methods = ["cls_last", "rollout"] if kind == "vit" else ["grad_cam"]
+    maps = {m: [] for m in methods}
+    masks, shown, shown_boxes, dropped = [], [], [], 0
+    for batch in loader:
+        sel = [i for i, (v, rec) in enumerate(zip(batch["valid"].tolist(), batch["meta"]))
+               if v and rec.get("boxes") and batch["present"]["image"][i]]
+        if not sel:
+            continue
+        images = batch["image"][sel]
+        for method in methods:
+            if method == "grad_cam":
+                backbone = model.model.encoder.backbone
+                target = getattr(backbone, "layer4", None)
+                if target is None:
+                    return {"skipped": f"Grad-CAM needs a ResNet-style layer4 in {type(backbone).__name__}"}
+                wrapper = _ImageLogits(model)
+                maps[method].append(grad_cam(wrapper, target, images))
+            else:
+                with torch.inference_mode():
+                    raw = vit_attention_maps(model.vit, images, method=method)
+                maps[method].append(to_image_maps(raw, size))
+        for i in sel:
+            rec = batch["meta"][i]
+            w, h = rec["image_size"]
+            boxes = np.array([[b["x"], b["y"], b["w"], b["h"]] for b in rec["boxes"]], dtype=np.float64)
+            moved, n_drop = transform_boxes(boxes, (w, h), loader_cfg.resize_size, size)
+            dropped += n_drop
+            masks.append(boxes_to_mask(moved, (size, size)))
+            if len(shown) < max_overlay:
+                shown.append(_denormalize(batch["image"][i], loader_cfg))
+                shown_boxes.append([tuple(map(float, b)) for b in moved])
+    if not masks:
+        return None
+    gt = np.stack(masks)
+    result = {"n": int(len(gt)), "boxes_outside_crop": dropped, "threshold": threshold,
+              "methods": {}}
+    for method in methods:
+        m = np.concatenate(maps[method])
+        summary = localization_summary(m, gt, rule="fixed", t=threshold, seed=seed, n_resamples=n_boot)
+        result["methods"][method] = {k: v for k, v in summary.items() if k != "per_image"}
+    primary = methods[0]
+    result.update({k: v for k, v in result["methods"][primary].items() if isinstance(v, dict)})
+    result["primary_method"] = primary
+    overlay = np.concatenate(maps[primary])[:len(shown)]
+    attention_overlays(np.stack(shown), overlay, shown_boxes, [f"#{i + 1}" for i in range(len(shown))], out_png)
+    result["overlay_png"] = str(out_png)
+    return result
+
+
+class _ImageLogits:
+    """images -> the image head's logits of a unimodal student, for Grad-CAM."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, images):
+        import torch
+
+        present = {"image": torch.ones(images.shape[0], dtype=torch.bool)}
+        return self.model({"image": images, "present": present})["image"]
+
+
+def _denormalize(image, loader_cfg) -> np.ndarray:
+    x = image.float().numpy()
+    mean = np.asarray(loader_cfg.mean, np.float32)[:, None, None]
+    std = np.asarray(loader_cfg.std, np.float32)[:, None, None]
+    x = x * std[: x.shape[0]] + mean[: x.shape[0]]
+    return np.clip(x.transpose(1, 2, 0) if x.shape[0] == 3 else x[0], 0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command
+# ---------------------------------------------------------------------------------------------
+
+def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dict:
+    from kdscale.data.loader import build_loader
+    from kdscale.data.shards import shards_out_dir
+    from kdscale.distill.student_training import _loader_config, build_task, student_dir
+    from kdscale.eval.analysis import compare, evaluate, robustness, to_jsonable
+    from kdscale.eval.predictions import write_predictions
+    from kdscale.data.shards import write_json_atomic
+    from kdscale.distill.student_training import load_student
+
+    ecfg = cfg.eval
+    split = split or ecfg.split
+    run_dir = Path(cfg.run.out_dir)
+    eval_dir = run_dir / "eval"
+    trained = [s for s in cfg.students if (student_dir(cfg, s) / "student.pt").is_file()]
+    missing = [s.name for s in cfg.students if s not in trained]
+    if not trained:
+        raise FileNotFoundError(f"no trained student under {run_dir / 'students'} (run `kdscale train` first); "
+                                f"configured: {[s.name for s in cfg.students]}")
+    if missing:
+        log.warning("students not trained yet, not evaluated: %s", missing)
+    full: dict = {}
+    for student in trained:
+        model, info = load_student(student_dir(cfg, student) / "student.pt")
+        task = build_task(student, info["ensemble_names"], info["task"])
+        loader_cfg = dataclasses.replace(_loader_config(cfg, student), drop_last=False, num_workers=0)
+        loader = build_loader(shards_out_dir(cfg), split, loader_cfg, train=False, rank=0, world_size=1)
+        multimodal = not student.image_only and student.model.kind != "unimodal"
+        conditions = ["full"] + ([f"drop:{m}" for m in STUDENT_MODALITIES] +
+                                 [f"random:{r:g}" for r in ecfg.random_removal] if multimodal else [])
+        if progress:
+            print(f"eval {student.name}: {loader.plan.num_samples} {split} samples, conditions {conditions}")
+        preds = predict_split(model, task, loader, conditions, ecfg.seed)
+        out = eval_dir / student.name / split
+        out.mkdir(parents=True, exist_ok=True)
+        write_predictions(out / "predictions.csv", preds["full"])
+        result = evaluate(preds["full"], task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
+                          min_group_size=ecfg.min_group_size)
+        if len(conditions) > 1:
+            result["robustness"] = robustness(preds, task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed)
+        if ecfg.localization and student.image_only:
+            loc = localization(model, info, loader, loader_cfg, out / "attention.png",
+                               ecfg.localization_threshold, ecfg.bootstrap, ecfg.seed)
+            if loc is not None:
+                if loc.get("overlay_png"):
+                    loc["overlay_png"] = str(Path(loc["overlay_png"]).relative_to(eval_dir))
+                result["localization"] = loc
+        student_info = json.loads((student_dir(cfg, student) / "student.json").read_text())
+        result["info"] = {"student": student.name, "method": student.method, "kind": student.model.kind,
+                          "parameters": student_info.get("parameters"), "seed": cfg.run.seed,
+                          "checkpoint": student_info.get("checkpoint"), "split": split,
+                          "val_auroc_macro": student_info.get("val_auroc_macro")}
+        write_json_atomic(out / "evaluation.json", to_jsonable(result))
+        full[student.name] = (preds["full"], task.main_head)
+    comparisons = _comparisons(cfg, full, ecfg)
+    write_json_atomic(eval_dir / "comparisons.json", to_jsonable(comparisons))
+    return {"eval_dir": str(eval_dir), "students": list(full), "comparisons": len(comparisons), "split": split}
+
+
+def _comparisons(cfg, full: dict, ecfg) -> list:
+    from kdscale.eval.analysis import compare
+
+    if len(full) < 2:
+        return []
+    reference = ecfg.compare_to or next(iter(full))
+    if reference not in full:
+        raise ValueError(f"eval.compare_to {reference!r} is not an evaluated student: {list(full)}")
+    ref_preds, ref_head = full[reference]
+    out = []
+    for name, (preds, head) in full.items():
+        if name == reference:
+            continue
+        for cohort in ("all", "paired"):
+            try:
+                out.append(compare(ref_preds, preds, ref_head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
+                                   cohort=None if cohort == "all" else cohort, name_a=reference, name_b=name))
+            except ValueError as exc:   # e.g. an image-only student has no paired cohort
+                log.info("comparison %s vs %s (%s) not possible: %s", reference, name, cohort, exc)
+    return out
+
+
+def report_run(cfg) -> dict:
+    from kdscale.eval.report import render_report, results_table
+
+    run_dir = Path(cfg.run.out_dir)
+    paths = render_report(run_dir / "eval", run_dir / "report")
+    return {"html": str(paths["html"]), "markdown": str(paths["markdown"]), "table": results_table(run_dir / "eval")}
