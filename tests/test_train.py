@@ -359,3 +359,14 @@ def test_eval_writes_predictions_metrics_robustness_and_attention_localization(p
     assert {c["run_b"] for c in comparisons} >= {"joint", "medfuse"}
     report = report_run(cfg)
     assert Path(report["html"]).is_file() and "mind (val)" in report["table"]
+
+
+def test_one_process_trains_in_fp32_then_bf16(prepared, tmp_path):
+    """Accelerate keeps one process-wide state; the engine resets its precision settings so that a
+    process can train several models in turn with different precisions (teachers, students)."""
+    root, cfg = prepared
+    for precision in ("fp32", "bf16", "fp32"):
+        trainer, model = _trainer(cfg, tmp_path / precision, lambda t: t, precision=precision, steps_per_epoch=2)
+        result = trainer.fit()
+        assert result.steps == 2 and result.skipped_steps == 0
+        assert trainer.accelerator.mixed_precision == ("no" if precision == "fp32" else "bf16")

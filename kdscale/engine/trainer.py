@@ -141,6 +141,12 @@ class Trainer:
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=self.cfg.deepspeed.zero_stage,
                                                          gradient_accumulation_steps=self.cfg.grad_accum,
                                                          gradient_clipping=self.cfg.clip_grad_norm or None)
+        # Accelerate keeps ONE process-wide AcceleratorState and refuses a second Accelerator with
+        # another precision; one process legitimately trains several models in turn (teachers,
+        # then students, each with its own precision). Its process-group state (PartialState)
+        # is kept: only the per-training settings are reset.
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=False)
         return Accelerator(**kwargs)
 
     def steps_per_epoch(self) -> int:

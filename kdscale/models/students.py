@@ -192,9 +192,11 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
     from kdscale.models.unimodal import EHREncoder, ImageEncoder, batch_entry, count_parameters, load_encoder_weights
 
     def unwrap_model(model: nn.Module) -> nn.Module:
-        """The student inside DDP / DataParallel / torch.compile wrappers."""
+        """The student inside DDP / DataParallel / DeepSpeed / torch.compile wrappers."""
         while True:
             if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+                model = model.module
+            elif type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), nn.Module):
                 model = model.module
             elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
                 model = model._orig_mod
@@ -315,7 +317,8 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
             idx = torch.nonzero(mask).squeeze(1)
             if idx.numel() == 0:
                 ghosts.append(_ghost(encoder))
-                return torch.zeros(b, dim, device=mask.device)
+                dtype = next(encoder.parameters()).dtype   # bf16 under DeepSpeed's bf16 engine
+                return torch.zeros(b, dim, device=mask.device, dtype=dtype)
             sub = _run_encoder(encoder, sub_batch(idx), idx.numel())
             return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
 
