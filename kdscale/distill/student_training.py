@@ -259,14 +259,15 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     out = student_dir(cfg, student)
     fingerprint = student_fingerprint(cfg, student, index, soft_index)
     done = out / "student.json"
-    resume = resolve_resume(out, resume)
-    if done.is_file() and not force and not resume:
+    explicit_resume = resume not in (None, "auto")
+    if done.is_file() and not force and not explicit_resume:
         info = json.loads(done.read_text())
         if info.get("fingerprint") == fingerprint and (out / "student.pt").is_file():
             if world.rank == 0:
                 print(f"student {student.name}: already trained (val {info.get('val_auroc_macro')}), skipping; "
                       f"--force retrains")
             return info
+    resume = resolve_resume(out, resume)
     seed_everything(cfg.run.seed, world.rank)
     model = build_student(student.model, len(label_names), ehr_features=n_features)
     task = build_task(student, ensemble_names, cfg.teachers.task)
