@@ -127,21 +127,11 @@ def student_dir(cfg, student: StudentRunConfig) -> Path:
 
 
 def select_students(cfg, only: str = "", index: Optional[int] = None) -> list[StudentRunConfig]:
-    students = cfg.students
-    if not students:
+    from kdscale.distill.teachers import select_named
+
+    if not cfg.students:
         raise ValueError("students is empty: the config declares no student to train (see configs/mind.yaml)")
-    if index is not None:
-        if not 0 <= index < len(students):
-            raise ValueError(f"--index {index} out of range: {len(students)} students "
-                             f"({', '.join(s.name for s in students)})")
-        return [students[index]]
-    if only:
-        wanted = [n.strip() for n in only.split(",") if n.strip()]
-        unknown = [n for n in wanted if n not in [s.name for s in students]]
-        if unknown:
-            raise ValueError(f"--only: unknown student(s) {unknown}; configured: {[s.name for s in students]}")
-        return [s for s in students if s.name in wanted]
-    return list(students)
+    return select_named(cfg.students, "student", only, index)
 
 
 # ---------------------------------------------------------------------------------------------

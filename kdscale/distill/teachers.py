@@ -82,23 +82,27 @@ def teachers_dir(cfg) -> Path:
     return Path(cfg.teachers.out_dir or Path(cfg.run.out_dir) / "teachers")
 
 
-def select_teachers(cfg, only: str = "", index: Optional[int] = None) -> list[TeacherConfig]:
-    members = cfg.teachers.members
-    if not members:
-        raise ValueError("teachers.members is empty: the config declares no teachers")
+def select_named(members: list, what: str, only: str = "", index: Optional[int] = None) -> list:
+    """The work units a command runs: all ``members`` (named configs), ``--index I`` (a SLURM
+    array task) or ``--only a,b``; errors name what was asked and what exists."""
+    names = [m.name for m in members]
     if index is not None:
         if not 0 <= index < len(members):
-            raise ValueError(f"--index {index} out of range: {len(members)} teachers "
-                             f"({', '.join(t.name for t in members)})")
+            raise ValueError(f"--index {index} out of range: {len(members)} {what}s ({', '.join(names)})")
         return [members[index]]
     if only:
         wanted = [n.strip() for n in only.split(",") if n.strip()]
-        names = [t.name for t in members]
         unknown = [n for n in wanted if n not in names]
         if unknown:
-            raise ValueError(f"--only: unknown teacher(s) {unknown}; configured: {names}")
-        return [t for t in members if t.name in wanted]
+            raise ValueError(f"--only: unknown {what}(s) {unknown}; configured: {names}")
+        return [m for m in members if m.name in wanted]
     return list(members)
+
+
+def select_teachers(cfg, only: str = "", index: Optional[int] = None) -> list[TeacherConfig]:
+    if not cfg.teachers.members:
+        raise ValueError("teachers.members is empty: the config declares no teachers")
+    return select_named(cfg.teachers.members, "teacher", only, index)
 
 
 def teacher_train_config(cfg, teacher: TeacherConfig) -> TrainConfig:
