@@ -133,7 +133,8 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
     kind = info["model_config"].kind
     methods = ["cls_last", "rollout"] if kind == "vit" else ["grad_cam"]
     maps = {m: [] for m in methods}
-    masks, shown, shown_boxes, dropped = [], [], [], 0
+    masks, shown, shown_boxes, dropped, used_masks = [], [], [], 0, 0
+    region_masks = read_region_masks(loader)
     for batch in loader:
         sel = [i for i, (v, rec) in enumerate(zip(batch["valid"].tolist(), batch["meta"]))
                if v and rec.get("boxes") and batch["present"]["image"][i]]
@@ -158,7 +159,12 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
             boxes = np.array([[b["x"], b["y"], b["w"], b["h"]] for b in rec["boxes"]], dtype=np.float64)
             moved, n_drop = transform_boxes(boxes, (w, h), loader_cfg.resize_size, size)
             dropped += n_drop
-            masks.append(boxes_to_mask(moved, (size, size)))
+            region = region_masks.get(rec["key"]) if region_masks is not None else None
+            if region is not None and any(b.get("mask") for b in rec["boxes"]):
+                masks.append(ground_truth_from_masks(rec, region, loader_cfg.resize_size, size))
+                used_masks += 1
+            else:
+                masks.append(boxes_to_mask(moved, (size, size)))
             if len(shown) < max_overlay:
                 shown.append(_denormalize(batch["image"][i], loader_cfg))
                 shown_boxes.append([tuple(map(float, b)) for b in moved])
@@ -166,6 +172,7 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
         return None
     gt = np.stack(masks)
     result = {"n": int(len(gt)), "boxes_outside_crop": dropped, "threshold": threshold,
+              "ground_truth": f"{used_masks} image(s) from region masks, {len(gt) - used_masks} from boxes",
               "methods": {}}
     for method in methods:
         m = np.concatenate(maps[method])
@@ -178,6 +185,51 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
     attention_overlays(np.stack(shown), overlay, shown_boxes, [f"#{i + 1}" for i in range(len(shown))], out_png)
     result["overlay_png"] = str(out_png)
     return result
+
+
+def read_region_masks(loader) -> Optional[dict]:
+    """{key: {member name: PNG bytes}} of the region masks stored in the split's shards (e.g.
+    covid-cxr-seg's ground-glass / consolidation masks, CBIS-DDSM ROI masks); None when the split
+    has none. The loader does not decode these members, so they are read here, once."""
+    from kdscale.data.tario import iter_members
+
+    found: dict = {}
+    for shard, _ in loader.shards:
+        for name, data in iter_members(shard):
+            key, _, member = name.partition(".")
+            if member.startswith("mask") and member.endswith(".png"):
+                found.setdefault(key, {})[member] = data
+    return found or None
+
+
+def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: int) -> np.ndarray:
+    """The union of an image's regions as a bool [crop, crop] mask after the loader's resize +
+    centre crop: a box with a stored mask contributes the mask's pixels (pasted at the box, the
+    mask being cropped to the box), a box without one its rectangle."""
+    import io
+
+    from PIL import Image
+
+    from kdscale.eval.localization import _crop_offset, _resized_size
+
+    w, h = (int(v) for v in rec["image_size"])
+    canvas = np.zeros((h, w), dtype=bool)
+    for box in rec["boxes"]:
+        x0, y0 = int(round(box["x"])), int(round(box["y"]))
+        if box.get("mask") and box["mask"] in region:
+            with Image.open(io.BytesIO(region[box["mask"]])) as im:
+                m = np.asarray(im.convert("L")) > 0
+        else:
+            m = np.ones((max(1, int(round(box["h"]))), max(1, int(round(box["w"])))), dtype=bool)
+        ys, xs = slice(max(0, y0), min(h, y0 + m.shape[0])), slice(max(0, x0), min(w, x0 + m.shape[1]))
+        canvas[ys, xs] |= m[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
+    rw, rh = _resized_size(w, h, resize_shorter)
+    resized = np.asarray(Image.fromarray(canvas.astype(np.uint8) * 255).resize((rw, rh), Image.Resampling.NEAREST)) > 0
+    out = np.zeros((crop, crop), dtype=bool)
+    ox, oy = _crop_offset(rw, crop), _crop_offset(rh, crop)
+    src = resized[max(0, oy): max(0, oy) + crop, max(0, ox): max(0, ox) + crop]
+    out[max(0, -oy): max(0, -oy) + src.shape[0], max(0, -ox): max(0, -ox) + src.shape[1]] = src
+    return out
 
 
 class _ImageLogits:
