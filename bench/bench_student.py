@@ -14,7 +14,6 @@ Saves bench/results/student.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -50,7 +49,7 @@ def one_run(cfg, precision: str, steps: int, device: str, out: Path) -> dict:
     from kdscale.data.shard_index import read_index
     from kdscale.data.shards import shards_out_dir
     from kdscale.distill.softlabels import read_soft_index
-    from kdscale.distill.student_training import _loader_config, build_task
+    from kdscale.distill.student_training import student_loader_config, build_task
     from kdscale.distill.teacher_pass import softlabels_dir
     from kdscale.engine.config import TrainConfig
     from kdscale.engine.rng import seed_everything
@@ -63,7 +62,7 @@ def one_run(cfg, precision: str, steps: int, device: str, out: Path) -> dict:
     seed_everything(0, 0)
     model = build_student(student.model, len(labels))
     task = build_task(student, read_soft_index(soft)["ensemble_names"], "multilabel")
-    loader = build_loader(shards_out_dir(cfg), "train", _loader_config(cfg, student), train=True, soft_dir=soft)
+    loader = build_loader(shards_out_dir(cfg), "train", student_loader_config(cfg, student), train=True, soft_dir=soft)
     tcfg = TrainConfig(epochs=2, steps_per_epoch=steps, precision=precision, device=device, progress=False,
                        log_every_steps=1, keep_last=1)
     started = time.perf_counter()

@@ -19,7 +19,7 @@ Teacher-side quantities (soft targets, teacher logits) are treated as constants 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch

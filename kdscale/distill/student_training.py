@@ -203,7 +203,7 @@ def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_i
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _loader_config(cfg, student: StudentRunConfig):
+def student_loader_config(cfg, student: StudentRunConfig):
     modalities = student.loader_modalities()
     return dataclasses.replace(cfg.loader, modalities=modalities,
                                require=[student.head] if student.model.kind in ("vit", "unimodal") else [],
@@ -218,13 +218,12 @@ def resolve_resume(out: Path, resume: Optional[str]) -> Optional[str]:
 
     try:
         return "latest" if CheckpointManager(out / "checkpoints").latest() else None
-    except Exception:  # noqa: BLE001  (no usable checkpoint: start fresh, as documented)
+    except Exception as exc:  # noqa: BLE001  (no usable checkpoint: start fresh, said loudly)
+        log.warning("--resume auto: no usable checkpoint in %s (%s): starting fresh", out / "checkpoints", exc)
         return None
 
 
 def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = None, force: bool = False) -> dict:
-    import torch
-
     from kdscale.data.loader import build_loader
     from kdscale.data.shard_index import read_index
     from kdscale.data.shards import shards_out_dir, write_json_atomic
@@ -263,7 +262,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     task = build_task(student, ensemble_names, cfg.teachers.task)
     if hasattr(task, "attach"):
         task.attach(model)   # learnable ω becomes part of the model before the optimizer exists
-    loader_cfg = _loader_config(cfg, student)
+    loader_cfg = student_loader_config(cfg, student)
     train_loader = build_loader(shard_dir, "train", loader_cfg, train=True, soft_dir=soft_dir)
     val_loader = build_loader(shard_dir, "val", dataclasses.replace(loader_cfg, drop_last=False), train=False)
     n_params = count_parameters(model)

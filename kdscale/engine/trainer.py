@@ -22,6 +22,7 @@ import math
 import os
 import resource
 import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,7 +379,9 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def _bar(self, epoch: int, total: int, start: int):
-        if not (self.is_main and self.cfg.progress):
+        # a bar only on a terminal: in SLURM / CI logs every redraw would be a line of noise
+        # (the per-epoch metrics line and metrics.jsonl carry the same figures)
+        if not (self.is_main and self.cfg.progress and sys.stderr.isatty()):
             return None
         from tqdm import tqdm
         return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",

@@ -262,12 +262,10 @@ def _denormalize(image, loader_cfg) -> np.ndarray:
 
 def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dict:
     from kdscale.data.loader import build_loader
-    from kdscale.data.shards import shards_out_dir
-    from kdscale.distill.student_training import _loader_config, build_task, student_dir
-    from kdscale.eval.analysis import compare, evaluate, robustness, to_jsonable
+    from kdscale.data.shards import shards_out_dir, write_json_atomic
+    from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
+    from kdscale.eval.analysis import evaluate, robustness, to_jsonable
     from kdscale.eval.predictions import write_predictions
-    from kdscale.data.shards import write_json_atomic
-    from kdscale.distill.student_training import load_student
 
     ecfg = cfg.eval
     split = split or ecfg.split
@@ -284,7 +282,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
     for student in trained:
         model, info = load_student(student_dir(cfg, student) / "student.pt")
         task = build_task(student, info["ensemble_names"], info["task"])
-        loader_cfg = dataclasses.replace(_loader_config(cfg, student), drop_last=False, num_workers=0)
+        loader_cfg = dataclasses.replace(student_loader_config(cfg, student), drop_last=False, num_workers=0)
         loader = build_loader(shards_out_dir(cfg), split, loader_cfg, train=False, rank=0, world_size=1)
         multimodal = not student.image_only and student.model.kind != "unimodal"
         conditions = ["full"] + ([f"drop:{m}" for m in STUDENT_MODALITIES] +
