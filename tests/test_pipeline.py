@@ -56,6 +56,14 @@ def test_demo_pipeline_end_to_end(tmp_path):
     report = run / "report" / "report.html"
     assert report.is_file() and f"Report: {report}" in result.stdout
     assert "AUROC paired" in result.stdout and "mind (test)" in result.stdout
+    # the commands on the run directory alone (its config.yaml): re-evaluate on val, re-render
+    again = kdscale("eval", "--run", str(run), "--split", "val", "eval.bootstrap=20", "--no-report")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "eval" / "mind" / "val" / "evaluation.json").is_file()
+    rendered = kdscale("report", "--run", str(run))
+    assert rendered.returncode == 0 and f"report: {report}" in rendered.stdout
+    missing = kdscale("eval", "--run", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and "no config.yaml" in missing.stderr
 
 
 def test_demo_data_is_deterministic(tmp_path):
