@@ -86,19 +86,27 @@ def cmd_shards(args) -> int:
     return 0 if summary.get("reconciles") else 1
 
 
-def cmd_teachers(args) -> int:
+def _train_each(args, select, root, train) -> int:
+    """``kdscale teachers`` / ``kdscale train``: the selected units (``--only``/``--index``),
+    the resolved config written once beside them, each trained in turn (a rank of a distributed
+    job trains its share of each)."""
     from kdscale.config import dump
-    from kdscale.distill.teachers import select_teachers, teachers_dir, train_teacher
     from kdscale.engine.distributed import detect_world, teardown
 
     cfg = _load(args)
-    chosen = select_teachers(cfg, only=args.only, index=args.index)
+    chosen = select(cfg, only=args.only, index=args.index)
     if detect_world().rank == 0:
-        dump(cfg, teachers_dir(cfg) / "config.yaml")
-    for teacher in chosen:
-        train_teacher(cfg, teacher, resume=args.resume, force=args.force)
+        dump(cfg, root(cfg) / "config.yaml")
+    for unit in chosen:
+        train(cfg, unit, resume=args.resume, force=args.force)
     teardown()
     return 0
+
+
+def cmd_teachers(args) -> int:
+    from kdscale.distill.teachers import select_teachers, teachers_dir, train_teacher
+
+    return _train_each(args, select_teachers, teachers_dir, train_teacher)
 
 
 def cmd_softlabels(args) -> int:
@@ -112,18 +120,9 @@ def cmd_softlabels(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from kdscale.config import dump
     from kdscale.distill.student_training import select_students, students_root, train_student
-    from kdscale.engine.distributed import detect_world, teardown
 
-    cfg = _load(args)
-    chosen = select_students(cfg, only=args.only, index=args.index)
-    if detect_world().rank == 0:
-        dump(cfg, students_root(cfg) / "config.yaml")
-    for student in chosen:
-        train_student(cfg, student, resume=args.resume, force=args.force)
-    teardown()
-    return 0
+    return _train_each(args, select_students, students_root, train_student)
 
 
 def _run_config(args):

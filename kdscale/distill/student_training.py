@@ -228,6 +228,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     from kdscale.data.shard_index import read_index
     from kdscale.data.shards import shards_out_dir, write_json_atomic
     from kdscale.distill.teacher_pass import softlabels_dir
+    from kdscale.distill.teachers import already_trained
     from kdscale.engine.checkpoint import load_checkpoint, save_atomic
     from kdscale.engine.distributed import barrier, detect_world
     from kdscale.engine.rng import seed_everything
@@ -248,14 +249,11 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     out = student_dir(cfg, student)
     fingerprint = student_fingerprint(cfg, student, index, soft_index)
     done = out / "student.json"
-    explicit_resume = resume not in (None, "auto")
-    if done.is_file() and not force and not explicit_resume:
-        info = json.loads(done.read_text())
-        if info.get("fingerprint") == fingerprint and (out / "student.pt").is_file():
-            if world.rank == 0:
-                print(f"student {student.name}: already trained (val {info.get('val_auroc_macro')}), skipping; "
-                      f"--force retrains")
-            return info
+    explicit_resume = resume not in (None, "auto")   # auto: a finished student is still skipped
+    info = None if force or explicit_resume else already_trained(done, out / "student.pt", fingerprint,
+                                                                 f"student {student.name}", world.rank)
+    if info is not None:
+        return info
     resume = resolve_resume(out, resume)
     seed_everything(cfg.run.seed, world.rank)
     model = build_student(student.model, len(label_names), ehr_features=n_features)

@@ -105,6 +105,19 @@ def select_teachers(cfg, only: str = "", index: Optional[int] = None) -> list[Te
     return select_named(cfg.teachers.members, "teacher", only, index)
 
 
+def already_trained(info_path: Path, weights_path: Path, fingerprint: str, what: str, rank: int) -> Optional[dict]:
+    """The info of a model trained from exactly these inputs (same fingerprint, weights on disk),
+    else None: a re-run skips it (``--force`` retrains)."""
+    if not info_path.is_file() or not weights_path.is_file():
+        return None
+    info = json.loads(info_path.read_text())
+    if info.get("fingerprint") != fingerprint:
+        return None
+    if rank == 0:
+        print(f"{what}: already trained (val {info.get('val_auroc_macro')}), skipping; --force retrains")
+    return info
+
+
 def teacher_train_config(cfg, teacher: TeacherConfig) -> TrainConfig:
     train = cfg.teachers.train
     optimizer = train.optimizer if teacher.lr is None else dataclasses.replace(train.optimizer, lr=teacher.lr)
@@ -214,13 +227,10 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
     out = teachers_dir(cfg) / teacher.name
     fingerprint = teacher_fingerprint(cfg, teacher, index)
     done = out / "teacher.json"
-    if done.is_file() and not force and not resume:
-        info = json.loads(done.read_text())
-        if info.get("fingerprint") == fingerprint and (out / "teacher.pt").is_file():
-            if world.rank == 0:
-                print(f"teacher {teacher.name}: already trained (val {info.get('val_auroc_macro')}), skipping; "
-                      f"--force retrains")
-            return info
+    info = None if force or resume else already_trained(done, out / "teacher.pt", fingerprint,
+                                                          f"teacher {teacher.name}", world.rank)
+    if info is not None:
+        return info
     seed_everything(cfg.run.seed, world.rank)
     model = build_model(teacher.model, len(label_names), ehr_features=n_features or 76)
     loader_cfg = _loader_config(cfg, teacher)

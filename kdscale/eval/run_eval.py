@@ -34,24 +34,25 @@ STUDENT_MODALITIES = ("image", "ehr")
 # Predictions
 # ---------------------------------------------------------------------------------------------
 
-def _drop_flags(keys: list[str], present: dict, condition: str, seed: int) -> dict:
-    """The presence flags under ``condition`` ("full", "drop:<m>", "random:<rate>")."""
+def _keep_mask(keys: list[str], modality: str, condition: str, seed: int) -> np.ndarray:
+    """Which samples keep ``modality`` under ``condition`` ("full", "drop:<m>", "random:<rate>";
+    random removal is seeded per sample key, so every student loses the same samples)."""
+    if condition.startswith("drop:"):
+        return np.full(len(keys), condition != f"drop:{modality}")
+    if condition.startswith("random:") and modality in STUDENT_MODALITIES:
+        rate = float(condition.split(":", 1)[1])
+        return np.array([_uniform(k, modality, seed) >= rate for k in keys], dtype=bool)
+    return np.ones(len(keys), dtype=bool)
+
+
+def _flags_under(keys: list[str], present: dict, condition: str, seed: int) -> dict:
+    """The batch's presence flags (bool tensors) under ``condition``."""
     import torch
 
     if condition == "full":
         return present
-    out = dict(present)
-    if condition.startswith("drop:"):
-        m = condition.split(":", 1)[1]
-        out[m] = torch.zeros_like(torch.as_tensor(present[m]), dtype=torch.bool)
-        return out
-    rate = float(condition.split(":", 1)[1])
-    for m in STUDENT_MODALITIES:
-        if m not in present:
-            continue
-        u = torch.tensor([_uniform(k, m, seed) for k in keys])
-        out[m] = torch.as_tensor(present[m]).bool() & (u >= rate)
-    return out
+    return {m: torch.as_tensor(flag).bool() & torch.from_numpy(_keep_mask(keys, m, condition, seed))
+            for m, flag in present.items()}
 
 
 def _uniform(key: str, modality: str, seed: int) -> float:
@@ -60,27 +61,28 @@ def _uniform(key: str, modality: str, seed: int) -> float:
 
 
 def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict:
-    """{condition: Predictions} for every valid sample of ``loader``, one pass over the data."""
+    """{condition: Predictions} for every valid sample of ``loader``, one pass over the data; each
+    condition's ``present`` is the presence the model saw under it."""
     import torch
 
     from kdscale.eval.predictions import Predictions
 
-    acc = {c: {"heads": {}} for c in conditions}
-    keys, patients, labels, present_all, meta = [], [], [], {}, {"sex": [], "age": [], "ethnicity": []}
+    acc = {c: {"heads": {}, "present": {}} for c in conditions}
+    keys, patients, labels, meta = [], [], [], {"sex": [], "age": [], "ethnicity": []}
     model.eval()
     with torch.inference_mode():
         for batch in loader:
             valid = batch["valid"].numpy().astype(bool)
             batch_keys = list(batch["key"])
             for c in conditions:
-                view = {**batch, "present": _drop_flags(batch_keys, batch["present"], c, seed)}
-                for head, (probs, mask) in task.predict(model, view).items():
+                flags = _flags_under(batch_keys, batch["present"], c, seed)
+                for m, flag in flags.items():
+                    acc[c]["present"].setdefault(m, []).append(np.asarray(flag, bool)[valid])
+                for head, (probs, mask) in task.predict(model, {**batch, "present": flags}).items():
                     acc[c]["heads"].setdefault(head, []).append(
                         (probs.float().cpu().numpy()[valid], mask.cpu().numpy().astype(bool)[valid]))
             keys += [k for k, v in zip(batch_keys, valid) if v]
             labels.append(batch["labels"].numpy()[valid])
-            for m, flag in batch["present"].items():
-                present_all.setdefault(m, []).append(np.asarray(flag, bool)[valid])
             for record, v in zip(batch["meta"], valid):
                 if not v:
                     continue
@@ -93,26 +95,14 @@ def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict
     if not keys:
         raise ValueError("the evaluation split has no samples for this student")
     label_array = np.concatenate(labels).astype(np.float64)
-    present = {m: np.concatenate(v) for m, v in present_all.items()}
     out = {}
     for c in conditions:
         heads = {h: (np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts]))
                  for h, parts in acc[c]["heads"].items()}
-        shown = dict(present)
-        if c != "full":   # the presence the model saw under this condition
-            shown = {m: present[m] & _condition_mask(keys, m, c, seed) for m in present}
+        present = {m: np.concatenate(v) for m, v in acc[c]["present"].items()}
         out[c] = Predictions(keys=list(keys), patient_ids=list(patients), label_names=list(loader.index["label_names"]),
-                             labels=label_array, heads=heads, present=shown, meta=meta)
+                             labels=label_array, heads=heads, present=present, meta=meta)
     return out
-
-
-def _condition_mask(keys: list[str], modality: str, condition: str, seed: int) -> np.ndarray:
-    if condition.startswith("drop:"):
-        return np.full(len(keys), condition != f"drop:{modality}")
-    if condition.startswith("random:") and modality in STUDENT_MODALITIES:
-        rate = float(condition.split(":", 1)[1])
-        return np.array([_uniform(k, modality, seed) >= rate for k in keys])
-    return np.ones(len(keys), bool)
 
 
 # ---------------------------------------------------------------------------------------------
