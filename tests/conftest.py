@@ -17,8 +17,17 @@ def repo_root() -> Path:
     return REPO_ROOT
 
 
+def missing_real_data(reason: str) -> None:
+    """Skip a test whose real data is absent, unless ``KDSCALE_REQUIRE_DATA=1`` (CI), where a
+    missing ``../shared/data`` (or a folder of it) is a failure: a silently skipped real-data
+    test would let CI pass without ever reading real data."""
+    if os.environ.get("KDSCALE_REQUIRE_DATA") == "1":
+        pytest.fail(f"{reason} (KDSCALE_REQUIRE_DATA=1)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture
 def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
-        pytest.skip(f"real data folder {SHARED_DATA} is absent (expected ../shared/data beside the repo)")
+        missing_real_data(f"real data folder {SHARED_DATA} is absent (expected ../shared/data beside the repo)")
     return SHARED_DATA

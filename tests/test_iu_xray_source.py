@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import missing_real_data
 from kdscale.config import ConfigError
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.sources import build_source
@@ -157,7 +158,7 @@ def test_config_validation(tmp_path):
 @pytest.fixture
 def real_archive(shared_data, repo_root, monkeypatch) -> Path:
     if not (shared_data / ARCHIVE).is_file():
-        pytest.skip(f"real archive {shared_data / ARCHIVE} is absent")
+        missing_real_data(f"real archive {shared_data / ARCHIVE} is absent")
     monkeypatch.chdir(repo_root)
     return shared_data / ARCHIVE
 
