@@ -12,6 +12,7 @@ from kdscale.data.sources.demo import DemoConfig
 from kdscale.data.sources.iu_xray import IuXrayConfig
 from kdscale.data.sources.manifest import ManifestConfig
 from kdscale.data.sources.mimic import MimicConfig
+from kdscale.data.sources.webdataset import WebDatasetConfig
 from kdscale.distill.softlabels import SoftLabelsConfig
 from kdscale.distill.student_training import StudentRunConfig, check_students
 from kdscale.distill.teachers import TeachersConfig
@@ -26,13 +27,14 @@ class RunConfig:
 
 @dataclass
 class DataConfig:
-    source: Literal["mimic", "cbis", "manifest", "demo", "iu_xray"] = "demo"
+    source: Literal["mimic", "cbis", "manifest", "demo", "iu_xray", "webdataset"] = "demo"
     on_bad_sample: Literal["skip", "error"] = "skip"  # skip = count + quarantine.jsonl; error = stop
     mimic: Optional[MimicConfig] = None
     cbis: Optional[CbisConfig] = None
     manifest: Optional[ManifestConfig] = None
     demo: Optional[DemoConfig] = None
     iu_xray: Optional[IuXrayConfig] = None
+    webdataset: Optional[WebDatasetConfig] = None
 
     def __post_init__(self) -> None:
         if self.source == "demo" and self.demo is None:

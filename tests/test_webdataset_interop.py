@@ -95,3 +95,102 @@ def test_webdataset_reads_every_array_of_a_soft_label_shard(shards, tmp_path):
     assert np.array_equal(np.load(io.BytesIO(by_key["seen"]["npy"]), allow_pickle=False), seen)
     ours = read_soft_shard(path)
     assert ours.keys == keys and np.array_equal(ours.logits, logits)
+
+
+# ---------------------------------------------------------------------------------------------
+# The other way: a corpus written by wds.ShardWriter, brought in through data.source: webdataset
+# ---------------------------------------------------------------------------------------------
+
+LABELS3 = ["benign", "malignant", "normal"]
+
+
+def _write_corpus(root, n_per_split=8):
+    """A user's existing WebDataset corpus: jpg + cls + json(patient) + txt, some samples bad."""
+    from shard_fixtures import jpeg
+
+    root.mkdir(parents=True)
+    bad = {}
+    for split in ("train", "val", "test"):
+        with wds.ShardWriter(str(root / f"{split}-%06d.tar"), maxcount=5, verbose=0) as sink:
+            for i in range(n_per_split):
+                key = f"{split}/img{i:03d}"
+                sample = {"__key__": key, "jpg": jpeg(20, 16, seed=i), "cls": str(i % 3),
+                          "json": {"patient_id": f"{split}-p{i // 2}", "site": "A"}, "txt": f"note {i}"}
+                if split == "train" and i == 5:
+                    sample["cls"], bad[key] = "7", "class index out of range"
+                if split == "train" and i == 6:
+                    sample["jpg"], bad[key] = sample["jpg"][:40], "corrupt or truncated image"
+                sink.write(sample)
+    return bad
+
+
+def _wds_config(tmp_path, root, **extra):
+    import yaml
+
+    from kdscale.schema import load_config
+
+    section = {"root": str(root), "splits": {"train": "train-{000000..000001}.tar", "val": "val-*.tar",
+                                             "test": "test-000000.tar"},
+               "label_names": LABELS3, "patient_key": "patient_id", "report_ext": "txt", **extra}
+    cfg_file = tmp_path / "wds.yaml"
+    cfg_file.write_text(yaml.safe_dump({"run": {"out_dir": str(tmp_path / "run")},
+                                        "data": {"source": "webdataset", "webdataset": section}}))
+    return load_config(cfg_file)
+
+
+def test_kdscale_reads_a_corpus_written_by_wds_shardwriter(tmp_path):
+    from kdscale.data.loader import build_loader
+    from kdscale.data.shard_index import read_index, verify_shards
+    from kdscale.data.shards import build_shards
+    from shard_fixtures import loader_cfg
+
+    corpus = tmp_path / "corpus"
+    bad = _write_corpus(corpus)
+    cfg = _wds_config(tmp_path, corpus)
+    summary = build_shards(cfg)
+    assert summary["complete"]
+    out = tmp_path / "run" / "shards"
+    assert verify_shards(out) == []
+    train = read_index(out, "train")
+    # 8 read, 2 quarantined with their reasons; test: only the first shard (5 samples) was named
+    assert train["num_samples"] == 6 and read_index(out, "val")["num_samples"] == 8
+    assert read_index(out, "test")["num_samples"] == 5
+    quarantine = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(q["reason"] for q in quarantine) == sorted(bad.values())
+    assert train["label_names"] == LABELS3 and train["presence"]["image"] == 6 and train["presence"]["report"] == 6
+    batch = next(iter(build_loader(out, "val", loader_cfg(), train=False, rank=0, world_size=1)))
+    assert batch["labels"].shape == (2, 3)
+    # one-hot of the class index, in the corpus's order (val img000 -> class 0, img001 -> class 1)
+    assert batch["labels"][0].tolist() == [1.0, 0.0, 0.0] and batch["labels"][1].tolist() == [0.0, 1.0, 0.0]
+
+
+def test_webdataset_source_json_labels_and_bad_config(tmp_path):
+    from kdscale.config import ConfigError
+    from kdscale.data.ingest import DataError, IngestLog
+    from kdscale.data.sources import build_source
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    with wds.ShardWriter(str(corpus / "train-%06d.tar"), maxcount=10, verbose=0) as sink:
+        sink.write({"__key__": "a", "json": {"labels": {"benign": 1, "malignant": None}}, "txt": "x"})
+        sink.write({"__key__": "b", "json": {"labels": [0, 1, 0]}, "txt": "y"})
+        sink.write({"__key__": "c", "json": {"labels": [0, "1", 0]}, "txt": "z"})
+    cfg = _wds_config(tmp_path, corpus, labels_from="json", patient_key="",
+                      splits={"train": "train-000000.tar"})
+    source = build_source(cfg.data)
+    log = IngestLog("wds")
+    records = list(source.records(log))
+    assert [r.key for r in records] == ["a", "b"]
+    assert records[0].labels[0] == 1 and np.isnan(records[0].labels[1:]).all()
+    assert records[1].labels.tolist() == [0, 1, 0] and records[1].image is None
+    assert log.summary()["skipped"] == 1
+    with pytest.raises(DataError, match="shard file not found"):
+        build_source(_wds_config(tmp_path, corpus, splits={"train": "nope-{0..3}.tar"}).data)
+    with pytest.raises(DataError, match="matches no file"):
+        build_source(_wds_config(tmp_path, corpus, splits={"train": "nope-*.tar"}).data)
+    outside = tmp_path / "elsewhere.tar"
+    outside.write_bytes((corpus / "train-000000.tar").read_bytes())
+    with pytest.raises(DataError, match="leaves the corpus root"):
+        build_source(_wds_config(tmp_path, corpus, splits={"train": "../elsewhere.tar"}).data)
+    with pytest.raises(ConfigError, match="unknown split"):
+        _wds_config(tmp_path, corpus, splits={"training": "train-000000.tar"})

@@ -19,4 +19,7 @@ def build_source(data_cfg):
     if data_cfg.source == "iu_xray":
         from kdscale.data.sources.iu_xray import IuXraySource
         return IuXraySource(data_cfg.iu_xray)
+    if data_cfg.source == "webdataset":
+        from kdscale.data.sources.webdataset import WebDatasetSource
+        return WebDatasetSource(data_cfg.webdataset)
     raise ValueError(f"unknown data.source {data_cfg.source!r}")
