@@ -38,3 +38,49 @@ def test_deepspeed_initialize_trains_the_mind_student_on_cpu(tmp_path):
     assert result["changed_tensors"] > 10                      # the optimizer stepped
     a, b = result["rank_checksums"]
     assert a == pytest.approx(b, rel=1e-6)                     # ranks hold the same weights after ZeRO-2
+
+
+def _ds_shards(tmp_path):
+    from kdscale.data.shards import build_shards, shards_out_dir
+    from kdscale.schema import load_config
+
+    cfg = load_config("configs/demo.yaml", [f"run.out_dir={tmp_path}", f"data.demo.out_dir={tmp_path}/demo",
+                                            "data.demo.n=200", "shards.max_samples_per_shard=64"], base_dir=REPO)
+    build_shards(cfg, workers=1)
+    return shards_out_dir(cfg)
+
+
+def _torchrun(script: str, *args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions")),
+           "PYTHONPATH": str(REPO / "tests") + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(REPO / "tests" / script), *map(str, args)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_kill_after_save_resumes_to_the_uninterrupted_weights(tmp_path, stage):
+    """ZeRO-2 and ZeRO-3 on 2 gloo ranks: a run SIGKILLed right after its step-3 save, resumed
+    through DeepSpeedCheckpoints (the engine's sharded save + kdscale's RNG/loader state), ends
+    with the same parameters as a run that was never interrupted."""
+    import torch
+
+    from kdscale.engine.ds_checkpoint import MARKER, DeepSpeedCheckpoints
+
+    shards = _ds_shards(tmp_path)
+    full = _torchrun("ds_cpu_resume.py", shards, stage, "full", tmp_path / "unused", tmp_path / "full.pt")
+    assert full.returncode == 0, full.stdout[-2000:] + full.stderr[-4000:]
+    ckpt = tmp_path / "ckpt"
+    crash = _torchrun("ds_cpu_resume.py", shards, stage, "crash", ckpt, tmp_path / "never.pt")
+    assert crash.returncode != 0 and not (tmp_path / "never.pt").exists()      # it really died
+    assert DeepSpeedCheckpoints(ckpt).complete_tags() == ["step000003"] and (ckpt / "step000003" / MARKER).is_file()
+    resumed = _torchrun("ds_cpu_resume.py", shards, stage, "resume", ckpt, tmp_path / "resumed.pt")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-4000:]
+    a, b = torch.load(tmp_path / "full.pt"), torch.load(tmp_path / "resumed.pt")
+    assert a["step"] == b["step"] == 6
+    assert a["params"].keys() == b["params"].keys()
+    diffs = {k: float((a["params"][k] - b["params"][k]).abs().max()) for k in a["params"]}
+    assert max(diffs.values()) == 0.0, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
