@@ -75,7 +75,7 @@ def materialize_teachers(cfg, label_names, n_features):
         (out / "teacher.json").write_text(json.dumps(info))
 
 
-def raw_forward_rate(cfg, teachers) -> float:
+def raw_forward_rate(cfg, teachers, device: str = "cpu") -> float:
     """Samples/s of run_teachers on the SAME samples as the pass (every split, same batch size),
     decoded beforehand into memory: the compute limit the pass is compared against."""
     import torch
@@ -88,12 +88,24 @@ def raw_forward_rate(cfg, teachers) -> float:
     mem = []
     for split in ("train", "val", "test"):
         mem += list(build_loader(shards_out_dir(cfg), split, lcfg, train=False, rank=0, world_size=1))
-    run_teachers(teachers, mem[0], torch.device("cpu"))  # warm-up
+    dev = torch.device(device)
+    for model in teachers.models:
+        model.to(dev)
+    run_teachers(teachers, mem[0], dev)  # warm-up
+    _sync(dev)
     tick, n = time.perf_counter(), 0
     for batch in mem:
-        run_teachers(teachers, batch, torch.device("cpu"))
+        run_teachers(teachers, batch, dev)
         n += int(batch["valid"].sum())
+    _sync(dev)
     return n / (time.perf_counter() - tick)
+
+
+def _sync(dev) -> None:
+    import torch
+
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
 
 
 def storage_at_shard_size(soft_index: dict, n: int = 1000) -> float:
@@ -168,6 +180,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=0, help="student loader workers")
     parser.add_argument("--pass-workers", type=int, default=-1, help="teacher-pass workers (-1 = auto)")
     parser.add_argument("--steps", type=int, default=10, help="student steps per mode")
+    parser.add_argument("--device", default="cpu", help="the pass and the raw forward: cpu or cuda")
+    parser.add_argument("--skip-student", action="store_true", help="only the pass and storage figures (the "
+                        "student-step comparison runs on CPU)")
     parser.add_argument("--work", default="", help="work folder (default: a temp folder)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "teacher_pass.json"))
     args = parser.parse_args()
@@ -187,10 +202,10 @@ def main() -> int:
     materialize_teachers(cfg, index["label_names"], int(index["ehr"]["num_features"]))
     teachers = load_teachers(cfg)
 
-    summary = teacher_pass(cfg, device="cpu", progress=True)
+    summary = teacher_pass(cfg, device=args.device, progress=True)
     soft_index = read_soft_index(softlabels_dir(cfg))
     pass_rate = summary["num_samples"] / soft_index["pass"]["wall_s"]
-    raw_rate = raw_forward_rate(cfg, teachers)
+    raw_rate = raw_forward_rate(cfg, teachers, args.device)
 
     data_bytes = sum(e["bytes"] for s in ("train", "val", "test") for e in read_index(shards_out_dir(cfg), s)["shards"])
     soft_bytes = sum(e["bytes"] for s in soft_index["splits"].values() for e in s["shards"])
@@ -198,11 +213,15 @@ def main() -> int:
     k, g, c = len(soft_index["teacher_names"]), len(soft_index["ensemble_names"]), len(soft_index["label_names"])
     budget = 2 * c * (k + g) + 64
 
-    step = {mode: student_steps(cfg, softlabels_dir(cfg), mode, args.steps, teachers)
-            for mode in ("supervised", "offline", "online")}
+    if args.device != "cpu":   # the student-step comparison moves CPU batches: keep its teachers there
+        for model in teachers.models:
+            model.to("cpu")
+    step = {} if args.skip_student else {mode: student_steps(cfg, softlabels_dir(cfg), mode, args.steps, teachers)
+                                         for mode in ("supervised", "offline", "online")}
     result = {
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
-                    "threads": torch.get_num_threads()},
+                    "threads": torch.get_num_threads(), "device": args.device,
+                    "gpu": torch.cuda.get_device_name(0) if args.device == "cuda" else None},
         "args": vars(args),
         "pass": {"samples": n_samples, "pass_samples_per_s": round(pass_rate, 2),
                  "raw_forward_samples_per_s": round(raw_rate, 2), "efficiency": round(pass_rate / raw_rate, 3),
@@ -214,9 +233,10 @@ def main() -> int:
                     "teachers": k, "ensembles": g, "outputs": c, "budget_bytes_per_sample": budget,
                     "within_budget_at_1000_per_shard": storage_at_shard_size(soft_index) <= budget},
         "student_step_s": {m: round(v, 4) for m, v in step.items()},
-        "offline_overhead_vs_supervised": round(step["offline"] / step["supervised"], 3),
-        "online_vs_offline_speedup": round(step["online"] / step["offline"], 2),
     }
+    if step:
+        result["offline_overhead_vs_supervised"] = round(step["offline"] / step["supervised"], 3)
+        result["online_vs_offline_speedup"] = round(step["online"] / step["offline"], 2)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
