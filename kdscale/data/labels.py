@@ -73,7 +73,7 @@ class LabelTally:
 
 def _values_cell(values: dict) -> str:
     items = sorted(values.items(), key=lambda kv: (-kv[1], kv[0]))
-    shown = ", ".join(f"{v} ({n})" for v, n in items[:MAX_SHOWN_VALUES])
+    shown = ", ".join(f"{shown_value(v) if v != '<blank>' else v} ({n})" for v, n in items[:MAX_SHOWN_VALUES])
     if len(items) > MAX_SHOWN_VALUES:
         shown += f", +{len(items) - MAX_SHOWN_VALUES} more"
     return shown
