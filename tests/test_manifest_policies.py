@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from kdscale.config import ConfigError
 from kdscale.data.ehr import Discretizer, load_discretizer_config, read_timeseries_csv, select_channels

@@ -440,7 +440,8 @@ class ManifestSource:
             return 1.0, value
         if v in {_norm(n) for n in spec.negative}:
             return 0.0, value
-        return self._other_label(spec, f"is neither positive nor negative (expected {spec.positive + spec.negative})"), value
+        why = f"is neither positive nor negative (expected {spec.positive + spec.negative})"
+        return self._other_label(spec, why), value
 
     @staticmethod
     def _other_label(spec: LabelSpec, why: str) -> float:
@@ -497,8 +498,8 @@ class ManifestSource:
                 log.note(f"ehr: {what.replace('_', ' ')} value treated as missing", counts[what])
         for channel, n in counts.get("out_of_range_by_channel", {}).items():
             action = next(c.out_of_range for c in disc.channels if c.name == channel)
-            log.note(f"ehr: {channel} outside its valid range ({'set to missing' if action == 'missing' else 'clipped'})",
-                     n)
+            done = "set to missing" if action == "missing" else "clipped"
+            log.note(f"ehr: {channel} outside its valid range ({done})", n)
         return matrix
 
     # -- regions -----------------------------------------------------------------------------
