@@ -122,6 +122,17 @@ def test_label_table_per_split_with_raw_values_and_prevalence(tmp_path):
     assert "positive <- pneumonia (1)" in text and "negative <- normal (2)" in text
     assert "unknown <- todo (1)" in text and "unknown <- <blank> (1)" in text
     assert "SECRET" not in text
+    # a duplicate-key skip is not tallied: the raw values add up to the counts
+    make_tree(tmp_path, rows + [base_row(1, diagnosis="pneumonia")])
+    records, log = read(cfg)
+    assert log.label_values.to_json()["train"]["pneumonia"]["positive"] == {"pneumonia": 1}
+    # summaries keep the 20 most frequent values per outcome (a free-text column cannot copy itself)
+    from kdscale.data.labels import LabelTally
+    tally = LabelTally()
+    for i in range(25):
+        tally.add("train", "a", "unknown", f"v{i}")
+    kept = tally.to_json()["train"]["a"]["unknown"]
+    assert len(kept) == 21 and kept["<other values>"] == 5
     # long values are cut in the table
     assert "x" * 30 not in format_label_table({"train": {"a": {"positive": 1, "negative": 0, "unknown": 0}}},
                                               {"train": {"a": {"positive": {"x" * 30: 1}}}})

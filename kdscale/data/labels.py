@@ -65,10 +65,20 @@ class LabelTally:
     def add(self, split: str, label: str, outcome: str, raw: Optional[str]) -> None:
         self.values[split][label][outcome][shown_value(raw)] += 1
 
-    def to_json(self) -> dict:
-        return {split: {label: {o: dict(c.most_common()) for o, c in outcomes.items()}
+    def to_json(self, top: int = 20) -> dict:
+        """The ``top`` most frequent values per outcome; the rest summed under "<other values>"
+        (a column of free text must not copy itself into every summary)."""
+        return {split: {label: {o: _top(c, top) for o, c in outcomes.items()}
                         for label, outcomes in per_label.items()}
                 for split, per_label in sorted(self.values.items())}
+
+
+def _top(counter: Counter, top: int) -> dict:
+    out = dict(counter.most_common(top))
+    rest = sum(counter.values()) - sum(out.values())
+    if rest:
+        out["<other values>"] = rest
+    return out
 
 
 def _values_cell(values: dict) -> str:

@@ -219,7 +219,15 @@ class ManifestSource:
 
     # -- records -----------------------------------------------------------------------------
     def records(self, log: IngestLog) -> Iterator[Record]:
-        return guarded(self._stream(log), log, self.name)
+        if log.label_values is None:
+            log.label_values = LabelTally()
+        self._raw_labels: dict[str, list] = {}
+        for record in guarded(self._stream(log), log, self.name):
+            # tallied only for samples that are kept (after the duplicate-key guard), so the
+            # label table's raw-value counts add up to its positive / negative / unknown counts
+            for spec, (value, raw) in zip(self.cfg.labels, self._raw_labels.pop(record.key, [])):
+                log.label_values.add(record.split, spec.name, outcome_of(value), raw)
+            yield record
 
     def _required_columns(self) -> list[str]:
         cfg = self.cfg
@@ -234,8 +242,6 @@ class ManifestSource:
     def _stream(self, log: IngestLog) -> Iterator[Record]:
         regions = read_regions(self.cfg.boxes) if self.cfg.boxes is not None else {}
         discretizer = self._discretizer() if self.cfg.timeseries_column else None
-        if log.label_values is None:
-            log.label_values = LabelTally()
         self._seen_values: dict[str, set] = {spec.name: set() for spec in self.cfg.labels}
         self._extra_channels: set[str] = set()
         joined: set[str] = set()
@@ -350,8 +356,7 @@ class ManifestSource:
         boxes = self._boxes(region_rows or [], size, log)
         record = Record(key=key, patient_id=patient, split=split, labels=[v for v, _ in mapped], image=image,
                         image_size=size, ehr=ehr, report=report, tabular=tabular, boxes=boxes, meta=meta)
-        for spec, (value, raw) in zip(cfg.labels, mapped):   # tallied once the sample is usable
-            log.label_values.add(split, spec.name, outcome_of(value), raw)
+        self._raw_labels[key] = mapped
         return record
 
     # -- modalities --------------------------------------------------------------------------
