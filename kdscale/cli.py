@@ -67,12 +67,16 @@ def cmd_inspect(args) -> int:
     payload = inspect_source(cfg, out, progress=True)
     print(format_table(payload))
     print(f"summary: {out / 'data_summary.json'}  quarantine: {out / 'quarantine.jsonl'}")
+    if payload.get("failed"):
+        print(f"kdscale inspect: FAILED: {payload['failed']}", file=sys.stderr)
+        return 1
     return 0 if payload["ingest"]["reconciles"] else 1
 
 
 def cmd_shards(args) -> int:
     """Exit status: 0 = complete, 3 = this task is done but other tasks' shards are missing,
-    1 = counts do not reconcile, 2 = config/data error."""
+    1 = counts do not reconcile or the build kept too little (data.min_kept_fraction; by default
+    nothing kept), 2 = config/data error."""
     import json
 
     from kdscale.data.shards import build_shards
@@ -81,6 +85,9 @@ def cmd_shards(args) -> int:
     summary = build_shards(cfg, workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
                            progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=1, default=str))
+    if summary.get("failed"):
+        print(f"kdscale shards: FAILED: {summary['failed']}", file=sys.stderr)
+        return 1
     if not summary.get("complete"):
         return 3
     return 0 if summary.get("reconciles") else 1

@@ -20,6 +20,8 @@ def stage_data(cfg, run_dir: Path) -> dict:
     out = run_dir / "data"
     payload = inspect_source(cfg, out)
     print(format_table(payload))
+    if payload.get("failed"):
+        raise RuntimeError(f"data stage failed: {payload['failed']}")
     if not payload["ingest"]["reconciles"]:
         raise RuntimeError(f"ingest counts do not reconcile: {payload['ingest']}")
     return {"summary": str(out / "data_summary.json"), "quarantine": str(out / "quarantine.jsonl")}
@@ -30,6 +32,8 @@ def stage_shards(cfg, run_dir: Path) -> dict:
     from kdscale.data.shards import build_shards
 
     summary = build_shards(cfg, workers=1)
+    if summary.get("failed"):
+        raise RuntimeError(f"shards stage failed: {summary['failed']}")
     problems = verify_shards(summary["out_dir"])
     if problems:
         raise RuntimeError("shard verification failed:\n  " + "\n  ".join(problems))

@@ -29,6 +29,9 @@ class RunConfig:
 class DataConfig:
     source: Literal["mimic", "cbis", "manifest", "demo", "iu_xray", "webdataset"] = "demo"
     on_bad_sample: Literal["skip", "error"] = "skip"  # skip = count + quarantine.jsonl; error = stop
+    # inspect / shards fail (non-zero exit, not marked complete) when they keep less than this share
+    # of the samples read; 0 = fail only when nothing at all is kept
+    min_kept_fraction: float = 0.0
     mimic: Optional[MimicConfig] = None
     cbis: Optional[CbisConfig] = None
     manifest: Optional[ManifestConfig] = None
@@ -37,6 +40,8 @@ class DataConfig:
     webdataset: Optional[WebDatasetConfig] = None
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.min_kept_fraction <= 1.0:
+            raise ValueError(f"min_kept_fraction must be in [0, 1], got {self.min_kept_fraction}")
         if self.source == "demo" and self.demo is None:
             self.demo = DemoConfig()
         if getattr(self, self.source) is None:

@@ -78,6 +78,15 @@ def config(root: Path, **overrides) -> ManifestConfig:
     return ManifestConfig(**kwargs)
 
 
+def strict(root: Path, **overrides) -> ManifestConfig:
+    """config() with whole-sample skipping for bad cells and unexpected label values."""
+    labels = [LabelSpec(name="pneumonia", column="diagnosis", positive=["Pneumonia"], negative=["normal"],
+                        other="skip"),
+              LabelSpec(name="died", column="died", other="skip"),
+              LabelSpec(name="opacity", source="boxes", positive=["opacity"])]
+    return config(root, **{"on_bad_modality": "skip_sample", "labels": labels, **overrides})
+
+
 def read(cfg: ManifestConfig, **log_kwargs):
     log = IngestLog("manifest", **log_kwargs)
     records = list(ManifestSource(cfg).records(log))
@@ -114,7 +123,8 @@ def test_every_column_kind(tmp_path):
     mask = Image.open(io.BytesIO(box.mask_png))
     assert mask.mode == "L" and mask.size == (10, 4)
     assert np.asarray(mask)[:2].min() == 255 and np.asarray(mask)[2:].max() == 0
-    assert r1.meta["site"] == "A" and r1.meta["age"] == "41" and r1.meta["source_row"] == 2
+    # a meta column literally named "age" takes the age role: typed as float years for subgroups
+    assert r1.meta["site"] == "A" and r1.meta["age"] == 41.0 and r1.meta["source_row"] == 2
 
 
 def test_report_file_column_and_default_key(tmp_path):
@@ -123,9 +133,13 @@ def test_report_file_column_and_default_key(tmp_path):
     (tmp_path / "notes/1.txt").write_text("Findings: clear.\n")
     cfg = config(tmp_path, report_column="", report_file_column="note", key_columns=[], boxes=None,
                  timeseries_column="", labels=[])
-    records, log = read(cfg)
-    assert [r.key for r in records] == ["p1_r2"] and records[0].report == "Findings: clear."
-    assert dict(log.skipped) == {"report file missing": 1}
+    records, log = read(cfg)     # default on_bad_modality: drop: the sample stays, without its report
+    assert [r.key for r in records] == ["p1_r2", "p2_r3"] and records[0].report == "Findings: clear."
+    assert records[1].report is None and records[1].image is not None and log.n_skipped == 0
+    assert dict(log.dropped_modalities) == {"report: report file missing": 1}
+    records, log = read(config(tmp_path, report_column="", report_file_column="note", key_columns=[],
+                               boxes=None, timeseries_column="", labels=[], on_bad_modality="skip_sample"))
+    assert [r.key for r in records] == ["p1_r2"] and dict(log.skipped) == {"report file missing": 1}
 
 
 def test_hash_split_is_patient_level_and_deterministic(tmp_path):
@@ -207,7 +221,7 @@ def test_bad_samples_are_counted_skips_without_patient_text(tmp_path, row_change
     make_tree(tmp_path, [base_row(1, **row_changes), base_row(2)], regions)
     _corrupt(tmp_path, damage)
     quarantine = tmp_path / "out/quarantine.jsonl"
-    records, log = read(config(tmp_path), quarantine_path=quarantine)
+    records, log = read(strict(tmp_path), quarantine_path=quarantine)
     log.close()
     assert [r.key for r in records] == ["s2"] and dict(log.skipped) == {reason: 1}
     entry = json.loads(quarantine.read_text())
@@ -257,6 +271,11 @@ def test_real_covid_cxr_seg(shared_data, repo_root, monkeypatch):
     labels = np.stack([r.labels for r in records])
     assert source.label_names == ["covid", "opacity", "consolidation"]
     assert np.nansum(labels, axis=0).tolist() == [65.0, 95.0, 32.0] and not np.isnan(labels).any()
+    # typed demographics for the report's subgroups (issue 16.1)
+    sexes = [r.meta["sex"] for r in records]
+    assert (sexes.count("M"), sexes.count("F"), sexes.count(None)) == (55, 36, 9)
+    ages = [r.meta["age"] for r in records if r.meta["age"] is not None]
+    assert len(ages) == 83 and all(isinstance(a, float) for a in ages) and min(ages) == 12.0
     assert len({r.patient_id for r in records}) == 73 and {r.split for r in records} == {"train", "val", "test"}
     n_boxes = 0
     for r in records:

@@ -87,7 +87,6 @@ def test_cbis_pathology_cell_is_printed_only_when_it_is_a_short_code(tmp_path):
 @pytest.mark.parametrize("series,reason", [
     ("Hours,Heart Rate\n0.5,nan\n1.5,80\n", "non-finite EHR value"),
     ("Hours,Heart Rate\n0.5,inf\n", "non-finite EHR value"),
-    ("Hours,Heart Rate,Pulse\n0.5,80,70\n", "unreadable time series"),    # Pulse: not a channel
     ("Hours,Heart Rate\n", "empty time series"),
     ("Hours,Heart Rate\n0.5,80\n1e12,81\n", "implausible series length"),   # end = last Hours
     ("Hours,Heart Rate,Alert\n0.5,80,yes\n1.5,81\n", "unreadable time series"),  # ragged (short) row
@@ -97,7 +96,8 @@ def test_manifest_series_problems_are_counted_skips(tmp_path, series, reason):
     (tmp_path / "ts/p1.csv").write_text(series)
     make_tree(tmp_path, [base_row(1, ts="ts/p1.csv"), base_row(2)])
     quarantine = tmp_path / "q.jsonl"
-    records, log = manifest_read(config(tmp_path, boxes=None), quarantine_path=quarantine)
+    records, log = manifest_read(config(tmp_path, boxes=None, on_bad_modality="skip_sample"),
+                                 quarantine_path=quarantine)
     log.close()
     assert [r.key for r in records] == ["s2"] and dict(log.skipped) == {reason: 1}
     entry = json.loads(quarantine.read_text())

@@ -33,7 +33,8 @@ from kdscale.data.sources.base import open_csv
 MAX_SERIES_HOURS = 24.0 * 366
 EPS = 1e-6  # MedFuse's tolerance in bin arithmetic; kept identical so bin edges match
 COUNT_KEYS = ("bins", "rows", "values", "overwritten", "after_end", "before_start", "unknown_categorical",
-              "non_numeric", "non_finite", "unknown_channel", "empty_bins")
+              "non_numeric", "non_finite", "unknown_channel", "empty_bins", "out_of_range")
+OUT_OF_RANGE = ("missing", "clip")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -46,6 +47,11 @@ class ChannelSpec:
     type: Literal["continuous", "categorical"]
     normal_value: str                      # raw string, as it would appear in a time-series cell
     values: list[str] = field(default_factory=list)  # categorical one-hot order
+    # continuous only: the physiologically possible range; a value outside it is set to missing
+    # or clipped to the bound (``out_of_range``) and counted per channel. None = unbounded.
+    valid_min: Optional[float] = None
+    valid_max: Optional[float] = None
+    out_of_range: Literal["missing", "clip"] = "missing"
 
     @property
     def width(self) -> int:
@@ -63,7 +69,8 @@ class DiscretizerConfig:
         return [c.name for c in self.channels]
 
 
-_CHANNEL_KEYS = {"name", "type", "normal_value", "values"}
+_CHANNEL_KEYS = {"name", "type", "normal_value", "values", "valid_min", "valid_max", "out_of_range"}
+_TOP_KEYS = {"name", "channels", "out_of_range"}
 
 
 def load_discretizer_config(path: str | os.PathLike) -> DiscretizerConfig:
@@ -77,9 +84,15 @@ def load_discretizer_config(path: str | os.PathLike) -> DiscretizerConfig:
         raise ConfigError(f"{path}: invalid YAML: {exc}") from None
     if not isinstance(data, dict) or not isinstance(data.get("channels"), list) or not data["channels"]:
         raise ConfigError(f"{path}: key 'channels' must be a non-empty list of channels")
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: {sorted(unknown)[0]}: unknown key (valid: {sorted(_TOP_KEYS)})")
+    default_action = data.get("out_of_range", "missing")
+    if default_action not in OUT_OF_RANGE:
+        raise ConfigError(f"{path}: out_of_range: must be one of {list(OUT_OF_RANGE)}, got {default_action!r}")
     channels, seen = [], set()
     for i, raw in enumerate(data["channels"]):
-        spec = _channel_spec(raw, f"{path}: channels[{i}]")
+        spec = _channel_spec(raw, f"{path}: channels[{i}]", default_action)
         if spec.name in seen:
             raise ConfigError(f"{path}: channels[{i}].name: duplicate channel {spec.name!r}")
         seen.add(spec.name)
@@ -87,7 +100,24 @@ def load_discretizer_config(path: str | os.PathLike) -> DiscretizerConfig:
     return DiscretizerConfig(channels=channels, name=str(data.get("name", path.stem)), path=str(path))
 
 
-def _channel_spec(raw: object, where: str) -> ChannelSpec:
+def select_channels(config: DiscretizerConfig, names: Sequence[str], where: str = "timeseries_channels"
+                    ) -> DiscretizerConfig:
+    """The config restricted to ``names`` (kept in the config's order, so the one-hot layout does
+    not depend on how the list is written). A name not in the config is a ConfigError; an empty
+    list keeps every channel."""
+    if not names:
+        return config
+    known = set(config.channel_names)
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{where}: channel(s) {unknown} are not in the discretizer config {config.path} "
+                          f"(its channels: {config.channel_names})")
+    wanted = set(names)
+    return DiscretizerConfig(channels=[c for c in config.channels if c.name in wanted], name=config.name,
+                             path=config.path)
+
+
+def _channel_spec(raw: object, where: str, default_action: str = "missing") -> ChannelSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with name/type/normal_value[/values]")
     unknown = set(raw) - _CHANNEL_KEYS
@@ -110,7 +140,25 @@ def _channel_spec(raw: object, where: str) -> ChannelSpec:
             raise ConfigError(f"{where}.values: only categorical channels have values")
         if _parse_float(str(normal)) is None:
             raise ConfigError(f"{where}.normal_value: must be a finite number, got {normal!r}")
-        return ChannelSpec(name, kind, str(normal))
+        bounds = {}
+        for key in ("valid_min", "valid_max"):
+            if raw.get(key) is not None:
+                bounds[key] = _parse_float(str(raw[key]))
+                if bounds[key] is None or isinstance(raw[key], bool):
+                    raise ConfigError(f"{where}.{key}: must be a finite number, got {raw[key]!r}")
+        lo, hi = bounds.get("valid_min"), bounds.get("valid_max")
+        if lo is not None and hi is not None and lo >= hi:
+            raise ConfigError(f"{where}.valid_min: {lo} must be below valid_max {hi}")
+        number = float(normal)
+        if (lo is not None and number < lo) or (hi is not None and number > hi):
+            raise ConfigError(f"{where}.normal_value: {normal!r} is outside [valid_min, valid_max]")
+        action = raw.get("out_of_range", default_action)
+        if action not in OUT_OF_RANGE:
+            raise ConfigError(f"{where}.out_of_range: must be one of {list(OUT_OF_RANGE)}, got {action!r}")
+        return ChannelSpec(name, kind, str(normal), valid_min=lo, valid_max=hi, out_of_range=action)
+    for key in ("valid_min", "valid_max", "out_of_range"):
+        if key in raw:
+            raise ConfigError(f"{where}.{key}: only continuous channels have a valid range")
     values = raw.get("values")
     # Strings only: YAML would turn 15 / 1.0 into numbers and "1.0" vs "1" matters for matching.
     if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
@@ -192,6 +240,15 @@ class Discretizer:
         if not math.isfinite(value):
             counts["non_finite"] += 1
             return None
+        spec = self.channels[idx]
+        lo, hi = spec.valid_min, spec.valid_max
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            counts["out_of_range"] += 1
+            by_channel = counts.setdefault("out_of_range_by_channel", {})
+            by_channel[spec.name] = by_channel.get(spec.name, 0) + 1
+            if spec.out_of_range == "missing":
+                return None
+            value = min(max(value, lo if lo is not None else value), hi if hi is not None else value)
         return value
 
     def transform(self, events: Iterable[tuple[float, dict]], end_hours: float) -> tuple[np.ndarray, dict]:
@@ -274,25 +331,33 @@ class Discretizer:
 # Time-series CSV
 # ---------------------------------------------------------------------------------------------
 
-def read_timeseries_csv(path: str | os.PathLike, channels: Optional[Sequence[str]] = None
+def read_timeseries_csv(path: str | os.PathLike, channels: Optional[Sequence[str]] = None, *,
+                        ignore_extra: bool = False, extra_seen: Optional[set] = None
                         ) -> list[tuple[float, dict]]:
     """Read ``Hours,<channels...>`` (blank = missing) into [(hours, {channel: raw string})].
 
     Raises DataError naming the file, row and column for a missing file, a missing ``Hours``
-    column, a non-numeric or decreasing Hours value, a column not in ``channels`` (when given),
-    or an undecodable file. Cell values are never quoted in messages.
+    column, a non-numeric or decreasing Hours value, a column not in ``channels`` (when given and
+    not ``ignore_extra``), or an undecodable file. With ``ignore_extra`` such columns are left out
+    of the events and their names added to ``extra_seen``; channels absent from the file are
+    simply never observed (missing). Cell values are never quoted in messages.
     """
     path = Path(path)
     events: list[tuple[float, dict]] = []
     allowed = set(channels) if channels is not None else None
     last = -math.inf
+    extra: list[str] = []
     try:
         for i, row in open_csv(path, required=["Hours"], what="time-series"):
             if i == 2 and allowed is not None:
                 extra = [c for c in row if c != "Hours" and c not in allowed]
-                if extra:
+                if extra and not ignore_extra:
                     raise DataError("column is not a channel of the discretizer config", file=path,
                                     row=1, column=extra[0])
+                if extra_seen is not None:
+                    extra_seen.update(extra)
+            for column in extra:
+                row.pop(column, None)
             hours = _parse_float((row.pop("Hours") or "").strip())
             if hours is None:
                 raise DataError("Hours is empty, non-numeric or not finite", file=path, row=i, column="Hours")

@@ -55,6 +55,9 @@ class IngestLog:
     kept: int = 0
     skipped: Counter = field(default_factory=Counter)
     notes: Counter = field(default_factory=Counter)   # non-fatal events (e.g. unknown categorical value)
+    # "<modality>: <reason>" -> samples kept WITHOUT that modality because of a bad cell/file
+    dropped_modalities: Counter = field(default_factory=Counter)
+    label_values: Any = None   # kdscale.data.labels.LabelTally, when the source records raw label values
     _fh: Any = None
 
     def __post_init__(self) -> None:
@@ -84,6 +87,17 @@ class IngestLog:
     def note(self, event: str, n: int = 1) -> None:
         self.notes[event] += n
 
+    def drop_modality(self, modality: str, reason: str, detail: str = "", *, key: str = "", file: Any = "",
+                      row: Optional[int] = None) -> None:
+        """Record that a kept sample lost one modality (a bad cell or file), or raise under
+        on_bad_sample=error. The sample itself counts as kept."""
+        if self.on_bad_sample == "error":
+            raise DataError(f"{self.source}: bad {modality} in sample {key or ''}: {reason}: {detail}".rstrip(": "),
+                            file=file or None, row=row)
+        self.dropped_modalities[f"{modality}: {reason}"] += 1
+        if self.dropped_modalities[f"{modality}: {reason}"] <= 3:
+            log.warning("%s: %s dropped from %s: %s %s", self.source, modality, key or file, reason, detail)
+
     @property
     def n_skipped(self) -> int:
         return sum(self.skipped.values())
@@ -96,7 +110,9 @@ class IngestLog:
             "skipped": self.n_skipped,
             "skipped_by_reason": dict(self.skipped),
             "notes": dict(self.notes),
+            "dropped_modalities": dict(self.dropped_modalities),
             "reconciles": self.read == self.kept + self.n_skipped,
+            **({"label_values": self.label_values.to_json()} if self.label_values is not None else {}),
         }
 
     def summary_line(self) -> str:
@@ -115,6 +131,26 @@ class IngestLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def kept_failure(ingest: dict, min_kept_fraction: float = 0.0, top: int = 5) -> Optional[str]:
+    """Why a build that kept too little must fail, or None when it kept enough.
+
+    ``ingest`` is ``IngestLog.summary()``. A build fails when it kept nothing, or less than
+    ``min_kept_fraction`` of what it read (``data.min_kept_fraction``); the message lists the top
+    quarantine reasons with their counts (reasons never carry patient content)."""
+    read, kept = int(ingest.get("read", 0)), int(ingest.get("kept", 0))
+    if kept > 0 and kept >= min_kept_fraction * read:
+        return None
+    need = (f"at least {min_kept_fraction:.0%} (data.min_kept_fraction)" if min_kept_fraction > 0
+            else "at least one sample")
+    reasons = Counter(ingest.get("skipped_by_reason", {})).most_common(top)
+    lines = [f"{ingest.get('source', 'source')}: kept {kept} of {read} sample(s) read; need {need}"]
+    lines += [f"  {n:>7}  {reason}" for reason, n in reasons]
+    if not reasons:
+        lines.append("  (nothing was read: check the source's files and filters)" if read == 0 else
+                     "  (no quarantine reasons recorded)")
+    return "\n".join(lines)
 
 
 def open_quarantine(out_dir: str | os.PathLike, source: str, on_bad_sample: str = "skip") -> IngestLog:

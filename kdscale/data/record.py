@@ -78,7 +78,9 @@ class Record:
     report: Optional[str] = field(default=None, repr=False)
     tabular: Optional[dict[str, TabularValue]] = field(default=None, repr=False)
     boxes: list[Box] = field(default_factory=list, repr=False)
-    meta: dict[str, Any] = field(default_factory=dict)  # JSON-able ids, demographics, provenance
+    # JSON-able ids, demographics, provenance. Demographics use the canonical keys evaluation reads:
+    # "sex" (normalized str, e.g. "F"/"M"), "age" (float years), "ethnicity" (str); None = unknown
+    meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not _SAFE_KEY.match(self.key or ""):

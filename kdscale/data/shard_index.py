@@ -19,7 +19,8 @@ from typing import Optional
 
 import numpy as np
 
-from kdscale.data.ingest import DataError
+from kdscale.data.ingest import DataError, kept_failure
+from kdscale.data.labels import prevalence_array
 from kdscale.data.record import SPLITS
 from kdscale.data.record import MODALITIES
 from kdscale.data.shards import BUILD_DIR, FORMAT, MODALITY_MEMBERS, shard_is_done, stats_path, write_json_atomic
@@ -157,13 +158,19 @@ def finalize_build(out: Path, cfg, config_hash: str) -> dict:
     for split, split_stats in stats.items():
         merged = _merge_split(split_stats)
         write_json_atomic(out / split / "index.json", {**common, "split": split, **merged})
-        splits[split] = {"samples": merged["num_samples"], "shards": merged["num_shards"]}
-    summary = _write_quarantine_and_summary(out, plan, stats, splits)
+        prev = prevalence_array(merged["label_positives"], merged["label_known"]) if merged["label_known"] else []
+        splits[split] = {"samples": merged["num_samples"], "shards": merged["num_shards"],
+                         # positives / (positives + negatives), as inspect and the report define it
+                         "label_prevalence": {name: (None if np.isnan(v) else round(float(v), 4))
+                                              for name, v in zip(plan["label_names"], prev)}}
+    summary = _write_quarantine_and_summary(out, plan, stats, splits,
+                                            getattr(cfg.data, "min_kept_fraction", 0.0))
     log.info("shards %s: %s", out, summary["line"])
     return summary
 
 
-def _write_quarantine_and_summary(out: Path, plan: dict, stats: dict, splits: dict) -> dict:
+def _write_quarantine_and_summary(out: Path, plan: dict, stats: dict, splits: dict,
+                                  min_kept_fraction: float = 0.0) -> dict:
     source_q = out / BUILD_DIR / "source_quarantine.jsonl"
     lines = source_q.read_text().splitlines() if source_q.is_file() else []
     writer_reasons: Counter = Counter()
@@ -181,7 +188,11 @@ def _write_quarantine_and_summary(out: Path, plan: dict, stats: dict, splits: di
     written = sum(s["samples"] for s in splits.values())
     quarantined = ingest["skipped"] + sum(writer_reasons.values())
     by_reason = Counter(ingest["skipped_by_reason"]) + writer_reasons
-    summary = {"complete": True, "out_dir": str(out), "splits": splits, "read": ingest["read"],
+    # a build that kept nothing (or less than data.min_kept_fraction) is a failure, not "complete"
+    failed = kept_failure({"source": ingest.get("source", "source"), "read": ingest["read"], "kept": written,
+                           "skipped_by_reason": dict(by_reason)}, min_kept_fraction)
+    summary = {"complete": failed is None, "failed": failed, "out_dir": str(out), "splits": splits,
+               "read": ingest["read"],
                "written": written, "quarantined": quarantined, "quarantined_by_reason": dict(by_reason),
                "reconciles": ingest["read"] == written + quarantined, "ingest": ingest,
                "shard_config_hash": plan["shard_config_hash"]}

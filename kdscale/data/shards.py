@@ -84,7 +84,9 @@ def shard_config_hash(cfg) -> str:
     from kdscale.config import to_dict
 
     shards = {k: v for k, v in to_dict(cfg.shards).items() if k != "out_dir"}
-    blob = json.dumps({"data": to_dict(cfg.data), "shards": shards}, sort_keys=True, default=str)
+    # min_kept_fraction decides whether a build passes, not what the shards hold
+    data = {k: v for k, v in to_dict(cfg.data).items() if k != "min_kept_fraction"}
+    blob = json.dumps({"data": data, "shards": shards}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -9,7 +9,8 @@ from typing import Iterable
 
 import numpy as np
 
-from kdscale.data.ingest import IngestLog
+from kdscale.data.ingest import IngestLog, kept_failure
+from kdscale.data.labels import format_label_table, label_counts, prevalence
 from kdscale.data.record import MODALITIES, Record
 
 
@@ -19,7 +20,10 @@ class DataSummary:
         self.samples: Counter = Counter()
         self.patients: dict[str, set] = defaultdict(set)
         self.present: dict[str, Counter] = defaultdict(Counter)
-        self.positives: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(len(self.label_names)))
+        zeros = lambda: np.zeros(len(self.label_names), dtype=np.int64)  # noqa: E731
+        self.positives: dict[str, np.ndarray] = defaultdict(zeros)
+        self.negatives: dict[str, np.ndarray] = defaultdict(zeros)
+        self.unknown: dict[str, np.ndarray] = defaultdict(zeros)
         self.boxes: Counter = Counter()
 
     def add(self, record: Record) -> None:
@@ -29,7 +33,10 @@ class DataSummary:
         for modality, is_present in record.present.items():
             self.present[split][modality] += int(is_present)
         if len(record.labels) == len(self.label_names):
-            self.positives[split] += np.nan_to_num(record.labels, nan=0.0)
+            pos, neg, unknown = label_counts(record.labels)
+            self.positives[split] += pos
+            self.negatives[split] += neg
+            self.unknown[split] += unknown
         self.boxes[split] += len(record.boxes)
 
     def to_json(self) -> dict:
@@ -40,10 +47,18 @@ class DataSummary:
                 "patients": len(self.patients[split]),
                 "present": {m: self.present[split][m] for m in MODALITIES},
                 "boxes": self.boxes[split],
-                "label_prevalence": {name: round(float(p) / n, 4)
-                                     for name, p in zip(self.label_names, self.positives[split])},
+                # positives / (positives + negatives): unknown labels excluded (kdscale.data.labels)
+                "label_prevalence": {name: _rounded(prevalence(int(p), int(q))) for name, p, q in
+                                     zip(self.label_names, self.positives[split], self.negatives[split])},
+                "label_counts": {name: {"positive": int(p), "negative": int(q), "unknown": int(u)}
+                                 for name, p, q, u in zip(self.label_names, self.positives[split],
+                                                          self.negatives[split], self.unknown[split])},
             }
         return {"label_names": self.label_names, "splits": splits}
+
+
+def _rounded(value: float):
+    return None if value != value else round(value, 4)   # NaN (nothing known) -> null in JSON
 
 
 def summarize(records: Iterable[Record], label_names: list[str], progress=None) -> DataSummary:
@@ -55,8 +70,13 @@ def summarize(records: Iterable[Record], label_names: list[str], progress=None) 
     return summary
 
 
-def write_summary(path: str | Path, summary: DataSummary, log: IngestLog, describe: dict) -> dict:
-    payload = {"ingest": log.summary(), "data": summary.to_json(), "source": describe}
+def write_summary(path: str | Path, summary: DataSummary, log: IngestLog, describe: dict,
+                  min_kept_fraction: float = 0.0) -> dict:
+    """data_summary.json; ``payload["failed"]`` is set (with the top skip reasons) when the
+    stream kept nothing or less than ``min_kept_fraction`` of what it read."""
+    ingest = log.summary()
+    payload = {"ingest": ingest, "data": summary.to_json(), "source": describe,
+               "failed": kept_failure(ingest, min_kept_fraction)}
     Path(path).write_text(json.dumps(payload, indent=2, default=str))
     return payload
 
@@ -70,6 +90,13 @@ def format_table(payload: dict) -> str:
     ingest = payload["ingest"]
     lines.append(f"read {ingest['read']}, kept {ingest['kept']}, skipped {ingest['skipped']}"
                  + (f" {ingest['skipped_by_reason']}" if ingest["skipped"] else ""))
+    if ingest.get("dropped_modalities"):
+        lines.append(f"kept without a modality: {ingest['dropped_modalities']}")
+    counts = {split: s["label_counts"] for split, s in payload["data"]["splits"].items() if s.get("label_counts")}
+    if counts:
+        lines.append(format_label_table(counts, ingest.get("label_values")))
+    if payload.get("failed"):
+        lines.append(f"FAILED: {payload['failed']}")
     return "\n".join(lines)
 
 
@@ -88,4 +115,6 @@ def inspect_source(cfg, out_dir: str | Path, progress: bool = False) -> dict:
     with open_quarantine(out, source.name, cfg.data.on_bad_sample) as ingest, \
             tqdm(desc=f"reading {source.name}", unit="sample", disable=None if progress else True) as bar:
         summary = summarize(source.records(ingest), source.label_names, bar)
-    return write_summary(out / "data_summary.json", summary, ingest, source.describe())
+    payload = write_summary(out / "data_summary.json", summary, ingest, source.describe(),
+                            getattr(cfg.data, "min_kept_fraction", 0.0))
+    return payload

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from kdscale.data.labels import prevalence, prevalence_array
 from kdscale.eval.metrics import (bootstrap_ci, expected_calibration_error, label_metrics,
                                   paired_bootstrap_diff, reliability_curve)
 from kdscale.eval.predictions import Predictions, align
@@ -153,7 +154,7 @@ def _per_label_section(names, y, p, roc: dict, prc: dict) -> dict:
             "auroc": {k: roc["per_label"][k][j] for k in ("value", "low", "high")},
             "auprc": {k: prc["per_label"][k][j] for k in ("value", "low", "high")},
             "n_pos": point[name]["n_pos"], "n_neg": point[name]["n_neg"],
-            "prevalence": point[name]["n_pos"] / n_known if n_known else float("nan"),
+            "prevalence": prevalence(point[name]["n_pos"], n_known - point[name]["n_pos"]),
         }
     return out
 
@@ -276,10 +277,8 @@ def _group_entry(preds, sel, head, n_boot, seed, alpha, min_group_size) -> dict:
     missing = [name for name, k in zip(preds.label_names, n_pos) if k == 0]
     if missing:
         reasons.append(f"no positive for {len(missing)} label(s)")
-    with np.errstate(invalid="ignore", divide="ignore"):
-        prevalence = np.where(n_known > 0, n_pos / np.maximum(n_known, 1), np.nan)
     return {"n": int(sel.sum()), "n_patients": len(np.unique(groups)),
-            "prevalence": dict(zip(preds.label_names, prevalence.tolist())),
+            "prevalence": dict(zip(preds.label_names, prevalence_array(n_pos, n_known).tolist())),
             "auroc_macro": _interval(roc), "auprc_macro": _interval(prc),
             "too_small": bool(reasons), "reasons": reasons, "labels_without_positive": missing}
 

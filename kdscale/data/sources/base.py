@@ -59,6 +59,11 @@ def open_csv(path: str | os.PathLike, required: Sequence[str] = (), *, what: str
             header = reader.fieldnames or []
         except (UnicodeDecodeError, csv.Error) as exc:
             raise _unreadable(path, what, exc, reader.line_num) from None
+        duplicates = duplicate_names(header)
+        if duplicates:
+            # csv.DictReader would silently keep the LAST of two same-named columns
+            raise DataError(f"duplicate column name(s) {duplicates} in the header of {what or 'CSV'}; "
+                            "rename them so each column is unambiguous", file=path, column=duplicates[0])
         missing = [c for c in required if c not in header]
         if missing:
             close = {m: _closest(m, header) for m in missing}
@@ -84,6 +89,18 @@ def open_csv(path: str | os.PathLike, required: Sequence[str] = (), *, what: str
             yield i, row
     finally:
         fh.close()
+
+
+def duplicate_names(header: Sequence[str]) -> list[str]:
+    """Column names that occur more than once (compared after stripping spaces, as sources strip
+    them). Blank names (trailing commas give unnamed columns) are never read by name and are left
+    out."""
+    seen: dict[str, int] = {}
+    for name in header:
+        key = (name or "").strip()
+        if key:
+            seen[key] = seen.get(key, 0) + 1
+    return [name for name, n in seen.items() if n > 1]
 
 
 def _unreadable(path: Path, what: str, exc: Exception, line_num: int) -> DataError:
@@ -120,6 +137,38 @@ def _closest(name: str, options: Iterable[str]) -> Optional[str]:
 
     found = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return found[0] if found else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths named by the data
+# ---------------------------------------------------------------------------------------------
+
+OUTSIDE_ROOT = "path outside the data root"
+
+
+def resolve_under_root(root: str | os.PathLike, value: str | os.PathLike, *, what: str,
+                       allow_absolute: bool = False) -> Path:
+    """The file a data cell names, resolved (``..`` and symlinks included) and checked to stay
+    under ``root``: a manifest or CSV is often assembled by someone other than the person running
+    the job, and ``../../etc/passwd`` or a symlink out of the tree must not be read into a shard.
+
+    ``value`` is relative to ``root``. An absolute ``value`` is refused unless ``allow_absolute``
+    (a config option says so explicitly); allowed absolute paths are resolved but may lie anywhere.
+    Raises RecordError "path outside the data root: ..." (a counted skip, or an error under
+    ``on_bad_sample: error``); the detail names the column kind and the path, never cell text
+    beyond the path itself."""
+    text = str(value).strip()
+    candidate = Path(text)
+    if candidate.is_absolute():
+        if not allow_absolute:
+            raise RecordError(f"{OUTSIDE_ROOT}: {what} path {text} is absolute (absolute paths are "
+                              "refused unless the source's allow_absolute_paths option is set)")
+        return candidate.resolve()
+    base = Path(root).resolve()
+    resolved = (base / candidate).resolve()
+    if resolved != base and base not in resolved.parents:
+        raise RecordError(f"{OUTSIDE_ROOT}: {what} path {text} resolves outside {base}")
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ import numpy as np
 from kdscale.config import path_field
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import Box, Record, RecordError, safe_key
-from kdscale.data.sources.base import LeakageError, guarded, open_csv, read_image
+from kdscale.data.sources.base import LeakageError, guarded, open_csv, read_image, resolve_under_root
 
 logger = logging.getLogger(__name__)
 
@@ -259,15 +259,18 @@ class CbisSource:
             # the series folder (parts[-2]) is the SeriesInstanceUID; the first folder is PatientID
             for ident in ([parts[-2]] if len(parts) >= 2 else []) + [parts[0]]:
                 hit = dicom_map.get((ident, description))
-                if hit:
-                    return self.root / hit
+                if hit:   # a path from dicom_info.csv: it too must stay under root
+                    return resolve_under_root(self.root, hit, what=what)
             raise RecordError(f"not in dicom_info: no {description!r} entry for {rel}")
-        path = self.root / self.cfg.image_dir / rel
-        if path.suffix.lower() != ".dcm":
+        # CSV paths are data, not config: resolved (symlinks too) they must stay under root/image_dir
+        base = self.root / self.cfg.image_dir
+        path = resolve_under_root(base, rel, what=what)
+        if Path(rel).suffix.lower() != ".dcm":
             return path
         for suffix in self.cfg.converted_suffixes:
-            if path.with_suffix(suffix).is_file():
-                return path.with_suffix(suffix)
+            converted = resolve_under_root(base, str(Path(rel).with_suffix(suffix)), what=what)
+            if converted.is_file():
+                return converted
         if not path.is_file():
             raise RecordError(f"{what} missing: neither {rel} nor a converted "
                               f"{'/'.join(self.cfg.converted_suffixes)} copy exists")

@@ -3,15 +3,28 @@
 One manifest row is one sample. Columns give the image path, the report (text, or a path to a
 text file), tabular fields (numeric or categorical), a per-sample time-series CSV (discretized
 by ``kdscale.data.ehr``), labels (``LabelSpec``), the patient id, the split (a column, or a
-deterministic patient-level hash split) and meta columns. Regions come from a second CSV joined
-on a column (``BoxesSpec``), with optional masks cropped to the box.
+deterministic patient-level hash split), demographics with roles (``Demographics``: typed
+``sex`` / ``age`` / ``ethnicity`` meta) and other meta columns. Regions come from a second CSV
+(x, y, w, h or circles) or a COCO JSON joined on a column (``kdscale.data.sources.regions``),
+with optional masks cropped to the box.
 
 Every problem is per-sample and counted (``IngestLog.skip``) or, for a missing file/column, a
-DataError naming it. Skip details name columns, files and rows, never cell text (notes may be
-patient text). Comparisons of label / split values ignore case and surrounding spaces.
+duplicate column name or an empty manifest, a DataError naming it. A bad cell of one modality
+(a non-numeric tabular value, an unreadable report or time series, a corrupt optional image)
+removes that modality from the sample (``IngestLog.drop_modality``, counted with its reason)
+unless ``on_bad_modality: skip_sample``. Every path a cell names must resolve (symlinks too)
+under ``root`` ("path outside the data root" skip otherwise). Skip details name columns, files
+and rows, never cell text (notes may be patient text). Comparisons of label / split values
+ignore case and surrounding spaces.
+
+Labels: a value in ``positive`` is 1, in ``negative`` 0, a blank cell follows ``missing`` and any
+other value follows ``other`` (default: unknown, NaN -- never silently negative). The raw values
+that mapped to each outcome are tallied per split (``IngestLog.label_values``), and a listed
+value that never occurs is warned about at the end of the stream.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +34,16 @@ import numpy as np
 
 from kdscale.config import path_field
 from kdscale.data.ingest import DataError, IngestLog
+from kdscale.data.labels import LabelTally, never_seen, outcome_of
 from kdscale.data.record import SPLITS, Box, Record, RecordError, safe_key
-from kdscale.data.sources.base import guarded, open_csv, read_image
+from kdscale.data.sources.base import OUTSIDE_ROOT, guarded, open_csv, read_image, resolve_under_root
 from kdscale.data.sources.cbis import encode_mask_png, hash_fraction, skip_reason
+from kdscale.data.sources.demographics import Demographics, DemographicsReader
+from kdscale.data.sources.regions import BoxesSpec, Region, read_regions, region_box
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BoxesSpec", "Demographics", "LabelSpec", "ManifestConfig", "ManifestSource"]
 
 
 @dataclass
@@ -32,35 +52,31 @@ class LabelSpec:
     column: str = ""                                     # manifest column (source: column)
     source: Literal["column", "boxes"] = "column"        # boxes: 1 if the image has a region labelled in `positive`
     positive: list[str] = field(default_factory=list)    # values (or region labels) meaning 1; [] = numeric 0/1 column
-    negative: list[str] = field(default_factory=list)    # values meaning 0; if given, other values are counted skips
+    negative: list[str] = field(default_factory=list)    # values meaning 0 (with `positive`)
     contains: bool = False                               # positive if the value contains one of `positive`
     missing: Literal["unknown", "negative", "skip"] = "unknown"  # blank cell / image without regions: NaN, 0 or skip
+    # a value that is neither positive nor negative (nor 0/1 for a numeric column): NaN (unknown,
+    # excluded from losses and metrics), 0, or a counted skip "label value outside expected set"
+    other: Literal["unknown", "negative", "skip"] = "unknown"
 
     def __post_init__(self) -> None:
         if self.source == "column" and not self.column:
             raise ValueError(f"label {self.name!r}: 'column' is required when source is 'column'")
         if self.source == "boxes" and not self.positive:
             raise ValueError(f"label {self.name!r}: source 'boxes' needs the region labels in 'positive'")
-
-
-@dataclass
-class BoxesSpec:
-    csv: str = path_field()               # one row per region
-    join_column: str = "filename"         # column of this CSV matching the manifest's `manifest_column`
-    manifest_column: str = ""             # manifest column to join on ("" = the manifest's image_column)
-    label_column: str = "label"
-    x_column: str = "x"                   # x, y = top-left corner in pixels of the image
-    y_column: str = "y"
-    w_column: str = "w"
-    h_column: str = "h"
-    mask_column: str = ""                 # path (relative to root) of a mask cropped to the box; blank cell = no mask
-    keep_labels: list[str] = field(default_factory=list)  # empty = all regions; labels may still use the others
+        if self.negative and not self.positive:
+            raise ValueError(f"label {self.name!r}: 'negative' needs 'positive' (a numeric column is 0/1)")
+        both = {_norm(v) for v in self.positive} & {_norm(v) for v in self.negative}
+        if both:
+            raise ValueError(f"label {self.name!r}: value(s) {sorted(both)} are both positive and negative")
 
 
 @dataclass
 class ManifestConfig:
     csv: str = path_field()               # the manifest: one row per sample
     root: str = path_field("")            # base folder for relative file paths ("" = the CSV's folder)
+    allow_absolute_paths: bool = False    # true: file cells may be absolute paths (resolved, anywhere);
+    # false: every file a cell names must resolve (symlinks too) under root, else a counted skip
     patient_column: str = "patient_id"
     key_columns: list[str] = field(default_factory=list)  # empty = patient + row number
     split_column: str = ""                # empty = deterministic patient-level split by hash
@@ -69,27 +85,33 @@ class ManifestConfig:
     split_seed: int = 0
     image_column: str = ""
     image_dir: str = ""                   # folder (relative to root) that image paths are relative to
-    require_image: bool = False           # true: a row whose image cell is blank or whose file is missing is a
-    # counted skip; false: it is kept without an image (counted note). A corrupt image is always a skip.
+    require_image: bool = False           # true: a row whose image cell is blank or whose file is missing
+    # or corrupt is a counted skip; false: it is kept without an image (counted)
     report_column: str = ""               # report text in the manifest itself
     report_file_column: str = ""          # or: path (relative to root) of a UTF-8 text file per row
-    require_report: bool = False          # true: blank/empty report is a counted skip; false: report None + note
+    require_report: bool = False          # true: blank/empty/unreadable report is a counted skip
     tabular_columns: list[str] = field(default_factory=list)
     categorical_columns: list[str] = field(default_factory=list)  # the rest of tabular_columns are numeric
     missing_values: list[str] = field(default_factory=lambda: ["", "NA", "N/A"])  # cells meaning blank
+    # a bad cell of one modality: drop that modality from the sample (counted) or skip the sample
+    on_bad_modality: Literal["drop", "skip_sample"] = "drop"
     timeseries_column: str = ""           # path (relative to root) of a per-sample time-series CSV (Hours,<channels>)
     discretizer: str = path_field("")     # discretizer config for those series (configs/ehr/*.yaml)
+    timeseries_channels: list[str] = field(default_factory=list)  # channels of it to use ([] = all)
     timestep_hours: float = 1.0           # discretizer bin width
     timeseries_end_column: str = ""       # column with the series end in hours ("" = the last event's time)
     labels: list[LabelSpec] = field(default_factory=list)
     boxes: Optional[BoxesSpec] = None
-    meta_columns: list[str] = field(default_factory=list)  # carried into Record.meta (e.g. sex, age)
+    demographics: Optional[Demographics] = None  # columns whose role is sex / age / ethnicity
+    meta_columns: list[str] = field(default_factory=list)  # carried into Record.meta as written
 
     def __post_init__(self) -> None:
         if self.report_column and self.report_file_column:
             raise ValueError("set report_column or report_file_column, not both")
         if self.timeseries_column and not self.discretizer:
             raise ValueError("timeseries_column needs a discretizer config")
+        if self.timeseries_channels and not self.timeseries_column:
+            raise ValueError("timeseries_channels needs timeseries_column")
         bad = [c for c in self.categorical_columns if c not in self.tabular_columns]
         if bad:
             raise ValueError(f"categorical_columns {bad} are not in tabular_columns")
@@ -117,6 +139,15 @@ def _finite(value: str, column: str) -> float:
     if not math.isfinite(number):
         raise RecordError(f"non-finite numeric value: column {column!r} is NaN or inf")
     return number
+
+
+def _number(value: str) -> Optional[float]:
+    """A finite float, or None (a label cell that is not a number is an 'other' value)."""
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if math.isfinite(number) else None
 
 
 def read_cropped_mask(path: Path, width: float, height: float) -> bytes:
@@ -156,6 +187,8 @@ class ManifestSource:
         self.label_names = [spec.name for spec in cfg.labels]
         self._missing = {_norm(v) for v in cfg.missing_values}
         self._split_of = {_norm(v): k for k, v in cfg.split_values.items()}
+        self._demographics = DemographicsReader(cfg.demographics, cfg.meta_columns, self._missing)
+        self._disc = None
 
     def describe(self) -> dict:
         cfg = self.cfg
@@ -167,37 +200,54 @@ class ManifestSource:
             "csv": str(self.csv),
             "label_names": self.label_names,
             "labels": [{"name": s.name, "source": s.source, "column": s.column, "positive": s.positive,
-                        "negative": s.negative, "contains": s.contains, "missing": s.missing} for s in cfg.labels],
+                        "negative": s.negative, "contains": s.contains, "missing": s.missing, "other": s.other}
+                       for s in cfg.labels],
             "modalities": modalities,
             "tabular_features": {"numeric": numeric, "categorical": list(cfg.categorical_columns)},
             "privileged_note": "report, tabular and ehr may be privileged (teacher-only) inputs; "
                                "the image student never reads them",
             "splits": (f"column {cfg.split_column!r}" if cfg.split_column else
                        f"patient-level hash (seed {cfg.split_seed}) {cfg.split_fractions}"),
-            "boxes": None if cfg.boxes is None else {"csv": cfg.boxes.csv, "keep_labels": cfg.boxes.keep_labels},
+            "boxes": None if cfg.boxes is None else {"format": cfg.boxes.format, "file": cfg.boxes.file,
+                                                     "keep_labels": cfg.boxes.keep_labels},
+            "demographics": {role: column for role, column in self._demographics.columns.items() if column},
             "require_image": cfg.require_image,
+            "on_bad_modality": cfg.on_bad_modality,
             # shards check every EHR matrix against this width
             "ehr_feature_names": self._discretizer()[1].feature_names if cfg.timeseries_column else None,
         }
 
     # -- records -----------------------------------------------------------------------------
     def records(self, log: IngestLog) -> Iterator[Record]:
-        return guarded(self._stream(log), log, self.name)
+        if log.label_values is None:
+            log.label_values = LabelTally()
+        self._raw_labels: dict[str, list] = {}
+        for record in guarded(self._stream(log), log, self.name):
+            # tallied only for samples that are kept (after the duplicate-key guard), so the
+            # label table's raw-value counts add up to its positive / negative / unknown counts
+            for spec, (value, raw) in zip(self.cfg.labels, self._raw_labels.pop(record.key, [])):
+                log.label_values.add(record.split, spec.name, outcome_of(value), raw)
+            yield record
 
     def _required_columns(self) -> list[str]:
         cfg = self.cfg
         cols = [cfg.patient_column, *cfg.key_columns, cfg.split_column, cfg.image_column, cfg.report_column,
                 cfg.report_file_column, *cfg.tabular_columns, cfg.timeseries_column, cfg.timeseries_end_column,
-                *[s.column for s in cfg.labels if s.source == "column"], *cfg.meta_columns]
+                *[s.column for s in cfg.labels if s.source == "column"], *cfg.meta_columns,
+                *self._demographics.required_columns()]
         if cfg.boxes is not None:
             cols.append(cfg.boxes.manifest_column or cfg.image_column)
         return list(dict.fromkeys(c for c in cols if c))
 
     def _stream(self, log: IngestLog) -> Iterator[Record]:
-        regions = self._read_regions() if self.cfg.boxes is not None else {}
+        regions = read_regions(self.cfg.boxes) if self.cfg.boxes is not None else {}
         discretizer = self._discretizer() if self.cfg.timeseries_column else None
+        self._seen_values: dict[str, set] = {spec.name: set() for spec in self.cfg.labels}
+        self._extra_channels: set[str] = set()
         joined: set[str] = set()
+        rows = 0
         for i, row in open_csv(self.csv, self._required_columns(), what="manifest", short_rows="blank"):
+            rows += 1
             log.count_read()
             if any(v is None for v in row.values()):
                 log.note("short manifest row (missing trailing cells read as blank)")
@@ -210,9 +260,33 @@ class ManifestSource:
                 yield self._record(row, i, key, regions, discretizer, log)
             except RecordError as exc:
                 log.skip(*skip_reason(exc), key=key, file=self.csv, row=i)
-        unjoined = sum(len(rows) for value, rows in regions.items() if value not in joined)
+        if rows == 0:
+            raise DataError("the manifest has a header but no data rows", file=self.csv)
+        unjoined = sum(len(rs) for value, rs in regions.items() if value not in joined)
         if unjoined:
             log.note("region rows without a manifest row", unjoined)
+        self._warn_after_stream(log)
+
+    def _warn_after_stream(self, log: IngestLog) -> None:
+        """Loud warnings for configurations that silently map everything one way."""
+        for spec in self.cfg.labels:
+            if spec.source != "column":
+                continue
+            seen = self._seen_values[spec.name]
+            listed = (spec.positive + spec.negative) if spec.positive else ["0", "1"]
+            if spec.contains:   # a `contains` positive matches inside values
+                absent = [v for v in spec.positive if not any(_norm(v) in s for s in seen)]
+                absent += never_seen(spec.negative, seen)
+            else:
+                absent = never_seen(listed, seen)
+            if absent:
+                logger.warning("manifest: label %r: listed value(s) %s never occur in column %r; %d distinct "
+                               "value(s) occur (see the label table)", spec.name, absent, spec.column, len(seen))
+                log.note(f"label {spec.name}: listed value(s) never occur: {absent}")
+        if self._extra_channels:
+            logger.warning("manifest: time-series column(s) %s are not channels in use: ignored",
+                           sorted(self._extra_channels))
+            log.note(f"ehr: time-series columns ignored (not channels in use): {sorted(self._extra_channels)}")
 
     def _blank(self, value: Optional[str]) -> bool:
         return value is None or _norm(value) in self._missing
@@ -244,27 +318,50 @@ class ManifestSource:
                 return split
         return "train" if "train" in self.cfg.split_fractions else next(iter(self.cfg.split_fractions))
 
+    def _path(self, value: str, what: str, base: Optional[Path] = None) -> Path:
+        return resolve_under_root(base or self.root, value, what=what,
+                                  allow_absolute=self.cfg.allow_absolute_paths)
+
+    def _modality(self, name: str, read, log: IngestLog, key: str, row: int):
+        """``read()`` for one modality; a RecordError drops just that modality (counted) unless
+        on_bad_modality is skip_sample. A path outside the root always skips the sample."""
+        try:
+            return read()
+        except RecordError as exc:
+            if self.cfg.on_bad_modality == "skip_sample" or str(exc).startswith(OUTSIDE_ROOT):
+                raise
+            reason, detail = skip_reason(exc)
+            log.drop_modality(name, reason, detail, key=key, file=self.csv, row=row)
+            return None
+
     def _record(self, row: dict, i: int, key: str, regions: dict, discretizer, log: IngestLog) -> Record:
         cfg = self.cfg
         patient = row[cfg.patient_column].strip()
         split = self._split(row, patient)
-        image, size, image_rel = self._image(row, log)
+        image, size, image_rel = self._image(row, log, key, i)
         region_rows = None
         if cfg.boxes is not None:
             region_rows = regions.get(row[cfg.boxes.manifest_column or cfg.image_column].strip())
-        labels = np.array([self._label(spec, row, region_rows) for spec in cfg.labels], dtype=np.float32)
+        mapped = [self._label(spec, row, region_rows) for spec in cfg.labels]
         meta = {"patient_id": patient, "source_file": str(self.csv), "source_row": i}
         if image_rel:
             meta["image_file"] = image_rel
         meta.update({c: (None if self._blank(row[c]) else row[c].strip()) for c in cfg.meta_columns})
-        return Record(key=key, patient_id=patient, split=split, labels=labels, image=image, image_size=size,
-                      ehr=self._ehr(row, discretizer, log) if discretizer else None,
-                      report=self._report(row, log),
-                      tabular=self._tabular(row) if cfg.tabular_columns else None,
-                      boxes=self._boxes(region_rows or [], size, log), meta=meta)
+        meta.update(self._demographics.read(row, log))   # typed sex / age / ethnicity
+        ehr = self._modality("ehr", lambda: self._ehr(row, discretizer, log), log, key, i) if discretizer else None
+        report = self._report(row, log) if cfg.require_report else \
+            self._modality("report", lambda: self._report(row, log), log, key, i)
+        tabular = self._modality("tabular", lambda: self._tabular(row), log, key, i) \
+            if cfg.tabular_columns else None
+        boxes = self._boxes(region_rows or [], size, log)
+        record = Record(key=key, patient_id=patient, split=split, labels=[v for v, _ in mapped], image=image,
+                        image_size=size, ehr=ehr, report=report, tabular=tabular, boxes=boxes, meta=meta)
+        self._raw_labels[key] = mapped
+        return record
 
     # -- modalities --------------------------------------------------------------------------
-    def _image(self, row: dict, log: IngestLog) -> tuple[Optional[bytes], Optional[tuple[int, int]], str]:
+    def _image(self, row: dict, log: IngestLog, key: str, i: int
+               ) -> tuple[Optional[bytes], Optional[tuple[int, int]], str]:
         cfg = self.cfg
         if not cfg.image_column:
             return None, None, ""
@@ -274,14 +371,20 @@ class ManifestSource:
                 raise RecordError(f"no image: column {cfg.image_column!r} is blank (require_image)")
             log.note("image cell blank (kept without image)")
             return None, None, ""
-        rel = str(Path(cfg.image_dir) / value.strip()) if cfg.image_dir else value.strip()
-        path = self.root / rel
+        value = value.strip()
+        rel = str(Path(cfg.image_dir) / value) if cfg.image_dir and not Path(value).is_absolute() else value
+        # image paths stay under root/image_dir (the folder they are declared relative to)
+        path = self._path(value, "image", self.root / cfg.image_dir if cfg.image_dir else None)
         if not path.is_file():
             if cfg.require_image:
                 raise RecordError(f"image file missing: {rel} (require_image)")
             log.note("image file missing (kept without image)")
             return None, None, rel
-        image, size = read_image(path)
+        if cfg.require_image:
+            image, size = read_image(path)
+        else:
+            found = self._modality("image", lambda: read_image(path), log, key, i)
+            image, size = found if found is not None else (None, None)
         return image, size, rel
 
     def _report(self, row: dict, log: IngestLog) -> Optional[str]:
@@ -290,13 +393,14 @@ class ManifestSource:
         if cfg.report_column:
             text = row[cfg.report_column]
         elif cfg.report_file_column and not self._blank(row[cfg.report_file_column]):
-            path = self.root / row[cfg.report_file_column].strip()
+            value = row[cfg.report_file_column].strip()
+            path = self._path(value, "report")
             try:
                 text = path.read_text(encoding="utf-8")
             except FileNotFoundError:
-                raise RecordError(f"report file missing: {path}") from None
+                raise RecordError(f"report file missing: {value}") from None
             except (OSError, UnicodeDecodeError) as exc:
-                raise RecordError(f"unreadable report file: {path}: {type(exc).__name__}") from None
+                raise RecordError(f"unreadable report file: {value}: {type(exc).__name__}") from None
         elif not cfg.report_file_column:
             return None
         if text is None or not text.strip():
@@ -318,28 +422,37 @@ class ManifestSource:
                 out[column] = _finite(value.strip(), column)
         return out
 
-    def _label(self, spec: LabelSpec, row: dict, region_rows: Optional[list]) -> float:
+    def _label(self, spec: LabelSpec, row: dict, region_rows: Optional[list]) -> tuple[float, str]:
+        """(0 / 1 / NaN, the raw value shown in the label table)."""
         if spec.source == "boxes":
             if region_rows is None:
-                return self._missing_label(spec, "image has no region rows")
-            found = {_norm(r[self.cfg.boxes.label_column]) for _, r in region_rows}
-            return float(bool(found & {_norm(p) for p in spec.positive}))
+                return self._missing_label(spec, "image has no region rows"), "<no region rows>"
+            found = {_norm(r.label) for r in region_rows}
+            hit = bool(found & {_norm(p) for p in spec.positive})
+            return float(hit), ("<region: " + ("listed label" if hit else "other labels") + ">")
         value = row[spec.column]
         if self._blank(value):
-            return self._missing_label(spec, f"column {spec.column!r} is blank")
+            return self._missing_label(spec, f"column {spec.column!r} is blank"), value
         v = _norm(value)
+        self._seen_values[spec.name].add(v)
         if not spec.positive:
-            number = _finite(value.strip(), spec.column)
-            if number not in (0.0, 1.0):
-                raise RecordError(f"label value outside expected set: column {spec.column!r} is not 0/1")
-            return number
+            number = _number(value)
+            if number in (0.0, 1.0):
+                return number, value
+            return self._other_label(spec, "is not 0/1"), value
         positives = [_norm(p) for p in spec.positive]
         if (any(p in v for p in positives) if spec.contains else v in positives):
-            return 1.0
-        if spec.negative and v not in {_norm(n) for n in spec.negative}:
-            raise RecordError(f"label value outside expected set: column {spec.column!r} "
-                              f"(expected {spec.positive + spec.negative})")
-        return 0.0
+            return 1.0, value
+        if v in {_norm(n) for n in spec.negative}:
+            return 0.0, value
+        why = f"is neither positive nor negative (expected {spec.positive + spec.negative})"
+        return self._other_label(spec, why), value
+
+    @staticmethod
+    def _other_label(spec: LabelSpec, why: str) -> float:
+        if spec.other == "skip":
+            raise RecordError(f"label value outside expected set: column {spec.column!r} {why}")
+        return 0.0 if spec.other == "negative" else float("nan")
 
     @staticmethod
     def _missing_label(spec: LabelSpec, why: str) -> float:
@@ -349,25 +462,32 @@ class ManifestSource:
 
     # -- time series -------------------------------------------------------------------------
     def _discretizer(self):
-        try:
-            from kdscale.data import ehr
-        except ImportError as exc:
-            raise DataError(f"timeseries_column is set but kdscale.data.ehr cannot be imported: {exc}") from None
-        config = ehr.load_discretizer_config(self.cfg.discretizer)
-        return ehr, ehr.Discretizer(config, timestep=self.cfg.timestep_hours)
+        if self._disc is None:
+            try:
+                from kdscale.data import ehr
+            except ImportError as exc:
+                raise DataError(f"timeseries_column is set but kdscale.data.ehr cannot be imported: {exc}") from None
+            config = ehr.select_channels(ehr.load_discretizer_config(self.cfg.discretizer),
+                                         self.cfg.timeseries_channels, "data.manifest.timeseries_channels")
+            self._disc = (ehr, ehr.Discretizer(config, timestep=self.cfg.timestep_hours))
+        return self._disc
 
     def _ehr(self, row: dict, discretizer, log: IngestLog) -> Optional[np.ndarray]:
         ehr, disc = discretizer
         value = row[self.cfg.timeseries_column]
         if self._blank(value):
             return None
-        path = self.root / value.strip()
+        value = value.strip()
+        path = self._path(value, "time-series")
         if not path.is_file():
-            raise RecordError(f"time-series file missing: {path}")
+            raise RecordError(f"time-series file missing: {value}")
         try:
-            events = ehr.read_timeseries_csv(path, disc.config.channel_names)
+            # columns that are not channels in use are ignored (listed once after the stream);
+            # channels the file lacks are never observed (missing, mask 0)
+            events = ehr.read_timeseries_csv(path, disc.config.channel_names, ignore_extra=True,
+                                             extra_seen=self._extra_channels)
             if not events:
-                raise RecordError(f"empty time series: {path} has no rows")
+                raise RecordError(f"empty time series: {value} has no rows")
             if self.cfg.timeseries_end_column:
                 end = _finite(row[self.cfg.timeseries_end_column].strip(), self.cfg.timeseries_end_column)
             else:
@@ -375,50 +495,35 @@ class ManifestSource:
             matrix, counts = disc.transform(events, end)
         except DataError as exc:
             raise RecordError(f"unreadable time series: {exc}") from None
-        # as MimicSource._ehr_matrix: NaN/inf is a skip, other unusable values are counted notes
+        # as MimicSource._ehr_matrix: NaN/inf is unusable, other unusable values are counted notes
         if counts["non_finite"]:
-            raise RecordError(f"non-finite EHR value: {counts['non_finite']} NaN/inf value(s) in {path}")
+            raise RecordError(f"non-finite EHR value: {counts['non_finite']} NaN/inf value(s) in {value}")
         for what in ("unknown_categorical", "non_numeric", "unknown_channel"):
             if counts[what]:
                 log.note(f"ehr: {what.replace('_', ' ')} value treated as missing", counts[what])
+        for channel, n in counts.get("out_of_range_by_channel", {}).items():
+            action = next(c.out_of_range for c in disc.channels if c.name == channel)
+            done = "set to missing" if action == "missing" else "clipped"
+            log.note(f"ehr: {channel} outside its valid range ({done})", n)
         return matrix
 
     # -- regions -----------------------------------------------------------------------------
-    def _read_regions(self) -> dict[str, list[tuple[int, dict]]]:
-        """join value -> [(row, region row)] (region metadata only; masks are read per sample)."""
-        spec = self.cfg.boxes
-        required = [spec.join_column, spec.label_column, spec.x_column, spec.y_column, spec.w_column,
-                    spec.h_column] + ([spec.mask_column] if spec.mask_column else [])
-        regions: dict[str, list[tuple[int, dict]]] = {}
-        for i, row in open_csv(spec.csv, required, what="boxes"):
-            row = {k: (v or "") for k, v in row.items()}
-            regions.setdefault(row[spec.join_column].strip(), []).append((i, row))
-        return regions
-
-    def _boxes(self, region_rows: list, size: Optional[tuple[int, int]], log: IngestLog) -> list[Box]:
+    def _boxes(self, region_rows: list[Region], size: Optional[tuple[int, int]], log: IngestLog) -> list[Box]:
         spec = self.cfg.boxes
         if spec is None:
             return []
         keep = {_norm(k) for k in spec.keep_labels}
         boxes = []
-        for i, r in region_rows:
-            label = r[spec.label_column].strip()
-            if keep and _norm(label) not in keep:
+        for region in region_rows:
+            if keep and _norm(region.label) not in keep:
                 continue
-            where = f"{Path(spec.csv).name} row {i}"
-            try:
-                x, y, w, h = (_finite((r[c] or "").strip(), c) for c in
-                              (spec.x_column, spec.y_column, spec.w_column, spec.h_column))
-            except RecordError as exc:
-                raise RecordError(f"bad box: {where}: {exc}") from None
-            if w <= 0 or h <= 0:
-                raise RecordError(f"bad box: {where}: width/height not positive")
-            if size is not None and (x < 0 or y < 0 or x + w > size[0] or y + h > size[1]):
-                raise RecordError(f"box outside image: {where}: ({x}, {y}, {w}, {h}) in image {size}")
+            x, y, w, h, clipped = region_box(spec, region, size)
+            if clipped:
+                log.note("circle box clipped to the image")
             mask = None
-            if spec.mask_column and not self._blank(r[spec.mask_column]):
-                mask = read_cropped_mask(self.root / r[spec.mask_column].strip(), w, h)
+            if spec.mask_column and not self._blank(region.mask):
+                mask = read_cropped_mask(self._path(region.mask, "mask"), w, h)
             elif spec.mask_column:
                 log.note("region without mask")
-            boxes.append(Box(label=label, x=x, y=y, w=w, h=h, mask_png=mask))
+            boxes.append(Box(label=region.label, x=x, y=y, w=w, h=h, mask_png=mask))
         return boxes

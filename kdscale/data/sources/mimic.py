@@ -31,7 +31,7 @@ from kdscale.data.mimic_tables import (IHM_HOURS, IHM_LABELS, PAIRING_RULE_VERSI
                                        pair_images, pairing_rule, read_all_stays, read_chexpert, read_cxr_split,
                                        read_listfile_header, read_listfiles, read_ms_cxr)
 from kdscale.data.record import Box, Record, RecordError, safe_key
-from kdscale.data.sources.base import guarded, read_image
+from kdscale.data.sources.base import OUTSIDE_ROOT, guarded, read_image, resolve_under_root
 
 EHR_TASKS = ("in-hospital-mortality", "phenotyping")
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -135,23 +135,29 @@ class MimicSource:
     def _cxr_csv(self, which: str) -> Path:
         return self.cxr_root / f"mimic-cxr-2.0.0-{which}.csv"
 
+    # Ids from the CSVs become path parts: each path is checked to resolve (symlinks too) under its
+    # root, so a crafted id ("../..") cannot make the reader leave the data tree (RecordError).
+    @staticmethod
+    def _under(root: Path, rel: str, what: str) -> Path:
+        resolve_under_root(root, rel, what=what)
+        return root / rel
+
     def _image_path(self, ref: ImageRef) -> Path:
         if self.cfg.resized_image_dir:
-            return Path(self.cfg.resized_image_dir) / f"{ref.dicom_id}.jpg"
-        return (self.cxr_root / "files" / f"p{ref.subject_id[:2]}" / f"p{ref.subject_id}" / f"s{ref.study_id}"
-                / f"{ref.dicom_id}.jpg")
+            return self._under(Path(self.cfg.resized_image_dir), f"{ref.dicom_id}.jpg", "image")
+        return self._under(self.cxr_root, f"files/p{ref.subject_id[:2]}/p{ref.subject_id}/s{ref.study_id}/"
+                           f"{ref.dicom_id}.jpg", "image")
 
     def _report_path(self, ref: ImageRef) -> Path:
-        return (Path(self.cfg.reports_root) / "files" / f"p{ref.subject_id[:2]}" / f"p{ref.subject_id}"
-                / f"s{ref.study_id}.txt")
+        return self._under(Path(self.cfg.reports_root), f"files/p{ref.subject_id[:2]}/p{ref.subject_id}/"
+                           f"s{ref.study_id}.txt", "report")
 
     def _series_path(self, entry: ListEntry) -> Path:
         # mimic3-benchmarks: val stays live in <task>/train/, test stays in <task>/test/
         first, second = ("test", "train") if entry.split == "test" else ("train", "test")
-        task_dir = self.ehr_root / self.cfg.task
-        primary = task_dir / first / entry.stay
-        return primary if primary.is_file() or not (task_dir / second / entry.stay).is_file() \
-            else task_dir / second / entry.stay
+        primary = self._under(self.ehr_root, f"{self.cfg.task}/{first}/{entry.stay}", "time-series")
+        other = self._under(self.ehr_root, f"{self.cfg.task}/{second}/{entry.stay}", "time-series")
+        return primary if primary.is_file() or not other.is_file() else other
 
     # -- shared indexes (metadata only) ---------------------------------------------------------
     def _ehr_tables(self):
@@ -261,7 +267,11 @@ class MimicSource:
         if hours is None:
             log.skip("bad period length", "period_length must be a positive number of hours", **where)
             return None
-        series = self._series_path(entry)
+        try:
+            series = self._series_path(entry)
+        except RecordError as exc:
+            log.skip(OUTSIDE_ROOT, str(exc).partition(": ")[2], **where)
+            return None
         ehr = self._ehr_matrix(series, hours, key, log)
         if ehr is None:
             return None
@@ -274,7 +284,11 @@ class MimicSource:
         fields: dict = {}
         if ref is not None:
             partial = self.cfg.cohort == "partial"
-            image = self._image_fields(ref, boxes, key, log, report_problem="note")
+            try:
+                image = self._image_fields(ref, boxes, key, log, report_problem="note")
+            except RecordError as exc:         # a path outside its root: never read, the sample is skipped
+                log.skip(OUTSIDE_ROOT, str(exc).partition(": ")[2], **where)
+                return None
             if image is None and not partial:
                 return None                    # paired cohort: a sample that cannot be paired (skip counted)
             if image is None:                  # partial cohort: the stay stays, without the image modality
@@ -317,8 +331,10 @@ class MimicSource:
 
         An unusable image is a recorded skip, except in the partial EHR cohort, where it is a
         counted note (the stay is kept EHR-only). An unusable report is a skip, or with
-        ``report_problem="note"`` a counted note (the image is kept without its report)."""
-        path = self._image_path(ref)
+        ``report_problem="note"`` a counted note (the image is kept without its report). A path
+        outside its root is always a skip."""
+        path = self._image_path(ref)     # RecordError (outside root): the caller skips the sample
+        report_path = self._report_path(ref) if self.cfg.include_reports and self.cfg.reports_root else None
         try:
             data, size = read_image(path)
         except RecordError as exc:
@@ -329,8 +345,7 @@ class MimicSource:
                 log.skip(reason, str(exc), key=key, file=path)
             return None
         report, report_file = None, None
-        if self.cfg.include_reports and self.cfg.reports_root:
-            report_path = self._report_path(ref)
+        if report_path is not None:
             if report_path.is_file():
                 problem = None
                 try:
@@ -385,7 +400,12 @@ class MimicSource:
                 log.skip("no split", "dicom_id not in the split CSV", key=key, file=self._cxr_csv("metadata"),
                          row=ref.row)
                 continue
-            image = self._image_fields(ref, boxes, key, log)
+            try:
+                image = self._image_fields(ref, boxes, key, log)
+            except RecordError as exc:         # a path outside its root: never read, the sample is skipped
+                log.skip(OUTSIDE_ROOT, str(exc).partition(": ")[2], key=key, file=self._cxr_csv("metadata"),
+                         row=ref.row)
+                continue
             if image is None:
                 continue
             fields, image_meta = image
