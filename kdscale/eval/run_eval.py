@@ -60,12 +60,25 @@ def _uniform(key: str, modality: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
-def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict:
-    """{condition: Predictions} for every valid sample of ``loader``, one pass over the data; each
-    condition's ``present`` is the presence the model saw under it."""
+def _stored_presence(batch: dict) -> dict:
+    """What each sample of the batch holds, from its stored record: the loader flags only the
+    modalities it decoded (a student never loads the report or tabular data its teachers read),
+    so those are taken from the record's own ``present`` (issue 16)."""
     import torch
 
-    from kdscale.eval.predictions import Predictions
+    records = batch["meta"]
+    return {m: torch.as_tensor(flag).bool() | torch.tensor([bool((r.get("present") or {}).get(m)) for r in records],
+                                                          dtype=torch.bool)
+            for m, flag in batch["present"].items()}
+
+
+def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict:
+    """{condition: Predictions} for every valid sample of ``loader``, one pass over the data. The
+    model sees the loader's presence flags under each condition; each condition's recorded
+    ``present`` is what the sample holds (its stored record) less what the condition removed."""
+    import torch
+
+    from kdscale.eval.predictions import Predictions, demographics
 
     acc = {c: {"heads": {}, "present": {}} for c in conditions}
     keys, patients, labels, meta = [], [], [], {"sex": [], "age": [], "ethnicity": []}
@@ -74,9 +87,10 @@ def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict
         for batch in loader:
             valid = batch["valid"].numpy().astype(bool)
             batch_keys = list(batch["key"])
+            stored = _stored_presence(batch)
             for c in conditions:
                 flags = _flags_under(batch_keys, batch["present"], c, seed)
-                for m, flag in flags.items():
+                for m, flag in _flags_under(batch_keys, stored, c, seed).items():
                     acc[c]["present"].setdefault(m, []).append(np.asarray(flag, bool)[valid])
                 for head, (probs, mask) in task.predict(model, {**batch, "present": flags}).items():
                     acc[c]["heads"].setdefault(head, []).append(
@@ -87,11 +101,8 @@ def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict
                 if not v:
                     continue
                 patients.append(str(record.get("patient_id", "")))
-                demo = record.get("meta") or {}
-                meta["sex"].append(str(demo.get("sex") or ""))
-                age = demo.get("age")
-                meta["age"].append(float(age) if isinstance(age, (int, float)) else float("nan"))
-                meta["ethnicity"].append(str(demo.get("ethnicity") or demo.get("race") or ""))
+                for column, value in demographics(record.get("meta")).items():
+                    meta[column].append(value)
     if not keys:
         raise ValueError("the evaluation split has no samples for this student")
     label_array = np.concatenate(labels).astype(np.float64)
@@ -285,6 +296,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         write_predictions(out / "predictions.csv", preds["full"])
         result = evaluate(preds["full"], task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
                           min_group_size=ecfg.min_group_size)
+        _say_subgroups(student.name, result["subgroups"], progress)
         if len(conditions) > 1:
             result["robustness"] = robustness(preds, task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed)
         if ecfg.localization and student.image_only:
@@ -304,6 +316,17 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
     comparisons = _comparisons(cfg, full, ecfg)
     write_json_atomic(eval_dir / "comparisons.json", to_jsonable(comparisons))
     return {"eval_dir": str(eval_dir), "students": list(full), "comparisons": len(comparisons), "split": split}
+
+
+def _say_subgroups(name: str, section: dict, progress: bool) -> None:
+    """Per attribute, how many samples had it; every subgroup warning (empty analysis, an
+    attribute unknown for all) on the console, never only in evaluation.json."""
+    from kdscale.eval.analysis import subgroup_counts_line
+
+    if progress:
+        print(f"eval {name}: {subgroup_counts_line(section)}")
+    for warning in section.get("warnings", []):
+        log.warning("eval %s: %s", name, warning)
 
 
 def _comparisons(cfg, full: dict, ecfg) -> list:
