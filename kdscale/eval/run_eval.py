@@ -158,11 +158,12 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
             rec = batch["meta"][i]
             w, h = rec["image_size"]
             boxes = np.array([[b["x"], b["y"], b["w"], b["h"]] for b in rec["boxes"]], dtype=np.float64)
-            moved, n_drop = transform_boxes(boxes, (w, h), loader_cfg.resize_size, size)
+            moved, n_drop = transform_boxes(boxes, (w, h), loader_cfg.resize_size, size, loader_cfg.pad_to_square)
             dropped += n_drop
             region = region_masks.get(rec["key"]) if region_masks is not None else None
             if region is not None and any(b.get("mask") for b in rec["boxes"]):
-                masks.append(ground_truth_from_masks(rec, region, loader_cfg.resize_size, size))
+                masks.append(ground_truth_from_masks(rec, region, loader_cfg.resize_size, size,
+                                                     loader_cfg.pad_to_square))
                 used_masks += 1
             else:
                 masks.append(boxes_to_mask(moved, (size, size)))
@@ -203,10 +204,11 @@ def read_region_masks(loader) -> Optional[dict]:
     return found or None
 
 
-def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: int) -> np.ndarray:
-    """The union of an image's regions as a bool [crop, crop] mask after the loader's resize +
-    centre crop: a box with a stored mask contributes the mask's pixels (pasted at the box, the
-    mask being cropped to the box), a box without one its rectangle."""
+def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: int,
+                            pad_to_square: bool = False) -> np.ndarray:
+    """The union of an image's regions as a bool [crop, crop] mask after the loader's
+    (letterbox +) resize + centre crop: a box with a stored mask contributes the mask's pixels
+    (pasted at the box, the mask being cropped to the box), a box without one its rectangle."""
     import io
 
     from PIL import Image
@@ -224,6 +226,13 @@ def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: 
             m = np.ones((max(1, int(round(box["h"]))), max(1, int(round(box["w"])))), dtype=bool)
         ys, xs = slice(max(0, y0), min(h, y0 + m.shape[0])), slice(max(0, x0), min(w, x0 + m.shape[1]))
         canvas[ys, xs] |= m[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
+    if pad_to_square:   # the same letterbox as the image (kdscale.data.transforms.PadToSquare)
+        from kdscale.data.transforms import letterbox_geometry
+
+        side, left, top = letterbox_geometry(w, h)
+        square = np.zeros((side, side), dtype=bool)
+        square[top: top + h, left: left + w] = canvas
+        canvas, w, h = square, side, side
     rw, rh = _resized_size(w, h, resize_shorter)
     resized = np.asarray(Image.fromarray(canvas.astype(np.uint8) * 255).resize((rw, rh), Image.Resampling.NEAREST)) > 0
     out = np.zeros((crop, crop), dtype=bool)
