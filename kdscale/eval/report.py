@@ -92,6 +92,17 @@ def discover_runs(eval_dir) -> list[RunResult]:
     return runs
 
 
+def _leakage(eval_dir: Path) -> list[dict]:
+    """``leakage.json`` (kdscale eval): label-leakage warnings of the run's teachers."""
+    path = eval_dir / "leakage.json"
+    if not path.is_file():
+        return []
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of teacher warnings")
+    return [w for w in data if isinstance(w, dict)]
+
+
 def _comparisons(eval_dir: Path) -> list[dict]:
     path = eval_dir / "comparisons.json"
     if not path.is_file():
@@ -534,7 +545,11 @@ def _to_markdown(title: str, sections: Sequence[Section], out_dir: Path) -> str:
 def _sections(eval_dir: Path, out_dir: Path) -> list[Section]:
     runs = discover_runs(eval_dir)
     figures = FigureMaker(out_dir)
-    return [_summary(runs), _comparisons_section(_comparisons(eval_dir)),
+    summary = _summary(runs)
+    # label leakage of a teacher undermines every distilled number: said first, in the summary
+    summary.blocks[:0] = [Paragraph(f"Warning: teacher {w.get('teacher', '?')}: possible label leakage: "
+                                    f"{w.get('warning', '')}") for w in _leakage(eval_dir)]
+    return [summary, _comparisons_section(_comparisons(eval_dir)),
             _per_label(runs, figures), _cohorts(runs), _robustness(runs, figures),
             _utilization(runs), _subgroups(runs, figures), _calibration(runs, figures),
             _localization(runs, figures, eval_dir), _runs_section(runs)]

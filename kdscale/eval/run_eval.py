@@ -324,7 +324,25 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         full[student.name] = (preds["full"], task.main_head)
     comparisons = _comparisons(cfg, full, ecfg)
     write_json_atomic(eval_dir / "comparisons.json", to_jsonable(comparisons))
+    write_json_atomic(eval_dir / "leakage.json", teacher_leakage(cfg))
     return {"eval_dir": str(eval_dir), "students": list(full), "comparisons": len(comparisons), "split": split}
+
+
+def teacher_leakage(cfg) -> list:
+    """The label-leakage warnings of the run's trained teachers (their teacher.json, written by
+    kdscale.distill.teachers), for the report: [{"teacher", "warning"}]. Each is repeated on the
+    console, as the students distilled from those teachers are being evaluated."""
+    from kdscale.distill.teachers import teachers_dir
+
+    out = []
+    for teacher in cfg.teachers.members:
+        path = teachers_dir(cfg) / teacher.name / "teacher.json"
+        if not path.is_file():
+            continue
+        for warning in (json.loads(path.read_text()).get("leakage") or {}).get("warnings", []):
+            log.warning("teacher %s: possible label leakage: %s", teacher.name, warning)
+            out.append({"teacher": teacher.name, "warning": warning})
+    return out
 
 
 def _say_subgroups(name: str, section: dict, progress: bool) -> None:
