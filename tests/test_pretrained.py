@@ -82,7 +82,7 @@ def test_timm_weights_from_the_local_cache_a_folder_or_a_file(hub_cache, spec, c
 
 def test_uncached_hub_name_fails_with_how_to_fill_the_cache(hub_cache):
     with pytest.raises(FileNotFoundError, match=r"not in the local Hugging Face cache .*hf-cache.*"
-                                                r"huggingface-cli download timm/test_resnet\.r160_in1k"):
+                                                r"hf download timm/test_resnet\.r160_in1k"):
         build_model(ModelConfig("image", "test_resnet", pretrained="timm/test_resnet.r160_in1k"), 3)
     with pytest.raises(FileNotFoundError, match="timm knows no hub weights"):
         build_model(ModelConfig("image", "resnet10", pretrained="not_a_timm_model_xyz"), 3)
@@ -125,7 +125,7 @@ def test_transformers_model_from_the_local_cache(hub_cache):
     with torch.no_grad():
         enc = model.encoder.tokenize(["No acute process."])
         torch.testing.assert_close(model.features({"report": ["No acute process."]}), reference(**enc).pooler_output)
-    with pytest.raises(FileNotFoundError, match="huggingface-cli download org/other-bert"):
+    with pytest.raises(FileNotFoundError, match="hf download org/other-bert"):
         build_model(ModelConfig("report", "bert", pretrained="org/other-bert"), 2)
 
 

@@ -76,7 +76,8 @@ def _cached_snapshot(repo: str, spec: str) -> Path:
         raise FileNotFoundError(
             f"pretrained {spec!r}: hub repository {repo!r} is not in the local Hugging Face cache "
             f"{hub_cache_dir()} (the hub is never contacted at run time). On a machine with internet run "
-            f"`huggingface-cli download {repo}` (or timm.create_model(..., pretrained=True)), then copy "
+            f"`hf download {repo}` (older huggingface_hub: `huggingface-cli download {repo}`; or "
+            f"timm.create_model(..., pretrained=True)), then copy "
             f"the cache folder here and point HF_HOME or HF_HUB_CACHE at it; see {DOCS}. ({type(exc).__name__})"
         ) from None
 
