@@ -373,7 +373,7 @@ def _comparisons(cfg, full: dict, ecfg) -> list:
             try:
                 out.append(compare(ref_preds, preds, ref_head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
                                    cohort=None if cohort == "all" else cohort, name_a=reference, name_b=name))
-            except ValueError as exc:   # e.g. an image-only student has no paired cohort
+            except ValueError as exc:   # e.g. a data set without EHR has no paired cohort
                 log.info("comparison %s vs %s (%s) not possible: %s", reference, name, cohort, exc)
     return out
 
