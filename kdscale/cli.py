@@ -25,7 +25,15 @@ def _add_cfg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 def _load(args):
     from kdscale.schema import load_config
 
-    return load_config(args.cfg, args.overrides)
+    return _cap_threads(load_config(args.cfg, args.overrides))
+
+
+def _cap_threads(cfg):
+    """Every stage runs with its share of the allocated CPUs (kdscale.engine.threads)."""
+    from kdscale.engine.threads import cap_threads
+
+    cap_threads(cfg.run.threads, cfg.loader.num_workers)
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,7 +45,9 @@ def cmd_config(args) -> int:
 
     from kdscale.config import to_dict
 
-    print(yaml.safe_dump(to_dict(_load(args)), sort_keys=False), end="")
+    from kdscale.schema import load_config
+
+    print(yaml.safe_dump(to_dict(load_config(args.cfg, args.overrides)), sort_keys=False), end="")
     return 0
 
 
@@ -138,13 +148,14 @@ def _run_config(args):
     from kdscale.schema import load_config
 
     if args.cfg:
-        return load_config(args.cfg, [*args.overrides, f"run.out_dir={args.run}"] if args.run else args.overrides)
+        return _cap_threads(load_config(args.cfg, [*args.overrides, f"run.out_dir={args.run}"] if args.run
+                                        else args.overrides))
     if not args.run:
         raise ValueError("give --run RUN_DIR (a run directory) or --cfg FILE")
     run = Path(args.run)
     for candidate in (run / "config.yaml", run / "students" / "config.yaml"):
         if candidate.is_file():
-            return load_config(candidate, [*args.overrides, f"run.out_dir={run}"])
+            return _cap_threads(load_config(candidate, [*args.overrides, f"run.out_dir={run}"]))
     raise FileNotFoundError(f"{run}: no config.yaml (nor students/config.yaml): is this a kdscale run directory?")
 
 

@@ -19,6 +19,7 @@ import copy
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -165,11 +166,19 @@ def apply_overrides(tree: dict, overrides: Iterable[str], origins: dict) -> dict
 # ---------------------------------------------------------------------------------------------
 
 def _origin(origins: dict, dotted: str) -> str:
+    """Who set ``dotted``: the file (or ``<command line>``) of the key or its nearest parent.
+    Validation names list items ``students[0].x`` while overrides record ``students.0.x``; both
+    spellings are looked up the same way. A section that failed its own check also names any of
+    its keys that the command line changed, since those are the likely culprits."""
+    dotted = re.sub(r"\[(\d+)\]", r".\1", dotted)
+    overridden = sorted(key for key, src in origins.items()
+                        if src == COMMAND_LINE and key.startswith(dotted + "."))
+    suffix = f"; {', '.join(overridden)} from {COMMAND_LINE}" if overridden else ""
     parts = dotted.split(".")
     while parts:
         found = origins.get(".".join(parts))
         if found:
-            return found
+            return found + (suffix if found != COMMAND_LINE else "")
         parts.pop()
     children = sorted({src for key, src in origins.items() if key.startswith(dotted + ".")})
     return ", ".join(children) if children else "<defaults>"

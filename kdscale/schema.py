@@ -23,6 +23,11 @@ class RunConfig:
     out_dir: str = path_field("runs/default", must_exist=False)  # every stage writes below this folder
     name: str = ""
     seed: int = 0
+    threads: int = 0   # intra-op threads per process; 0 = its share of the allocated CPUs (docs/platform.md)
+
+    def __post_init__(self) -> None:
+        if self.threads < 0:
+            raise ValueError(f"run.threads must be >= 0 (0 = automatic share), got {self.threads}")
 
 
 @dataclass

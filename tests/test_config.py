@@ -140,3 +140,34 @@ def test_source_section_required(tmp_path):
     with pytest.raises(ConfigError, match="data.demo.corrupt_fraction must be in"):
         load_config(None, ["data.demo.corrupt_fraction=1.5"])
 
+
+
+@dataclass
+class _Checked:
+    size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.size < 1:
+            raise ValueError("size must be >= 1")
+
+
+@dataclass
+class _WithList:
+    items: list[Inner] = field(default_factory=list)
+    checked: _Checked = field(default_factory=_Checked)
+
+
+def test_command_line_override_is_named_as_such_in_lists_and_section_checks(tmp_path):
+    """Issue 16 finding 12: a list-item override was reported as '(from <defaults>)'."""
+    path = write(tmp_path / "c.yaml", {"items": [{"depth": 1}], "checked": {"size": 2}})
+    with pytest.raises(ConfigError, match=r"'items\[0\]\.kind' \(from <command line>\): must be one of"):
+        config.load(_WithList, path, ["items.0.kind=zzz"])
+    # the same key set in the file still names the file
+    bad = write(tmp_path / "bad.yaml", {"items": [{"kind": "zzz"}]})
+    with pytest.raises(ConfigError, match=r"'items\[0\]\.kind' \(from .*bad\.yaml\)"):
+        config.load(_WithList, bad)
+    # a section's own check names the file of the section and the overridden key within it
+    with pytest.raises(ConfigError, match=r"'checked' \(from .*c\.yaml; checked\.size from <command line>\)"):
+        config.load(_WithList, path, ["checked.size=0"])
+    assert "<defaults>" not in str(pytest.raises(ConfigError, config.load, _WithList, path,
+                                                 ["items.0.depth=x"]).value)

@@ -4,6 +4,7 @@ robustness and clear errors."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -331,6 +332,43 @@ def test_subgroups_flag_small_groups_and_groups_without_positives():
     assert list(ages) == ["<40", "40-59", "60-79", ">=80", "unknown"]
     assert ages["60-79"]["n"] == int(mask[80:110].sum())          # 79.9 is still 60-79
     assert ages[">=80"]["n"] == int(mask[110:130].sum())
+
+
+def test_subgroups_count_samples_per_attribute_and_warn_when_all_unknown():
+    """Issue 16 finding 1: manifest meta stored strings, every age became "unknown" silently."""
+    from kdscale.eval.analysis import subgroup_counts_line
+
+    preds = make_predictions(n=100, labels=("A", "B"), nan_rate=0.0, seed=5)
+    preds.meta["ethnicity"] = [""] * 100
+    out = subgroups(preds, "routed", n_boot=20, min_group_size=5)
+    base = int(preds.heads["routed"][1].sum())
+    eth, sex = out["attributes"]["ethnicity"], out["attributes"]["sex"]
+    assert eth["n"] == base and eth["n_known"] == 0 and eth["n_unknown"] == base
+    assert sex["n_known"] == sum(1 for v, m in zip(preds.meta["sex"], preds.heads["routed"][1]) if m and v)
+    assert len(out["warnings"]) == 1 and out["warnings"][0].startswith("ethnicity: every one of the")
+    assert f"ethnicity 0/{base}" in subgroup_counts_line(out)
+    # an empty analysis and predictions without demographics say so too
+    empty = subset(preds, np.arange(100))
+    empty.heads["routed"] = (empty.heads["routed"][0], np.zeros(100, bool))
+    assert any("subgroup analysis is empty" in w for w in subgroups(empty, "routed", n_boot=5)["warnings"])
+    bare = subset(preds, np.arange(100))
+    bare.meta = {}
+    assert subgroups(bare, "routed", n_boot=5)["warnings"] == [
+        "no demographic column (sex, age, ethnicity) in the predictions"]
+    assert evaluate(preds, "routed", n_boot=5)["presence"] == {m: int(v.sum()) for m, v in preds.present.items()}
+
+
+def test_demographics_read_canonical_keys_and_the_strings_of_older_shards():
+    from kdscale.eval.predictions import demographics
+
+    assert demographics({"sex": "F", "age": 54.0, "ethnicity": "A"}) == {"sex": "F", "age": 54.0, "ethnicity": "A"}
+    assert demographics({"sex": " female ", "age": "54"}) == {"sex": "F", "age": 54.0, "ethnicity": ""}
+    assert demographics({"sex": "Male", "age": "63.5", "race": "B"}) == {"sex": "M", "age": 63.5, "ethnicity": "B"}
+    for bad in ("", "unknown", None, "nan", "inf", "-3", True):
+        assert math.isnan(demographics({"age": bad})["age"]), bad
+    assert demographics({"sex": "X"})["sex"] == "X"              # not reinterpreted
+    none = demographics(None)
+    assert none["sex"] == "" and none["ethnicity"] == "" and math.isnan(none["age"])
 
 
 # ----------------------------------------------------------------------------- compare

@@ -154,3 +154,75 @@ def test_localization_summary():
     assert again["iou"] == out["iou"]
     top = localization_summary(maps, masks, rule="top_percent", t=10, n_resamples=100)
     assert top["rule"] == "top_percent" and 0 <= top["iou"]["mean"] <= 1
+
+
+# ----------------------------------------------------------------------------- letterbox (issue 16, finding 10)
+
+def test_transform_boxes_through_pad_to_square_arithmetic():
+    from kdscale.data.transforms import letterbox_geometry
+
+    assert letterbox_geometry(512, 256) == (512, 0, 128)
+    assert letterbox_geometry(301, 400) == (400, 49, 0)        # odd padding: the extra pixel right
+    # 512 x 256 padded to 512 x 512 (top 128); Resize(256): scale 0.5; CenterCrop(224): offset 16.
+    # (100, 10, 100, 50) -> (100, 138, 100, 50) -> (50, 69, 50, 25) -> (34, 53, 50, 25)
+    # The box at x = 10 that the plain crop drops survives the letterbox: (5, 9, 25, 25) - 16 -> clipped
+    out, dropped = transform_boxes([(100, 10, 100, 50), (10, 10, 50, 50)], (512, 256), 256, 224,
+                                   pad_to_square=True)
+    np.testing.assert_allclose(out, [[34, 53, 50, 25], [0, 53, 14, 25]])
+    assert dropped == 0
+    plain, plain_dropped = transform_boxes([(10, 10, 50, 50)], (512, 256), 256, 224)
+    assert plain_dropped == 1 and len(plain) == 0
+    # a square image is unchanged by the letterbox
+    np.testing.assert_allclose(transform_boxes([(3, 4, 5, 6)], (300, 300), 256, 224, pad_to_square=True)[0],
+                               transform_boxes([(3, 4, 5, 6)], (300, 300), 256, 224)[0])
+
+
+@pytest.mark.parametrize("size", [(600, 450), (450, 600), (301, 200)])
+def test_letterboxed_boxes_agree_with_the_loader_transform(size):
+    """Boxes drawn into an image and sent through the loader's own eval transform
+    (PadToSquare -> Resize -> CenterCrop) land where transform_boxes puts them."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from kdscale.data.transforms import build_image_transform
+
+    W0, H0 = size
+    boxes = [(20, 30, W0 // 4, H0 // 5), (W0 // 2, H0 // 2, W0 // 3, H0 // 3), (2, H0 - 50, 30, 40)]
+    img = Image.fromarray(boxes_to_mask(boxes, (H0, W0)).astype(np.uint8) * 255, mode="L")
+    cfg = SimpleNamespace(pad_to_square=True, resize_size=224, image_size=224, augment="none")
+    out_img = np.asarray(build_image_transform(cfg, train=False, to_tensor=False)(img)) > 127
+    assert out_img.shape == (224, 224)
+    moved, dropped = transform_boxes(boxes, (W0, H0), 224, 224, pad_to_square=True)
+    mine = boxes_to_mask(moved, (224, 224))
+    assert dropped == 0                               # letterbox + crop of the same size keeps all
+    assert (mine & out_img).sum() / (mine | out_img).sum() > 0.9
+    # the padding is black and outside every box
+    side = max(W0, H0)
+    pad_rows = int((side - H0) / 2 * 224 / side) - 1
+    pad_cols = int((side - W0) / 2 * 224 / side) - 1
+    if pad_rows > 0:
+        assert not out_img[:pad_rows].any() and not mine[:pad_rows].any()
+    if pad_cols > 0:
+        assert not out_img[:, :pad_cols].any() and not mine[:, :pad_cols].any()
+
+
+def test_region_mask_ground_truth_through_the_letterbox():
+    import io
+
+    from PIL import Image
+
+    from kdscale.eval.run_eval import ground_truth_from_masks
+
+    # image 8 x 4 (w x h): letterbox to 8 x 8 with 2 black rows on top; Resize(8) and crop 8 keep it
+    mask = np.array([[1, 0, 1], [0, 1, 0]], dtype=bool)
+    buf = io.BytesIO()
+    Image.fromarray(mask.astype(np.uint8) * 255).save(buf, format="PNG")
+    rec = {"image_size": [8, 4], "boxes": [{"x": 2, "y": 1, "w": 3, "h": 2, "mask": "m.png"}]}
+    gt = ground_truth_from_masks(rec, {"m.png": buf.getvalue()}, 8, 8, pad_to_square=True)
+    expected = np.zeros((8, 8), dtype=bool)
+    expected[3, 2], expected[3, 4], expected[4, 3] = True, True, True     # rows shifted down by 2
+    np.testing.assert_array_equal(gt, expected)
+    boxes, _ = transform_boxes([(2, 1, 3, 2)], (8, 4), 8, 8, pad_to_square=True)
+    np.testing.assert_allclose(boxes, [[2, 3, 3, 2]])
+    assert (gt & ~boxes_to_mask(boxes, (8, 8))).sum() == 0            # the mask lies inside its box

@@ -54,12 +54,24 @@ def test_unknown_encoders_are_clear_errors():
         build_ehr_encoder("gru")
 
 
-def test_local_weights_skip_mismatched_heads(tmp_path):
+def test_local_weights_fail_on_shape_mismatch_and_report_missing_and_unexpected(tmp_path):
+    """Issue 16 finding 9: a mismatched tensor used to be skipped, leaving a half-random model."""
+    from kdscale.models.weights import WeightsShapeError
+
     source = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 14))
     target = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 25))
     torch.save({"state_dict": source.state_dict()}, tmp_path / "w.pt")
-    report = load_local_weights(target, tmp_path / "w.pt")
-    assert report["loaded"] == 2 and report["shape_mismatch"] == ["1.bias", "1.weight"]
-    torch.testing.assert_close(target[0].weight, source[0].weight)
+    before = target[1].weight.detach().clone()
+    with pytest.raises(WeightsShapeError, match=r"1\.weight: file \(14, 8\) vs model \(25, 8\)"):
+        load_local_weights(target, tmp_path / "w.pt")
+    torch.testing.assert_close(target[1].weight, before)              # nothing half-loaded
+    # the encoder part alone loads; the file's extra head is 'unexpected', the model's own 'missing'
+    encoder_only = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Linear(8, 14), torch.nn.Linear(14, 2))
+    torch.save({"0.weight": source[0].weight, "0.bias": source[0].bias, "9.weight": torch.zeros(1)},
+               tmp_path / "enc.pt")
+    report = load_local_weights(encoder_only, tmp_path / "enc.pt")
+    assert report["loaded"] == 2 and report["unexpected"] == ["9.weight"]
+    assert report["missing"] == ["1.bias", "1.weight", "2.bias", "2.weight"]
+    torch.testing.assert_close(encoder_only[0].weight, source[0].weight)
     with pytest.raises(FileNotFoundError):
         load_local_weights(target, tmp_path / "nope.pt")

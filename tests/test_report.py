@@ -158,6 +158,24 @@ def test_summary_drops_cohorts_no_run_has(tmp_path):
     assert "AUROC all" in header and "paired" not in header and "partial" not in header
 
 
+def test_report_states_subgroup_counts_warnings_and_stored_presence(tmp_path):
+    """Issue 16 findings 1 and 6: the report says how many samples had each demographic
+    attribute, warns when one is unknown for all, and counts every stored modality."""
+    preds = make_predictions(n=80, heads=("image",))
+    preds.meta["ethnicity"] = [""] * 80
+    preds.present["tabular"] = np.arange(80) < 30
+    run_dir = tmp_path / "eval" / "only" / "test"
+    run_dir.mkdir(parents=True)
+    ev = evaluate(preds, "image", n_boot=10, min_group_size=5)
+    (run_dir / "evaluation.json").write_text(json.dumps(ev))
+    md = render_report(tmp_path / "eval", tmp_path / "out")["markdown"].read_text()
+    n = ev["subgroups"]["attributes"]["ethnicity"]["n"]
+    assert f"ethnicity 0 of {n}" in md and "Warning: ethnicity: every one of the" in md
+    assert "with report" in md and "with tabular" in md
+    row = next(line for line in md.splitlines() if line.startswith("| only (test)") and "| 30 |" in line)
+    assert f"| {int(preds.present['report'].sum())} |" in row
+
+
 # ----------------------------------------------------------------------------- plots
 
 def test_roc_points_match_sklearn_with_ties():

@@ -66,6 +66,9 @@ class LoaderConfig:
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # others are not loaded
     # only samples that have ALL of these (e.g. [image] for an image teacher); [] = every sample
     require: list[str] = field(default_factory=list)
+    # letterbox: pad a non-square image to a square (black borders) before Resize, so the crop
+    # keeps the whole film (off = MedFuse: Resize of the shorter side, then centre crop)
+    pad_to_square: bool = False
     image_size: int = 224                 # CenterCrop
     resize_size: int = 256                # Resize of the shorter side before the crop
     # decode JPEGs >= 2x resize_size (shorter side) at a reduced DCT scale (PIL draft): much faster

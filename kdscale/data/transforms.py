@@ -1,12 +1,14 @@
 """Image transforms for the shard loader: MedFuse-equivalent by default
 (method-and-data.md section 3.9), image size configurable.
 
-train: Resize(resize) -> RandomHorizontalFlip -> RandomAffine(degrees, translate, scale)
+train: [PadToSquare] -> Resize(resize) -> RandomHorizontalFlip -> RandomAffine(degrees, translate, scale)
        -> CenterCrop(size) -> ToTensor -> Normalize(mean, std)
-eval:  Resize(resize) -> CenterCrop(size) -> ToTensor -> Normalize(mean, std)
+eval:  [PadToSquare] -> Resize(resize) -> CenterCrop(size) -> ToTensor -> Normalize(mean, std)
 
 Every image becomes 3-channel RGB, as MedFuse's ``.convert('RGB')`` does (CXRs and mammograms
-are grayscale; 16-bit PNGs are scaled to 8 bits). The loader keeps a grayscale image in one
+are grayscale; 16-bit PNGs are scaled to 8 bits). ``loader.pad_to_square`` (off by default, as
+MedFuse) letterboxes a non-square image to a square with black borders first, so the crop
+does not cut off its long side; boxes and masks follow (kdscale.eval.localization). The loader keeps a grayscale image in one
 channel through the geometric steps and broadcasts it into the 3 channels at the tensor step
 (``ToNormalizedTensor`` = ToTensor + Normalize): the result is bit-identical to converting first
 (every step treats channels alike; tests/test_shards_read.py checks it), for a third of the work.
@@ -116,14 +118,47 @@ class ToNormalizedTensor:
         return f"{type(self).__name__}(mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()})"
 
 
+def letterbox_geometry(width: int, height: int) -> tuple[int, int, int]:
+    """``(side, left, top)`` of pad-to-square: the image is pasted at (left, top) on a
+    ``side x side`` canvas (side = the longer side; the padding split evenly, the odd pixel
+    right / bottom). Boxes move by (left, top); see kdscale.eval.localization.transform_boxes."""
+    side = max(int(width), int(height))
+    return side, (side - int(width)) // 2, (side - int(height)) // 2
+
+
+class PadToSquare:
+    """Letterbox: pad a PIL image to a square with ``fill`` (black) before Resize, so the
+    centre crop of a non-square film keeps its whole width (e.g. the lateral lungs) instead of
+    cutting it. Grayscale ("L") stays grayscale."""
+
+    def __init__(self, fill: int = 0):
+        self.fill = int(fill)
+
+    def __call__(self, img):
+        from PIL import Image
+
+        side, left, top = letterbox_geometry(*img.size)
+        if (left, top) == (0, 0) and img.size == (side, side):
+            return img
+        bands = len(img.getbands())
+        fill = self.fill if bands == 1 else (self.fill,) * bands
+        canvas = Image.new(img.mode, (side, side), fill)
+        canvas.paste(img, (left, top))
+        return canvas
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(fill={self.fill})"
+
+
 def build_image_transform(cfg, train: bool, to_tensor: bool = True) -> Callable:
-    """A torchvision transform from a LoaderConfig (fields image_size, resize_size, augment,
-    hflip, affine_degrees, affine_translate, affine_scale, mean, std). Takes a PIL image in mode
+    """A torchvision transform from a LoaderConfig (fields pad_to_square, image_size, resize_size,
+    augment, hflip, affine_degrees, affine_translate, affine_scale, mean, std). Takes a PIL image in mode
     "L" or "RGB" (other modes are converted to RGB at the tensor step); returns float [3, S, S],
     or with ``to_tensor=False`` the cropped PIL image (the loader normalizes into the batch)."""
     from torchvision import transforms as T
 
-    steps = [T.Resize(cfg.resize_size)]
+    steps = [PadToSquare()] if getattr(cfg, "pad_to_square", False) else []
+    steps.append(T.Resize(cfg.resize_size))
     if train and cfg.augment == "medfuse":
         if cfg.hflip:
             steps.append(T.RandomHorizontalFlip())

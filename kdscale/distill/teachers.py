@@ -208,6 +208,34 @@ def _valid_rows(loader):
             yield subset_batch(batch, valid.nonzero().squeeze(1).to(torch.long))
 
 
+def leakage_check(cfg, teacher: TeacherConfig, shard_dir: Path, loader_cfg, label_names: list, history: list) -> list:
+    """Possible label leakage of a trained teacher (kdscale.distill.leakage): for a privileged
+    input (tabular, report) the columns / tokens that determine a label on the TRAINING split,
+    and for every teacher a validation AUROC >= 0.99. Each finding is logged as a warning."""
+    import numpy as np
+
+    from kdscale.data.loader import build_loader
+    from kdscale.distill import leakage
+
+    modality = teacher.model.modality
+    findings = []
+    if modality in ("tabular", "report"):
+        loader = build_loader(shard_dir, "train", dataclasses.replace(loader_cfg, drop_last=False, num_workers=0),
+                              train=False, rank=0, world_size=1)
+        values, labels = [], []
+        for batch in _valid_rows(loader):
+            values += list(batch[modality])
+            labels.append(batch["labels"].numpy())
+        if values:
+            y = np.concatenate(labels)
+            check = leakage.tabular_leaks if modality == "tabular" else leakage.text_leaks
+            findings += check(values, y, label_names, cfg.teachers.task)
+    findings += leakage.score_leaks(history, label_names)
+    for finding in findings:
+        log.warning("teacher %s: possible label leakage: %s", teacher.name, finding["message"])
+    return findings
+
+
 def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, force: bool = False) -> dict:
     import torch
 
@@ -262,6 +290,8 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
                 "best_epoch": best_record.get("epoch"), "epochs_done": result.epochs_done,
                 "skipped_steps": result.skipped_steps, "train_samples": train_loader.plan.num_samples,
                 "val_samples": val_loader.plan.num_samples, "history": result.history}
+        leaks = leakage_check(cfg, teacher, shard_dir, loader_cfg, label_names, result.history)
+        info["leakage"] = {"warnings": [f["message"] for f in leaks], "findings": leaks}
         write_json_atomic(done, info)
         print(f"teacher {teacher.name}: best val macro AUROC {info['val_auroc_macro']} "
               f"(epoch {info['best_epoch']}) -> {out / 'teacher.pt'}")

@@ -33,7 +33,7 @@ from kdscale.eval.metrics import (bootstrap_ci, expected_calibration_error, labe
 from kdscale.eval.predictions import Predictions, align
 
 __all__ = ["COHORT_DEFINITIONS", "AGE_BANDS", "cohorts", "head_metrics", "evaluate",
-           "calibration", "subgroups", "utilization", "compare", "robustness",
+           "calibration", "subgroups", "subgroup_counts_line", "utilization", "compare", "robustness",
            "parse_condition", "to_jsonable"]
 
 #: Cohort name -> definition (a sample's modalities as recorded in ``Predictions.present``).
@@ -257,6 +257,10 @@ def _group_values(preds: Predictions) -> dict[str, list[str]]:
     return out
 
 
+#: Subgroup attribute -> the Record meta key (and predictions column) it is read from.
+_META_KEY = {"sex": "sex", "age_band": "age", "ethnicity": "ethnicity"}
+
+
 def _group_order(attribute: str, names: set[str]) -> list[str]:
     if attribute == "age_band":
         order = [b[0] for b in AGE_BANDS] + [UNKNOWN_GROUP]
@@ -289,19 +293,42 @@ def subgroups(preds: Predictions, head: str, n_boot: int = 1000, seed: int = 0,
 
     A group is flagged ``too_small`` when it has fewer than ``min_group_size`` rows or a label
     without any positive; its intervals are still reported where defined. Rows with a missing
-    value form the group ``"unknown"``. Attributes the predictions do not carry are left out."""
+    value form the group ``"unknown"``. Attributes the predictions do not carry are left out.
+    Per attribute, ``n`` / ``n_known`` / ``n_unknown`` count the rows analysed and those with and
+    without a value; ``warnings`` says when the analysis is empty or an attribute is unknown for
+    every row (a source whose meta does not carry it), so an all-"unknown" table never passes
+    silently."""
     alpha = _check_ci(ci)
     base = _selection(preds, head, cohort)
-    attributes = {}
-    for attribute, values in _group_values(preds).items():
+    attributes, warnings = {}, []
+    n = int(base.sum())
+    if not n:
+        warnings.append(f"subgroup analysis is empty: head {head!r} covers no labelled sample")
+    found = _group_values(preds)
+    if not found:
+        warnings.append("no demographic column (sex, age, ethnicity) in the predictions")
+    for attribute, values in found.items():
         values = np.array(values, dtype=object)
         names = set(values[base].tolist())
+        n_known = int((base & (values != UNKNOWN_GROUP)).sum())
         attributes[attribute] = {
+            "n": n, "n_known": n_known, "n_unknown": n - n_known,
             "groups": {name: _group_entry(preds, base & (values == name), head, n_boot, seed,
                                           alpha, min_group_size)
                        for name in _group_order(attribute, names)}}
+        if n and not n_known:
+            warnings.append(f"{attribute}: every one of the {n} samples is {UNKNOWN_GROUP!r} (no sample "
+                            f"carries meta '{_META_KEY[attribute]}'; check the source's meta columns)")
     return to_jsonable({"head": head, "min_group_size": min_group_size, "ci": ci,
-                        "age_bands": [b[0] for b in AGE_BANDS], "attributes": attributes})
+                        "age_bands": [b[0] for b in AGE_BANDS], "attributes": attributes,
+                        "warnings": warnings})
+
+
+def subgroup_counts_line(section: Mapping) -> str:
+    """One console line: how many analysed samples had each demographic attribute."""
+    parts = [f"{name} {entry.get('n_known', 0)}/{entry.get('n', 0)}"
+             for name, entry in (section.get("attributes") or {}).items()]
+    return "subgroups: samples with a value: " + (", ".join(parts) if parts else "no demographic column")
 
 
 # ----------------------------------------------------------------------------- utilization
@@ -340,8 +367,9 @@ def evaluate(preds: Predictions, main_head: str, n_boot: int = 1000, seed: int =
     """Everything ``kdscale eval`` stores in ``evaluation.json`` for one run and split.
 
     ``heads[head][cohort]``: :func:`head_metrics` for every head and every cohort in which the
-    head covers a labelled row; ``calibration`` and ``subgroups``: of the main head on all its
-    rows; ``utilization``: when the fusion, image and ehr heads exist."""
+    head covers a labelled row; ``presence``: samples holding each recorded modality;
+    ``calibration`` and ``subgroups``: of the main head on all its rows; ``utilization``: when
+    the fusion, image and ehr heads exist."""
     preds.head(main_head)                      # ValueError naming the heads when unknown
     masks = cohorts(preds)
     heads = {}
@@ -355,6 +383,7 @@ def evaluate(preds: Predictions, main_head: str, n_boot: int = 1000, seed: int =
         "n": preds.n, "n_boot": n_boot, "seed": seed, "ci": ci,
         "cohorts": {name: {"n": int(m.sum()), "definition": COHORT_DEFINITIONS[name]}
                     for name, m in masks.items()},
+        "presence": {m: int(np.sum(flags)) for m, flags in preds.present.items()},
         "heads": heads,
         "calibration": calibration(preds, main_head),
         "subgroups": subgroups(preds, main_head, n_boot, seed, min_group_size, ci),

@@ -102,9 +102,10 @@ def _crop_offset(size: int, crop: int) -> int:
 
 
 def transform_boxes(boxes, orig_size: tuple[int, int], resize_shorter: int | None,
-                    crop_size: int | tuple[int, int]) -> tuple[np.ndarray, int]:
+                    crop_size: int | tuple[int, int], pad_to_square: bool = False) -> tuple[np.ndarray, int]:
     """Map ``(x, y, w, h)`` boxes through torchvision ``Resize(resize_shorter)`` +
-    ``CenterCrop(crop_size)``.
+    ``CenterCrop(crop_size)``, after the loader's letterbox when ``pad_to_square``
+    (kdscale.data.transforms.PadToSquare: the boxes move by the padding, the image becomes square).
 
     ``orig_size`` = (width, height) of the image the boxes refer to; ``crop_size`` an int or
     (width, height); ``resize_shorter=None`` skips the resize. Each axis is scaled by
@@ -113,6 +114,14 @@ def transform_boxes(boxes, orig_size: tuple[int, int], resize_shorter: int | Non
     float, n_dropped)``, where dropped boxes have no area left inside the crop.
     """
     W0, H0 = int(orig_size[0]), int(orig_size[1])
+    if pad_to_square:
+        from kdscale.data.transforms import letterbox_geometry
+
+        side, left, top = letterbox_geometry(W0, H0)
+        boxes = _boxes_array(boxes).copy()
+        boxes[:, 0] += left
+        boxes[:, 1] += top
+        W0 = H0 = side
     cw, ch = (crop_size, crop_size) if np.isscalar(crop_size) else (int(crop_size[0]),
                                                                      int(crop_size[1]))
     W1, H1 = (W0, H0) if resize_shorter is None else _resized_size(W0, H0, int(resize_shorter))

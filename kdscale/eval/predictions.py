@@ -34,7 +34,7 @@ from collections.abc import Sequence
 import numpy as np
 
 __all__ = ["Predictions", "MODALITIES", "META_COLUMNS", "TASKS", "write_predictions",
-           "read_predictions", "subset", "align", "sidecar_path"]
+           "read_predictions", "subset", "align", "sidecar_path", "demographics"]
 
 MODALITIES = ("image", "ehr", "report", "tabular")
 META_COLUMNS = ("sex", "age", "ethnicity")
@@ -230,6 +230,28 @@ def _to_float(v) -> float:
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
+
+
+_SEX_SPELLINGS = {"f": "F", "female": "F", "woman": "F", "m": "M", "male": "M", "man": "M"}
+
+
+def demographics(record_meta: dict | None) -> dict:
+    """A sample's ``sex``, ``age`` and ``ethnicity`` from its stored meta, under the canonical
+    keys the sources write (``sex`` "F"/"M", ``age`` years, ``ethnicity``). Shards written before
+    sources typed their meta columns store strings: an age of ``'54'`` is read as 54.0 (a value
+    that is not a number stays unknown, NaN), and the common spellings of sex (female, Male, f ...)
+    become "F"/"M"; any other sex value is kept as written. ``race`` is read when ``ethnicity``
+    is absent (MIMIC's column name)."""
+    meta = record_meta or {}
+    sex = meta.get("sex")
+    sex = "" if sex is None else str(sex).strip()
+    ethnicity = meta.get("ethnicity")
+    if ethnicity is None or (isinstance(ethnicity, str) and not ethnicity.strip()):
+        ethnicity = meta.get("race")
+    age = float("nan") if isinstance(meta.get("age"), bool) else _to_float(meta.get("age"))
+    return {"sex": _SEX_SPELLINGS.get(sex.lower(), sex),
+            "age": age if math.isfinite(age) and age >= 0 else float("nan"),
+            "ethnicity": "" if ethnicity is None else str(ethnicity).strip()}
 
 
 def write_predictions(path, preds: Predictions) -> Path:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Mapping, Sequence
 
-from kdscale.eval.predictions import read_predictions
+from kdscale.eval.predictions import MODALITIES, read_predictions
 
 __all__ = ["RunResult", "discover_runs", "render_report", "results_table", "SECTION_IDS"]
 
@@ -90,6 +90,17 @@ def discover_runs(eval_dir) -> list[RunResult]:
     if not runs:
         raise ValueError(f"no <RUN>/<split>/evaluation.json under {eval_dir}")
     return runs
+
+
+def _leakage(eval_dir: Path) -> list[dict]:
+    """``leakage.json`` (kdscale eval): label-leakage warnings of the run's teachers."""
+    path = eval_dir / "leakage.json"
+    if not path.is_file():
+        return []
+    data = _load_json(path)
+    if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON list of teacher warnings")
+    return [w for w in data if isinstance(w, dict)]
 
 
 def _comparisons(eval_dir: Path) -> list[dict]:
@@ -264,6 +275,13 @@ def _cohorts(runs: Sequence[RunResult]) -> Section:
     if definitions:
         section.blocks.append(Table(["cohort", "definition"],
                                     [[k, v] for k, v in definitions.items()]))
+    presence = [[run.label, _num(run.evaluation.get("n"))] + [_num((run.evaluation["presence"]).get(m))
+                                                             for m in MODALITIES]
+                for run in runs if isinstance(run.evaluation.get("presence"), Mapping)]
+    if presence:
+        section.blocks.append(Table(["run", "samples", *(f"with {m}" for m in MODALITIES)], presence,
+                                    "Samples holding each modality as stored (a student that does not read "
+                                    "the report or tabular data still counts the samples that have them)."))
     for run in runs:
         heads = run.evaluation.get("heads") or {}
         multiclass = run.evaluation.get("task") == "multiclass"
@@ -326,6 +344,9 @@ def _subgroups(runs: Sequence[RunResult], figures: FigureMaker) -> Section:
         sg = run.evaluation.get("subgroups")
         attributes = (sg or {}).get("attributes") if isinstance(sg, Mapping) else None
         if not attributes:
+            warnings = sg.get("warnings") if isinstance(sg, Mapping) else None
+            if warnings:
+                section.blocks += [Heading(run.label), *(Paragraph(f"Warning: {w}") for w in warnings)]
             continue
         rows = []
         for attribute, entry in attributes.items():
@@ -333,8 +354,13 @@ def _subgroups(runs: Sequence[RunResult], figures: FigureMaker) -> Section:
                 flag = "too small: " + "; ".join(g.get("reasons", [])) if g.get("too_small") else ""
                 rows.append([attribute, group, _num(g.get("n")), _num(g.get("n_patients")),
                              _ci(g.get("auroc_macro")), _ci(g.get("auprc_macro")), flag])
-        section.blocks += [Heading(run.label),
-                           Table(["attribute", "group", "n", "patients", "macro AUROC",
+        counts = ", ".join(f"{name} {_num(entry.get('n_known'))} of {_num(entry.get('n'))}"
+                           for name, entry in attributes.items() if "n_known" in entry)
+        section.blocks.append(Heading(run.label))
+        if counts:
+            section.blocks.append(Paragraph(f"Samples with a value: {counts}."))
+        section.blocks += [Paragraph(f"Warning: {w}") for w in sg.get("warnings") or []]
+        section.blocks += [Table(["attribute", "group", "n", "patients", "macro AUROC",
                                   "macro AUPRC", "flag"], rows,
                                  f"Groups flagged too small have fewer than "
                                  f"{sg.get('min_group_size', '?')} samples or a label without "
@@ -519,7 +545,11 @@ def _to_markdown(title: str, sections: Sequence[Section], out_dir: Path) -> str:
 def _sections(eval_dir: Path, out_dir: Path) -> list[Section]:
     runs = discover_runs(eval_dir)
     figures = FigureMaker(out_dir)
-    return [_summary(runs), _comparisons_section(_comparisons(eval_dir)),
+    summary = _summary(runs)
+    # label leakage of a teacher undermines every distilled number: said first, in the summary
+    summary.blocks[:0] = [Paragraph(f"Warning: teacher {w.get('teacher', '?')}: possible label leakage: "
+                                    f"{w.get('warning', '')}") for w in _leakage(eval_dir)]
+    return [summary, _comparisons_section(_comparisons(eval_dir)),
             _per_label(runs, figures), _cohorts(runs), _robustness(runs, figures),
             _utilization(runs), _subgroups(runs, figures), _calibration(runs, figures),
             _localization(runs, figures, eval_dir), _runs_section(runs)]

@@ -60,12 +60,25 @@ def _uniform(key: str, modality: str, seed: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2 ** 64
 
 
-def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict:
-    """{condition: Predictions} for every valid sample of ``loader``, one pass over the data; each
-    condition's ``present`` is the presence the model saw under it."""
+def _stored_presence(batch: dict) -> dict:
+    """What each sample of the batch holds, from its stored record: the loader flags only the
+    modalities it decoded (a student never loads the report or tabular data its teachers read),
+    so those are taken from the record's own ``present`` (issue 16)."""
     import torch
 
-    from kdscale.eval.predictions import Predictions
+    records = batch["meta"]
+    return {m: torch.as_tensor(flag).bool() | torch.tensor([bool((r.get("present") or {}).get(m)) for r in records],
+                                                          dtype=torch.bool)
+            for m, flag in batch["present"].items()}
+
+
+def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict:
+    """{condition: Predictions} for every valid sample of ``loader``, one pass over the data. The
+    model sees the loader's presence flags under each condition; each condition's recorded
+    ``present`` is what the sample holds (its stored record) less what the condition removed."""
+    import torch
+
+    from kdscale.eval.predictions import Predictions, demographics
 
     acc = {c: {"heads": {}, "present": {}} for c in conditions}
     keys, patients, labels, meta = [], [], [], {"sex": [], "age": [], "ethnicity": []}
@@ -74,9 +87,10 @@ def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict
         for batch in loader:
             valid = batch["valid"].numpy().astype(bool)
             batch_keys = list(batch["key"])
+            stored = _stored_presence(batch)
             for c in conditions:
                 flags = _flags_under(batch_keys, batch["present"], c, seed)
-                for m, flag in flags.items():
+                for m, flag in _flags_under(batch_keys, stored, c, seed).items():
                     acc[c]["present"].setdefault(m, []).append(np.asarray(flag, bool)[valid])
                 for head, (probs, mask) in task.predict(model, {**batch, "present": flags}).items():
                     acc[c]["heads"].setdefault(head, []).append(
@@ -87,11 +101,8 @@ def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict
                 if not v:
                     continue
                 patients.append(str(record.get("patient_id", "")))
-                demo = record.get("meta") or {}
-                meta["sex"].append(str(demo.get("sex") or ""))
-                age = demo.get("age")
-                meta["age"].append(float(age) if isinstance(age, (int, float)) else float("nan"))
-                meta["ethnicity"].append(str(demo.get("ethnicity") or demo.get("race") or ""))
+                for column, value in demographics(record.get("meta")).items():
+                    meta[column].append(value)
     if not keys:
         raise ValueError("the evaluation split has no samples for this student")
     label_array = np.concatenate(labels).astype(np.float64)
@@ -147,11 +158,12 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
             rec = batch["meta"][i]
             w, h = rec["image_size"]
             boxes = np.array([[b["x"], b["y"], b["w"], b["h"]] for b in rec["boxes"]], dtype=np.float64)
-            moved, n_drop = transform_boxes(boxes, (w, h), loader_cfg.resize_size, size)
+            moved, n_drop = transform_boxes(boxes, (w, h), loader_cfg.resize_size, size, loader_cfg.pad_to_square)
             dropped += n_drop
             region = region_masks.get(rec["key"]) if region_masks is not None else None
             if region is not None and any(b.get("mask") for b in rec["boxes"]):
-                masks.append(ground_truth_from_masks(rec, region, loader_cfg.resize_size, size))
+                masks.append(ground_truth_from_masks(rec, region, loader_cfg.resize_size, size,
+                                                     loader_cfg.pad_to_square))
                 used_masks += 1
             else:
                 masks.append(boxes_to_mask(moved, (size, size)))
@@ -192,10 +204,11 @@ def read_region_masks(loader) -> Optional[dict]:
     return found or None
 
 
-def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: int) -> np.ndarray:
-    """The union of an image's regions as a bool [crop, crop] mask after the loader's resize +
-    centre crop: a box with a stored mask contributes the mask's pixels (pasted at the box, the
-    mask being cropped to the box), a box without one its rectangle."""
+def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: int,
+                            pad_to_square: bool = False) -> np.ndarray:
+    """The union of an image's regions as a bool [crop, crop] mask after the loader's
+    (letterbox +) resize + centre crop: a box with a stored mask contributes the mask's pixels
+    (pasted at the box, the mask being cropped to the box), a box without one its rectangle."""
     import io
 
     from PIL import Image
@@ -213,6 +226,13 @@ def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: 
             m = np.ones((max(1, int(round(box["h"]))), max(1, int(round(box["w"])))), dtype=bool)
         ys, xs = slice(max(0, y0), min(h, y0 + m.shape[0])), slice(max(0, x0), min(w, x0 + m.shape[1]))
         canvas[ys, xs] |= m[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
+    if pad_to_square:   # the same letterbox as the image (kdscale.data.transforms.PadToSquare)
+        from kdscale.data.transforms import letterbox_geometry
+
+        side, left, top = letterbox_geometry(w, h)
+        square = np.zeros((side, side), dtype=bool)
+        square[top: top + h, left: left + w] = canvas
+        canvas, w, h = square, side, side
     rw, rh = _resized_size(w, h, resize_shorter)
     resized = np.asarray(Image.fromarray(canvas.astype(np.uint8) * 255).resize((rw, rh), Image.Resampling.NEAREST)) > 0
     out = np.zeros((crop, crop), dtype=bool)
@@ -285,6 +305,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         write_predictions(out / "predictions.csv", preds["full"])
         result = evaluate(preds["full"], task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
                           min_group_size=ecfg.min_group_size)
+        _say_subgroups(student.name, result["subgroups"], progress)
         if len(conditions) > 1:
             result["robustness"] = robustness(preds, task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed)
         if ecfg.localization and student.image_only:
@@ -303,7 +324,36 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         full[student.name] = (preds["full"], task.main_head)
     comparisons = _comparisons(cfg, full, ecfg)
     write_json_atomic(eval_dir / "comparisons.json", to_jsonable(comparisons))
+    write_json_atomic(eval_dir / "leakage.json", teacher_leakage(cfg))
     return {"eval_dir": str(eval_dir), "students": list(full), "comparisons": len(comparisons), "split": split}
+
+
+def teacher_leakage(cfg) -> list:
+    """The label-leakage warnings of the run's trained teachers (their teacher.json, written by
+    kdscale.distill.teachers), for the report: [{"teacher", "warning"}]. Each is repeated on the
+    console, as the students distilled from those teachers are being evaluated."""
+    from kdscale.distill.teachers import teachers_dir
+
+    out = []
+    for teacher in cfg.teachers.members:
+        path = teachers_dir(cfg) / teacher.name / "teacher.json"
+        if not path.is_file():
+            continue
+        for warning in (json.loads(path.read_text()).get("leakage") or {}).get("warnings", []):
+            log.warning("teacher %s: possible label leakage: %s", teacher.name, warning)
+            out.append({"teacher": teacher.name, "warning": warning})
+    return out
+
+
+def _say_subgroups(name: str, section: dict, progress: bool) -> None:
+    """Per attribute, how many samples had it; every subgroup warning (empty analysis, an
+    attribute unknown for all) on the console, never only in evaluation.json."""
+    from kdscale.eval.analysis import subgroup_counts_line
+
+    if progress:
+        print(f"eval {name}: {subgroup_counts_line(section)}")
+    for warning in section.get("warnings", []):
+        log.warning("eval %s: %s", name, warning)
 
 
 def _comparisons(cfg, full: dict, ecfg) -> list:
@@ -323,7 +373,7 @@ def _comparisons(cfg, full: dict, ecfg) -> list:
             try:
                 out.append(compare(ref_preds, preds, ref_head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
                                    cohort=None if cohort == "all" else cohort, name_a=reference, name_b=name))
-            except ValueError as exc:   # e.g. an image-only student has no paired cohort
+            except ValueError as exc:   # e.g. a data set without EHR has no paired cohort
                 log.info("comparison %s vs %s (%s) not possible: %s", reference, name, cohort, exc)
     return out
 

@@ -2,6 +2,8 @@
 torch; only an image arch that is not a fixed name imports timm, to check the name exists)."""
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -17,7 +19,10 @@ MODALITY_ARCHS = {"image": ("resnet10",), "ehr": ("lstm", "lstm_small", "transfo
 class ModelConfig:
     modality: Literal["image", "ehr", "report", "tabular"]
     arch: str
-    pretrained_path: str = path_field("")   # image/ehr/tabular: state dict file; report: local HF folder
+    # a local weights file or timm/transformers folder, or a hub name read from the LOCAL Hugging
+    # Face cache (never downloaded); docs/pretrained.md
+    pretrained: str = ""
+    pretrained_path: str = path_field("")   # older spelling of a local `pretrained` (file / HF folder)
     dropout: float = 0.0                    # before the head (and between tabular MLP layers)
     img_size: int = 224                     # ViT position grid
     # report (text)
@@ -51,8 +56,54 @@ class ModelConfig:
                 any(isinstance(h, bool) or not isinstance(h, int) or h < 1 for h in self.hidden):
             raise ValueError(f"hidden must be a non-empty list of positive integers, got {self.hidden!r}")
         self.hidden = list(self.hidden)
+        if self.pretrained and self.pretrained_path:
+            raise ValueError(f"give pretrained or pretrained_path (its older spelling), not both: "
+                             f"{self.pretrained!r} / {self.pretrained_path!r}")
+        if self.pretrained:
+            self.pretrained = check_pretrained(self.pretrained, "pretrained")
+            if pretrained_kind(self.pretrained) == "hub" and self.modality in ("ehr", "tabular"):
+                raise ValueError(f"pretrained {self.pretrained!r} looks like a hub name; {self.modality} "
+                                 f"models load a local file only")
         if self.tokenizer_path and self.modality != "report":
             raise ValueError(f"tokenizer_path is only for modality 'report' (modality is {self.modality!r})")
+
+
+    @property
+    def weights(self) -> str:
+        """The pretrained weights to load: ``pretrained``, else ``pretrained_path``, else ""."""
+        return self.pretrained or self.pretrained_path
+
+
+# a hub repository id (org/name), hf-hub:org/name, or a bare timm / transformers name
+_HUB_NAME = re.compile(r"^(hf-hub:)?[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def pretrained_kind(spec: str) -> Literal["local", "hub"]:
+    """``local`` when ``spec`` names a path (it exists, is absolute, starts with . or ~, or ends
+    in a weights suffix), else ``hub`` (a name looked up in the local Hugging Face cache)."""
+    spec = str(spec)
+    if spec.startswith("hf-hub:"):
+        return "hub"
+    expanded = os.path.expandvars(os.path.expanduser(spec))
+    if (os.path.exists(expanded) or os.path.isabs(expanded) or spec.startswith((".", "~", "$"))
+            or expanded.lower().endswith(WEIGHT_SUFFIXES) or not _HUB_NAME.match(spec)):
+        return "local"
+    return "hub"
+
+
+def check_pretrained(spec: str, key: str) -> str:
+    """Config-time check of a ``pretrained`` value (torch-free): a local path must exist and is
+    returned absolute; a hub name must look like one (its presence in the cache is checked when
+    the model is built)."""
+    spec = str(spec).strip()
+    if pretrained_kind(spec) == "hub":
+        return spec
+    path = os.path.abspath(os.path.expandvars(os.path.expanduser(spec)))
+    if not os.path.exists(path):
+        raise ValueError(f"{key} {spec!r}: path does not exist (resolved to {path}); a hub name "
+                         f"looks like 'org/name' or 'hf-hub:org/name' (docs/pretrained.md)")
+    return path
 
 
 def _positive(cfg: ModelConfig, *names: str) -> None:

@@ -33,6 +33,6 @@ def build_image_encoder(name: str, *, pretrained_path: str = "", img_size: int |
                              f"(e.g. resnet18, resnet34, vit_tiny_patch16_224)")
         kwargs = {"img_size": img_size} if img_size and name.startswith(("vit", "deit")) else {}
         model = timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
-    if pretrained_path:
+    if pretrained_path:   # a file, a timm folder or a cached hub name (kdscale.models.weights)
         load_local_weights(model, pretrained_path)
     return model, model.num_features

@@ -1,17 +1,20 @@
 """Unimodal models by name: ``ModelConfig`` + ``build_model`` -> :class:`UnimodalModel`.
 
 ============ ======================================================== ============================
-modality     arch                                                     pretrained_path
+modality     arch                                                     pretrained
 ============ ======================================================== ============================
 image        ``resnet10`` or any timm model name (resnet18, resnet34, a state dict file (encoder
-             vit_tiny_patch16_224, ...)                               or whole-model checkpoint)
+             vit_tiny_patch16_224, ...)                               or whole-model checkpoint),
+                                                                      a timm folder, a hub name
 ehr          ``lstm`` (MedFuse), ``lstm_small``, ``transformer``      a state dict file
-report       ``bert``                                                 a local HF folder
+report       ``bert``                                                 a local HF folder or a hub
+                                                                      name
 tabular      ``mlp``                                                  a tabular model checkpoint
 ============ ======================================================== ============================
 
-``pretrained_path`` initialises the encoder only; the head is always new (its size is the
-task's). Nothing is ever downloaded.
+``pretrained`` (or its older spelling ``pretrained_path``) initialises the encoder only; the
+head is always new (its size is the task's). Nothing is ever downloaded: hub names are read
+from the local Hugging Face cache (kdscale.models.weights, docs/pretrained.md).
 """
 from __future__ import annotations
 
@@ -32,8 +35,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = 76) -
         from kdscale.models.image import build_image_encoder
 
         backbone, dim = build_image_encoder(cfg.arch, img_size=cfg.img_size)
-        if cfg.pretrained_path:
-            load_encoder_weights(backbone, cfg.pretrained_path)
+        if cfg.weights:
+            load_encoder_weights(backbone, cfg.weights)
         encoder = ImageEncoder(backbone, dim)
     elif cfg.modality == "ehr":
         from kdscale.models.ehr import build_ehr_encoder
@@ -41,8 +44,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = 76) -
         if isinstance(ehr_features, bool) or not isinstance(ehr_features, int) or ehr_features < 1:
             raise ValueError(f"ehr_features must be a positive integer, got {ehr_features!r}")
         backbone, dim = build_ehr_encoder(cfg.arch, ehr_features)
-        if cfg.pretrained_path:
-            load_encoder_weights(backbone, cfg.pretrained_path)
+        if cfg.weights:
+            load_encoder_weights(backbone, cfg.weights)
         encoder = EHREncoder(backbone, dim, ehr_features)
     elif cfg.modality == "report":
         from kdscale.models.text import TextEncoder
@@ -52,6 +55,6 @@ def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = 76) -
         from kdscale.models.tabular import TabularEncoder, load_tabular_weights
 
         encoder = TabularEncoder(cfg.hidden, cfg.max_categories, cfg.dropout)
-        if cfg.pretrained_path:
-            load_tabular_weights(encoder, cfg.pretrained_path)
+        if cfg.weights:
+            load_tabular_weights(encoder, cfg.weights)
     return UnimodalModel(cfg, encoder, num_outputs)

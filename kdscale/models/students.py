@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Literal, Optional
 
 from kdscale.config import path_field
-from kdscale.models.config import MODALITY_ARCHS, _check_arch
+from kdscale.models.config import MODALITY_ARCHS, _check_arch, check_pretrained
 
 __all__ = ["KINDS", "MULTIMODAL_KINDS", "FUSIONS", "ROUTE_HEADS", "StudentConfig", "build_student",
            "MultimodalStudent", "UnimodalStudent", "ViTStudent", "unwrap_model"]
@@ -74,7 +74,9 @@ class StudentConfig:
     img_size: int = 224                     # ViT position grid
     vit_arch: str = "vit_tiny_patch16_224"
     modality: Literal["", "image", "ehr"] = ""   # kind unimodal
-    image_pretrained: str = path_field("")  # image encoder (or the ViT) weights, local file
+    # image encoder (or ViT) weights: a local file or timm folder, or a hub name read from the
+    # local Hugging Face cache (kdscale.models.weights, docs/pretrained.md)
+    image_pretrained: str = ""
     ehr_pretrained: str = path_field("")    # EHR encoder weights, local file
 
     def __post_init__(self) -> None:
@@ -86,6 +88,8 @@ class StudentConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.image_pretrained:
+            self.image_pretrained = check_pretrained(self.image_pretrained, "image_pretrained")
         if self.fusion not in ("",) + FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
         if self.kind in MULTIMODAL_KINDS:

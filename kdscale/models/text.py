@@ -2,8 +2,9 @@
 
 Three ways to get the tokenizer and the BERT, never touching the network:
 
-* ``pretrained_path`` = a local Hugging Face folder (config + weights + tokenizer, as written by
-  ``save_pretrained``): ``AutoModel.from_pretrained`` and ``AutoTokenizer.from_pretrained`` with
+* ``pretrained`` (or its older spelling ``pretrained_path``) = a local Hugging Face folder (config
+  + weights + tokenizer, as written by ``save_pretrained``), or a hub name read from the local
+  Hugging Face cache (kdscale.models.weights.resolve_pretrained, docs/pretrained.md): ``AutoModel.from_pretrained`` and ``AutoTokenizer.from_pretrained`` with
   ``local_files_only=True``; ``tokenizer_path``, when also set, overrides the tokenizer.
 * ``tokenizer_path`` only: that local tokenizer, and a randomly initialised BERT (``BertConfig``
   from the config's sizes) whose vocabulary is the tokenizer's.
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from kdscale.models.unimodal import _device, batch_entry
+from kdscale.models.weights import resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +85,19 @@ def load_hf_tokenizer(path: str, field: str = "tokenizer_path"):
     return Tokenizer.from_str(backend.to_str()), pad_token, int(pad_id)
 
 
+def _load_hf_model(auto_cls, directory: Path):
+    """``from_pretrained`` of a local folder, never the network. Missing and unexpected keys are
+    logged (e.g. a pooler absent from the checkpoint); a shape mismatch raises (transformers
+    refuses it unless told to ignore it, and kdscale never does)."""
+    model, info = auto_cls.from_pretrained(str(directory), local_files_only=True, output_loading_info=True)
+    for kind in ("missing_keys", "unexpected_keys", "mismatched_keys"):
+        keys = sorted(str(k) for k in info.get(kind) or [])
+        if keys:
+            log.warning("pretrained %s: %d %s: %s%s", directory, len(keys), kind.replace("_", " "),
+                        ", ".join(keys[:8]), " ..." if len(keys) > 8 else "")
+    return model
+
+
 class TextEncoder(nn.Module):
     """``batch["report"]`` list[str] -> BERT pooled [CLS] features [B, hidden_size]."""
 
@@ -98,11 +113,12 @@ class TextEncoder(nn.Module):
         tokenizer = None
         if cfg.tokenizer_path:
             tokenizer = load_hf_tokenizer(cfg.tokenizer_path, "tokenizer_path")
-        if cfg.pretrained_path:
-            directory = _local_dir(cfg.pretrained_path, "pretrained_path")
-            self.bert = AutoModel.from_pretrained(str(directory), local_files_only=True)
+        weights = getattr(cfg, "weights", "") or cfg.pretrained_path
+        if weights:
+            directory = resolve_pretrained(weights, "transformers")   # local folder or cached hub name
+            self.bert = _load_hf_model(AutoModel, directory)
             if tokenizer is None:
-                tokenizer = load_hf_tokenizer(cfg.pretrained_path, "pretrained_path")
+                tokenizer = load_hf_tokenizer(str(directory), "pretrained")
             limit = getattr(self.bert.config, "max_position_embeddings", None)
             if limit and self.max_length > limit:
                 log.info("report max_length %d > the model's %d positions: using %d", self.max_length, limit, limit)

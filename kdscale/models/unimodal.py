@@ -30,7 +30,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from kdscale.models.weights import load_local_weights
+from kdscale.models.weights import WeightsShapeError, load_local_weights, resolve_pretrained
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +48,17 @@ def batch_entry(batch: dict, key: str, modality: str):
 
 
 def load_encoder_weights(module: nn.Module, path: str, prefixes: Iterable[str] = ENCODER_PREFIXES) -> dict:
-    """Load local weights into ``module`` with the first key prefix that matches any tensor
-    (``load_local_weights`` does the shape checks and raises when nothing matches)."""
+    """Load local weights (a file, a timm folder or a hub name in the local cache:
+    ``resolve_pretrained``) into ``module`` with the first key prefix that matches any tensor
+    (``load_local_weights`` raises when nothing matches, and on a shape mismatch, which stops
+    the search: the prefix was right, the weights are not)."""
+    path = str(resolve_pretrained(path, "timm"))
     errors = []
     for prefix in prefixes:
         try:
             report = load_local_weights(module, path, prefix=prefix)
+        except WeightsShapeError:
+            raise
         except ValueError as exc:
             errors.append(f"prefix {prefix!r}: {exc}")
             continue
