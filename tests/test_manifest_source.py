@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import missing_real_data
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.sources import build_source
 from kdscale.data.sources.base import LeakageError
@@ -259,7 +260,7 @@ def test_manifest_example_yaml_loads(tmp_path, repo_root, monkeypatch):
 
 def test_real_covid_cxr_seg(shared_data, repo_root, monkeypatch):
     if not (shared_data / "covid-cxr-seg").is_dir():
-        pytest.skip(f"real data folder {shared_data / 'covid-cxr-seg'} is absent")
+        missing_real_data(f"real data folder {shared_data / 'covid-cxr-seg'} is absent")
     monkeypatch.chdir(repo_root)
     cfg = load_config("configs/data/covid_cxr_seg.yaml")
     source = build_source(cfg.data)
