@@ -240,14 +240,35 @@ def _tar_members(fh, shard: str, on_error: ErrorFn) -> Iterator[tuple[str, bytes
             on_error("unsafe member name", f"{shard}: {name!r} is not a regular file")
 
 
-def iter_members(path: str | os.PathLike, on_error: ErrorFn = _raise) -> Iterator[tuple[str, bytes]]:
+class _DigestReader:
+    """A read-only file wrapper that feeds everything read through a hash object."""
+
+    def __init__(self, fh, digest):
+        self.fh, self.digest = fh, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.digest.update(data)
+        return data
+
+
+def iter_members(path: str | os.PathLike, on_error: ErrorFn = _raise, digest=None) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` of the regular members of a tar, in order, streaming (as
     webdataset's ``tar_file_iterator``, without importing webdataset -> torch: the writer and
     ``verify`` stay light). A truncated, unreadable or malformed tar reports
-    ``("truncated shard", ...)`` once and ends the iteration."""
+    ``("truncated shard", ...)`` once and ends the iteration.
+
+    ``digest`` (a ``hashlib`` object): every byte of the file is fed to it, the padding after
+    the end-of-archive block included, so once the iteration has run to its end it holds the
+    whole file's hash: the reader checks a shard's sha256 at the cost of hashing, not of a
+    second read."""
     try:
         with open(path, "rb", buffering=1 << 20) as fh:
-            yield from _tar_members(fh, Path(path).name, on_error)
+            stream = fh if digest is None else _DigestReader(fh, digest)
+            yield from _tar_members(stream, Path(path).name, on_error)
+            if digest is not None:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
     except _BadTar as exc:
         on_error("truncated shard", f"{Path(path).name}: {exc}")
     except OSError as exc:
@@ -268,16 +289,16 @@ def iter_selected(path: str | os.PathLike, ext: str) -> Iterator[tuple[str, byte
 
 
 def iter_samples(path: str | os.PathLike, on_error: ErrorFn = _raise,
-                 allowed: Callable[[str], bool] = is_data_ext) -> Iterator[dict]:
+                 allowed: Callable[[str], bool] = is_data_ext, digest=None) -> Iterator[dict]:
     """Group members into samples ``{"__key__": key, ext: bytes, ...}``.
 
     Unsafe or unknown member names are reported and dropped (the sample may then be
     incomplete, which the decoder detects). A repeated extension within a sample is reported
-    and its second copy dropped.
+    and its second copy dropped. ``digest``: see :func:`iter_members`.
     """
     shard = Path(path).name
     current: Optional[dict] = None
-    for name, data in iter_members(path, on_error):
+    for name, data in iter_members(path, on_error, digest):
         try:
             key, ext = split_member_name(name, allowed)
         except UnsafeMemberError as exc:
