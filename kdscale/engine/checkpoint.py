@@ -230,9 +230,9 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", *, verify: bool =
             blocked = _blocked_global(str(e))
             if blocked:
                 raise UnsafeCheckpointError(
-                    f"refused to load checkpoint {path}: it references the Python global {blocked}, which the "
-                    "weights-only loader does not allow (a crafted or foreign file: kdscale never writes one); "
-                    "nothing from it was executed") from None
+                    f"refused to load checkpoint {path}: it references the Python global {blocked}, which "
+                    "torch.load(weights_only=True) does not allow (a crafted or foreign file: kdscale never writes "
+                    "one); nothing from it was executed") from None
             cause = (
                 "the weights_only unpickler rejected it: it holds objects weights_only=True does not allow "
                 f"(it was not written through check_weights_only_safe) or its data.pkl is corrupt ({_unpickler_reason(str(e))})"

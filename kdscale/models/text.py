@@ -99,6 +99,10 @@ def _shared_words(splitter, pairs: Iterable, min_patients: int) -> Iterator[str]
             if len(seen) < min_patients:
                 seen.add(str(patient))
     kept = sorted(w for w in counts if len(patients[w]) >= min_patients)
+    if not kept:
+        log.warning("tokenizer privacy filter: no word occurs in the reports of %d distinct patients (%d words "
+                    "seen): the vocabulary holds the special tokens only and every report becomes [UNK]; lower "
+                    "vocab_min_patients only if the data allows it", min_patients, len(counts))
     log.info("tokenizer privacy filter: %d of %d distinct words occur in the reports of >= %d patients; only "
              "those are learned from", len(kept), len(counts), min_patients)
     for word in kept:
