@@ -138,14 +138,16 @@ class _FullDisk(io.RawIOBase):
         return self.fh.write(data)
 
     def flush(self):
-        self.fh.flush()
+        if not self.fh.closed:
+            self.fh.flush()
 
     def fileno(self):
         return self.fh.fileno()
 
     def close(self):
-        self.fh.close()
-        super().close()
+        if not self.closed:
+            self.fh.close()
+            super().close()
 
 
 @pytest.mark.parametrize("room", [10, 3000])   # fails at torch's first write / inside its zip writer
@@ -286,3 +288,18 @@ def test_intact_shards_are_hashed_once_per_process(shards, tmp_path):
     _flip_member_byte(root / "train" / "shard-000000.tar")   # after the check: not read whole again
     loader.set_epoch(1)
     assert len(list(loader)) == len(loader)                     # no second hash of a checked shard
+
+
+def test_disk_full_while_writing_a_shard_names_it_and_leaves_no_temp(tmp_path, monkeypatch):
+    from kdscale.data import tario
+
+    real_open = open
+    monkeypatch.setattr(tario, "open", lambda path, mode="r", *a, **kw: _FullDisk(real_open(path, mode, *a, **kw), 2000)
+                        if "w" in mode else real_open(path, mode, *a, **kw), raising=False)
+    writer = tario.TarShardWriter(tmp_path / "shard-000000.tar")
+    with pytest.raises(OSError) as info:
+        writer.add("k1.json", b"x" * 5000)
+        writer.commit()
+    writer.abort()
+    assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "shard-000000.tar")
+    assert list(tmp_path.iterdir()) == []

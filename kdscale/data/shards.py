@@ -109,8 +109,10 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     try:
         tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
         os.replace(tmp, path)
-    except BaseException:   # disk full, read-only, interrupted: no half-written temp file stays behind
+    except BaseException as exc:   # disk full, read-only, interrupted: no half-written temp file stays behind
         tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:   # ENOSPC from write() names no file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
         raise
 
 

@@ -7,6 +7,7 @@ member names with path components or unknown extensions: a shard is data, never 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -90,14 +91,16 @@ class TarShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        with _names_path(self.path):
+            self._tar.addfile(info, io.BytesIO(data))
 
     def commit(self) -> dict:
-        self._tar.close()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self.tmp, self.path)
+        with _names_path(self.path):
+            self._tar.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self.tmp, self.path)
         return {"bytes": self._hf.size, "sha256": self._hf.sha.hexdigest()}
 
     def abort(self) -> None:
@@ -105,6 +108,18 @@ class TarShardWriter:
             self._fh.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _names_path(path: Path):
+    """A write that fails for the OS (disk full: ``OSError(ENOSPC)`` from ``write``, which names
+    no file) is re-raised naming the shard, so the CLI's one line says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
