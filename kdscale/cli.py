@@ -76,9 +76,7 @@ def cmd_shards(args) -> int:
     1 = counts do not reconcile, 2 = config/data error."""
     import json
 
-    from kdscale.data.shards import build_shards
-
-    from kdscale.data.shards import shards_out_dir
+    from kdscale.data.shards import build_shards, shards_out_dir
     from kdscale.runlock import stage_lock
 
     cfg = _load(args)
@@ -121,11 +119,8 @@ def cmd_teachers(args) -> int:
 
 
 def cmd_softlabels(args) -> int:
-    from kdscale.distill.teacher_pass import teacher_pass
-    from kdscale.engine.distributed import teardown
-
-    from kdscale.distill.teacher_pass import softlabels_dir
-    from kdscale.engine.distributed import detect_world
+    from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
+    from kdscale.engine.distributed import detect_world, teardown
     from kdscale.runlock import stage_lock
 
     cfg = _load(args)
@@ -159,7 +154,6 @@ def _run_config(args):
 
 def cmd_eval(args) -> int:
     from kdscale.eval.run_eval import evaluate_run, report_run
-
     from kdscale.runlock import stage_lock
 
     cfg = _run_config(args)
@@ -286,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def describe_os_error(exc: OSError) -> str:
-    """``cannot write /path: No space left on device [ENOSPC]``: the path and the cause, one line."""
+    """``/path: No space left on device [ENOSPC]``: the path and the cause, one line."""
     code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
     cause = (exc.strerror or str(exc)) + (f" [{code}]" if code else "")
     where = exc.filename or ""
