@@ -303,3 +303,33 @@ def test_disk_full_while_writing_a_shard_names_it_and_leaves_no_temp(tmp_path, m
     writer.abort()
     assert info.value.errno == errno.ENOSPC and info.value.filename == str(tmp_path / "shard-000000.tar")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_kdscale_train_on_a_full_disk_ends_in_one_line_and_keeps_the_last_checkpoint(shards, tmp_path, monkeypatch,
+                                                                                       capsys):
+    from kdscale import cli
+    from kdscale.config import dump
+    from kdscale.schema import Config
+
+    cfg = validate(Config, {
+        "run": {"out_dir": str(tmp_path / "run"), "seed": 0}, "shards": {"out_dir": str(shards)},
+        "loader": {"num_workers": 0, "batch_size": 4, "image_size": 16, "resize_size": 18},
+        "students": [{"name": "ehr", "method": "supervised",
+                      "model": {"kind": "unimodal", "modality": "ehr", "ehr_arch": "lstm_small"},
+                      "train": {"epochs": 3, "progress": False, "device": "cpu"}}]})
+    dump(cfg, tmp_path / "cfg.yaml")
+    real_open = open
+
+    def disk_full_from_epoch_2(path, mode="r", *args, **kwargs):   # the disk fills up after epoch 1's save
+        fh = real_open(path, mode, *args, **kwargs)
+        return _FullDisk(fh, 100) if "x" in mode and "ckpt-e002" in str(path) else fh
+
+    monkeypatch.setattr(ckpt_mod, "open", disk_full_from_epoch_2, raising=False)
+    assert cli.main(["train", "--cfg", str(tmp_path / "cfg.yaml")]) == 2
+    monkeypatch.undo()
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    folder = tmp_path / "run" / "students" / "ehr" / "checkpoints"
+    assert last == (f"kdscale train: error: {folder / 'ckpt-e002-s00000006.pt'}: No space left on device [ENOSPC]")
+    assert not [p.name for p in folder.iterdir() if ".tmp." in p.name]
+    state, path = CheckpointManager(folder).load("latest")
+    assert path.name == "ckpt-e001-s00000003.pt" and state["epoch"] == 1
