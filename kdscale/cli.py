@@ -6,6 +6,7 @@ config into its run directory, and shows a progress bar for long work.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
 import time
@@ -89,11 +90,14 @@ def cmd_shards(args) -> int:
     nothing kept), 2 = config/data error."""
     import json
 
-    from kdscale.data.shards import build_shards
+    from kdscale.data.shards import build_shards, shards_out_dir
+    from kdscale.runlock import stage_lock
 
     cfg = _load(args)
-    summary = build_shards(cfg, workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
-                           progress=not args.no_progress and sys.stderr.isatty())
+    # one lock per task index: array tasks write disjoint shards of one folder
+    with stage_lock(shards_out_dir(cfg), f"shards task {args.task_index}"):
+        summary = build_shards(cfg, workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
+                               progress=not args.no_progress and sys.stderr.isatty())
     print(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=1, default=str))
     if summary.get("failed"):
         print(f"kdscale shards: FAILED: {summary['failed']}", file=sys.stderr)
@@ -103,19 +107,23 @@ def cmd_shards(args) -> int:
     return 0 if summary.get("reconciles") else 1
 
 
-def _train_each(args, select, root, train) -> int:
+def _train_each(args, select, root, train, unit_dir, what: str) -> int:
     """``kdscale teachers`` / ``kdscale train``: the selected units (``--only``/``--index``),
     the resolved config written once beside them, each trained in turn (a rank of a distributed
-    job trains its share of each)."""
+    job trains its share of each). Rank 0 holds each unit's folder lock while it trains: a second
+    run on the same unit is refused; array tasks training other units are not affected."""
     from kdscale.config import dump
     from kdscale.engine.distributed import detect_world, teardown
+    from kdscale.runlock import stage_lock
 
     cfg = _load(args)
     chosen = select(cfg, only=args.only, index=args.index)
-    if detect_world().rank == 0:
+    rank0 = detect_world().rank == 0
+    if rank0:
         dump(cfg, root(cfg) / "config.yaml")
     for unit in chosen:
-        train(cfg, unit, resume=args.resume, force=args.force)
+        with stage_lock(unit_dir(cfg, unit), f"{what} {unit.name}", enabled=rank0):
+            train(cfg, unit, resume=args.resume, force=args.force)
     teardown()
     return 0
 
@@ -123,23 +131,26 @@ def _train_each(args, select, root, train) -> int:
 def cmd_teachers(args) -> int:
     from kdscale.distill.teachers import select_teachers, teachers_dir, train_teacher
 
-    return _train_each(args, select_teachers, teachers_dir, train_teacher)
+    return _train_each(args, select_teachers, teachers_dir, train_teacher,
+                       lambda cfg, teacher: teachers_dir(cfg) / teacher.name, "teacher")
 
 
 def cmd_softlabels(args) -> int:
-    from kdscale.distill.teacher_pass import teacher_pass
-    from kdscale.engine.distributed import teardown
+    from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
+    from kdscale.engine.distributed import detect_world, teardown
+    from kdscale.runlock import stage_lock
 
     cfg = _load(args)
-    teacher_pass(cfg, device=args.device, progress=not args.no_progress)
+    with stage_lock(softlabels_dir(cfg), "softlabels", enabled=detect_world().rank == 0):
+        teacher_pass(cfg, device=args.device, progress=not args.no_progress)
     teardown()
     return 0
 
 
 def cmd_train(args) -> int:
-    from kdscale.distill.student_training import select_students, students_root, train_student
+    from kdscale.distill.student_training import select_students, student_dir, students_root, train_student
 
-    return _train_each(args, select_students, students_root, train_student)
+    return _train_each(args, select_students, students_root, train_student, student_dir, "student")
 
 
 def _run_config(args):
@@ -161,14 +172,16 @@ def _run_config(args):
 
 def cmd_eval(args) -> int:
     from kdscale.eval.run_eval import evaluate_run, report_run
+    from kdscale.runlock import stage_lock
 
     cfg = _run_config(args)
-    summary = evaluate_run(cfg, split=args.split, progress=True)
-    print(f"evaluation of {summary['students']} on {summary['split']}: {summary['eval_dir']}")
-    if not args.no_report:
-        report = report_run(cfg)
-        print(report["table"])
-        print(f"report: {report['html']}")
+    with stage_lock(cfg.run.out_dir, "eval"):
+        summary = evaluate_run(cfg, split=args.split, progress=True)
+        print(f"evaluation of {summary['students']} on {summary['split']}: {summary['eval_dir']}")
+        if not args.no_report:
+            report = report_run(cfg)
+            print(report["table"])
+            print(f"report: {report['html']}")
     return 0
 
 
@@ -284,11 +297,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``/path: No space left on device [ENOSPC]``: the path and the cause, one line."""
+    code = errno.errorcode.get(exc.errno, "") if exc.errno else ""
+    cause = (exc.strerror or str(exc)) + (f" [{code}]" if code else "")
+    where = exc.filename or ""
+    if exc.filename2:
+        where += f" -> {exc.filename2}"
+    return f"{where}: {cause}" if where else cause
+
+
+def _checkpoint_error() -> type:
+    """CheckpointError when its module (which imports torch) was loaded, else a class nothing
+    raises: a failed checkpoint load is one line too, without importing torch for every command."""
+    module = sys.modules.get("kdscale.engine.checkpoint")
+    return module.CheckpointError if module is not None else _NeverRaised
+
+
+class _NeverRaised(Exception):
+    pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from kdscale.config import ConfigError
     from kdscale.data.ingest import DataError
 
     from kdscale.engine.signals import EXIT_PREEMPTED, Preempted
+    from kdscale.runlock import RunLocked
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
@@ -300,11 +335,18 @@ def main(argv: list[str] | None = None) -> int:
         # distinct status tells the launcher to requeue and resume (--resume auto).
         print(f"kdscale {args.command}: preempted: {exc}", file=sys.stderr)
         return EXIT_PREEMPTED
-    except (ConfigError, DataError, ValueError, FileNotFoundError) as exc:
+    except (ConfigError, DataError, ValueError, FileNotFoundError, RunLocked, _checkpoint_error()) as exc:
         # Expected user-facing failures: one clear line (the traceback with -v).
         if args.verbose:
             raise
         print(f"kdscale {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        # Disk full, read-only file system, permissions: one line naming the path and the cause
+        # (temp files are removed by the writers; the last good checkpoint is untouched).
+        if args.verbose:
+            raise
+        print(f"kdscale {args.command}: error: {describe_os_error(exc)}", file=sys.stderr)
         return 2
 
 

@@ -24,7 +24,9 @@ REPORTS = [
     "Hyperinflated lungs consistent with COPD. No acute process.",
 ]
 
-TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=300, max_length=48)
+# vocab_min_patients=1: these batches carry no patient ids (the privacy filter: test_text_privacy.py)
+TINY = dict(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64, vocab_size=300, max_length=48,
+            vocab_min_patients=1)
 
 
 def _batches(reports, size=4):

@@ -35,6 +35,19 @@ def _rewrite(path, fn) -> None:
     writer.commit()
 
 
+def _rebless(shard_dir, split: str) -> None:
+    """Record the shards' current size and sha256 in index.json: the loader refuses shards changed
+    after the build, so a test of what it does with bad CONTENT must make the index agree."""
+    from kdscale.data.tario import sha256_file
+
+    path = shard_dir / split / "index.json"
+    index = json.loads(path.read_text())
+    for entry in index["shards"]:
+        tar = shard_dir / split / entry["name"]
+        entry["bytes"], entry["sha256"] = tar.stat().st_size, sha256_file(tar)
+    path.write_text(json.dumps(index))
+
+
 def _keys(loader) -> list[str]:
     return [k for batch in loader for k in batch["key"]]
 
@@ -171,6 +184,7 @@ def test_corrupt_truncated_and_unsafe_members_are_skipped_and_counted(shards, tm
     _rewrite(broken / "train" / "shard-000000.tar", garble)
     truncated = broken / "train" / "shard-000001.tar"
     truncated.write_bytes(truncated.read_bytes()[:2000])
+    _rebless(broken, "train")
     cfg = loader_cfg(num_workers=2, drop_last=False)
     loader = build_loader(broken, "train", cfg, train=True, rank=0, world_size=1)
     batches = list(loader)
@@ -188,6 +202,7 @@ def test_all_shards_unreadable_is_an_error_not_a_hang(shards, tmp_path):
     shutil.copytree(shards, broken)
     for tar in (broken / "val").glob("*.tar"):
         tar.write_bytes(b"")
+    _rebless(broken, "val")
     with pytest.raises(DataError, match="no readable sample"):
         list(build_loader(broken, "val", loader_cfg(), train=False, rank=0, world_size=1))
 

@@ -30,6 +30,7 @@ before the iteration starts and each worker reads when it begins its slot of tha
 from __future__ import annotations
 
 import bisect
+import hashlib
 import logging
 import math
 import os
@@ -198,6 +199,13 @@ class _Spec:
     n_labels: int
     n_features: int
     normalizer: Optional[dict]
+    # per shard (all samples, sha256) from index.json: what a read is checked against
+    checks: Optional[list[tuple[int, str]]] = None
+
+
+# Shards whose sha256 this process has already checked, as (path, sha256): each shard is hashed
+# at most once per process (and only while it is read whole anyway: hashing, not a second read).
+_VERIFIED_SHARDS: set[tuple[str, str]] = set()
 
 
 class _EpochState:
@@ -441,19 +449,44 @@ class _RangeReader:
             pos += take
 
     def _shard(self, k: int, offset: int, take: int) -> Iterator[dict]:
-        """Samples [offset, offset + take) of shard k, counted over the samples in G_e."""
+        """Samples [offset, offset + take) of shard k, counted over the samples in G_e.
+
+        Checked against index.json as it reads (a mismatch is a DataError naming the shard: the
+        shard was changed after the build, and reading on would give silent duplicates or
+        unverified data): a range that ends early (fewer samples than the index says); a range
+        that reaches the shard's end reads on to the end of the tar, so a shard with more samples
+        than listed is caught too, and has its sha256 checked (once per shard and process).
+        A truncated shard stays a counted skip ("truncated shard")."""
         path = self.spec.shards[k][0]
         name = Path(path).name
-        samples = iter_samples(path, self.errors)
+        expected = self.spec.checks[k] if self.spec.checks is not None else None
+        truncated: list[str] = []
+
+        def on_error(reason: str, detail: str) -> None:
+            if reason == "truncated shard":
+                truncated.append(detail)
+            self.errors(reason, detail)
+
+        in_ge = self.spec.shards[k][1]
+        reaches_end = offset + take >= in_ge
+        digest = None
+        # every range reads its shard from byte 0 (samples before `offset` are passed over), so
+        # the range that reaches the shard's end reads all of it: hash there
+        if expected is not None and expected[1] and reaches_end and (path, expected[1]) not in _VERIFIED_SHARDS:
+            digest = hashlib.sha256()
+        samples = iter_samples(path, on_error, digest=digest)
         soft = None
         if self.spec.soft_shards is not None:
             soft_path = self.spec.soft_shards[k]
             soft = iter_soft_rows(soft_path)
         require, seen = self.require, 0   # seen: samples of G_e passed so far in this shard
-        # A range that ends with the shard's last sample of G_e also checks the filtered-out samples
-        # after it (no other range passes them): every sample's soft labels are checked.
-        to_end = require and soft is not None and offset + take >= self.spec.shards[k][1]
+        # A range that ends with the shard's last sample of G_e reads on to the end of the tar: the
+        # count check, the hash, and the soft-label check of filtered-out samples after it (no
+        # other range passes them: every sample's soft labels are checked).
+        to_end = reaches_end and (expected is not None or (require and soft is not None))
+        total = 0
         for i, sample in enumerate(samples):
+            total = i + 1
             if seen >= offset + take and not to_end:
                 return
             if soft is not None:  # checked for skipped and filtered-out samples too: misalignment is always an error
@@ -461,11 +494,26 @@ class _RangeReader:
             if require and not has_modalities(sample, require):
                 continue
             if seen >= offset + take:
+                if expected is not None and not truncated:
+                    raise DataError(f"shard {name} holds more samples than its index.json lists ({in_ge}"
+                                    f"{' with ' + '+'.join(require) if require else ''}): it was changed after "
+                                    f"the build; run `kdscale verify` and rebuild it", file=path)
                 return
             if seen >= offset:
                 sample["__shard__"] = name
                 yield sample
             seen += 1
+        if expected is None or truncated:
+            return   # a truncated shard: its samples are a counted skip (reported by iter_members)
+        if seen < offset + take or (reaches_end and total != expected[0]):
+            raise DataError(f"shard {name} holds {total if reaches_end else 'fewer'} samples, its index.json "
+                            f"says {expected[0]}: it was changed after the build (reading on would repeat "
+                            f"samples); run `kdscale verify` and rebuild it", file=path)
+        if digest is not None:
+            if digest.hexdigest() != expected[1]:
+                raise DataError(f"shard {name}: sha256 does not match index.json (modified or corrupt since the "
+                                f"build); run `kdscale verify` and rebuild it", file=path)
+            _VERIFIED_SHARDS.add((path, expected[1]))
 
 
 def iter_soft_rows(path: str) -> Iterator[dict]:
@@ -579,6 +627,7 @@ class ShardLoader:
         self.index = read_index(self.shard_dir, split)
         counts = _qualifying_counts(self.index, list(cfg.require), self.shard_dir, split)
         self.shards = [(str(self.shard_dir / split / s["name"]), n) for s, n in zip(self.index["shards"], counts)]
+        self.checks = _check_shard_files(self.shard_dir, split, self.index)
         self.num_samples = sum(counts)
         if cfg.require and self.num_samples == 0:
             raise DataError(f"split {split!r}: none of its {self.index['num_samples']} samples has "
@@ -635,7 +684,7 @@ class ShardLoader:
     def _spec(self, start_batch: int) -> _Spec:
         return _Spec(self.shards, self.soft_shards, self.plan, self.cfg, self.train, self.epoch, self.rank,
                      self.cfg.num_workers, start_batch, len(self.index["label_names"]), self.n_features,
-                     self.normalizer)
+                     self.normalizer, self.checks)
 
     def _loader(self, start: int):
         """The DataLoader of this iteration: the persistent one (workers read the epoch and start
@@ -686,6 +735,25 @@ class ShardLoader:
         if self.skipped:
             log.warning("%s epoch %d rank %d: skipped %d samples (%s)", self.split, self.epoch, self.rank,
                         self.num_skipped, ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items())))
+
+
+def _check_shard_files(shard_dir: Path, split: str, index: dict) -> list[tuple[int, str]]:
+    """Every shard of the split exists with the size index.json records (a stat per shard: a shard
+    grown, shrunk or replaced since the build is an error naming it, before any batch); -> per
+    shard (sample count, sha256) for the checks made while reading (``_RangeReader._shard``)."""
+    checks = []
+    for entry in index["shards"]:
+        path = shard_dir / split / entry["name"]
+        try:
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise DataError(f"shard {entry['name']} of split {split!r} is missing (listed in index.json)",
+                            file=path) from None
+        if "bytes" in entry and size != int(entry["bytes"]):
+            raise DataError(f"shard {entry['name']} is {size} bytes, its index.json says {entry['bytes']}: it was "
+                            f"changed after the build; run `kdscale verify` and rebuild it", file=path)
+        checks.append((int(entry["count"]), str(entry.get("sha256", ""))))
+    return checks
 
 
 def _soft_shards(soft_dir, split: str, index: dict) -> list[str]:

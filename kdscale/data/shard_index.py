@@ -182,8 +182,12 @@ def _write_quarantine_and_summary(out: Path, plan: dict, stats: dict, splits: di
                                          "detail": skip["reason"], "key": skip["key"],
                                          "file": f"{split}/{s['shard']}"}))
     tmp = out / f"quarantine.jsonl.tmp-{os.getpid()}"
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, out / "quarantine.jsonl")
+    try:
+        tmp.write_text("".join(line + "\n" for line in lines))
+        os.replace(tmp, out / "quarantine.jsonl")
+    except BaseException:   # disk full, interrupted: no half-written temp file stays behind
+        tmp.unlink(missing_ok=True)
+        raise
     ingest = plan["ingest"]
     written = sum(s["samples"] for s in splits.values())
     quarantined = ingest["skipped"] + sum(writer_reasons.values())

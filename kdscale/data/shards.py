@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -107,8 +108,44 @@ def _json_default(obj: Any) -> Any:
 
 def write_json_atomic(path: Path, obj: Any) -> None:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
+        os.replace(tmp, path)
+    except BaseException as exc:   # disk full, read-only, interrupted: no half-written temp file stays behind
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:   # ENOSPC from write() names no file
+            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
+        raise
+
+
+_SHARD_TEMP = re.compile(r"^shard-(\d+)\..*\.tmp-\d+$")
+
+
+def remove_stale_temps(out: Path, task_index: int, num_tasks: int) -> list[str]:
+    """Temp files a killed build of THIS task left behind (the caller holds the task's lock, so no
+    live process writes them): its source quarantine in ``_build/``, and the ``.tmp-PID`` files
+    of the shards it owns (k % num_tasks == task_index). A whole build (one task) also owns the
+    shared ``*.tmp-PID`` files (plan, index, summary). Other tasks' temp files are never touched:
+    they may be in the middle of writing them. -> the removed paths, relative to ``out``."""
+    removed = []
+    candidates = list((out / BUILD_DIR).glob(f"source_quarantine.{task_index}.*.tmp"))
+    for folder in [out, out / BUILD_DIR, *(d for d in out.iterdir() if d.is_dir() and d.name != BUILD_DIR)] \
+            if out.is_dir() else []:
+        for path in folder.glob("*.tmp-*"):
+            owner = _SHARD_TEMP.match(path.name)
+            if owner is not None and int(owner.group(1)) % num_tasks == task_index:
+                candidates.append(path)
+            elif owner is None and num_tasks == 1:
+                candidates.append(path)
+    for path in candidates:
+        try:
+            path.unlink()
+            removed.append(str(path.relative_to(out)))
+        except FileNotFoundError:
+            pass
+    if removed:
+        log.info("%s: removed %d temp file(s) of an interrupted build: %s", out, len(removed), removed[:5])
+    return removed
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -453,6 +490,7 @@ def build_shards(cfg, workers: int = 1, task_index: int = 0, num_tasks: int = 1,
     out = shards_out_dir(cfg)
     chash = shard_config_hash(cfg)
     (out / BUILD_DIR).mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(out, task_index, num_tasks)
     plan = shard_index.read_plan(out, chash)
     if plan is not None and shard_index.all_shards_done(out, plan, chash):
         done = shard_index.finished_summary(out, chash)

@@ -7,6 +7,7 @@ member names with path components or unknown extensions: a shard is data, never 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
@@ -90,14 +91,16 @@ class TarShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        self._tar.addfile(info, io.BytesIO(data))
+        with _names_path(self.path):
+            self._tar.addfile(info, io.BytesIO(data))
 
     def commit(self) -> dict:
-        self._tar.close()
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
-        os.replace(self.tmp, self.path)
+        with _names_path(self.path):
+            self._tar.close()
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.replace(self.tmp, self.path)
         return {"bytes": self._hf.size, "sha256": self._hf.sha.hexdigest()}
 
     def abort(self) -> None:
@@ -105,6 +108,18 @@ class TarShardWriter:
             self._fh.close()
         finally:
             self.tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _names_path(path: Path):
+    """A write that fails for the OS (disk full: ``OSError(ENOSPC)`` from ``write``, which names
+    no file) is re-raised naming the shard, so the CLI's one line says where."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -240,14 +255,35 @@ def _tar_members(fh, shard: str, on_error: ErrorFn) -> Iterator[tuple[str, bytes
             on_error("unsafe member name", f"{shard}: {name!r} is not a regular file")
 
 
-def iter_members(path: str | os.PathLike, on_error: ErrorFn = _raise) -> Iterator[tuple[str, bytes]]:
+class _DigestReader:
+    """A read-only file wrapper that feeds everything read through a hash object."""
+
+    def __init__(self, fh, digest):
+        self.fh, self.digest = fh, digest
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.fh.read(n)
+        self.digest.update(data)
+        return data
+
+
+def iter_members(path: str | os.PathLike, on_error: ErrorFn = _raise, digest=None) -> Iterator[tuple[str, bytes]]:
     """Yield ``(name, data)`` of the regular members of a tar, in order, streaming (as
     webdataset's ``tar_file_iterator``, without importing webdataset -> torch: the writer and
     ``verify`` stay light). A truncated, unreadable or malformed tar reports
-    ``("truncated shard", ...)`` once and ends the iteration."""
+    ``("truncated shard", ...)`` once and ends the iteration.
+
+    ``digest`` (a ``hashlib`` object): every byte of the file is fed to it, the padding after
+    the end-of-archive block included, so once the iteration has run to its end it holds the
+    whole file's hash: the reader checks a shard's sha256 at the cost of hashing, not of a
+    second read."""
     try:
         with open(path, "rb", buffering=1 << 20) as fh:
-            yield from _tar_members(fh, Path(path).name, on_error)
+            stream = fh if digest is None else _DigestReader(fh, digest)
+            yield from _tar_members(stream, Path(path).name, on_error)
+            if digest is not None:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
     except _BadTar as exc:
         on_error("truncated shard", f"{Path(path).name}: {exc}")
     except OSError as exc:
@@ -268,16 +304,16 @@ def iter_selected(path: str | os.PathLike, ext: str) -> Iterator[tuple[str, byte
 
 
 def iter_samples(path: str | os.PathLike, on_error: ErrorFn = _raise,
-                 allowed: Callable[[str], bool] = is_data_ext) -> Iterator[dict]:
+                 allowed: Callable[[str], bool] = is_data_ext, digest=None) -> Iterator[dict]:
     """Group members into samples ``{"__key__": key, ext: bytes, ...}``.
 
     Unsafe or unknown member names are reported and dropped (the sample may then be
     incomplete, which the decoder detects). A repeated extension within a sample is reported
-    and its second copy dropped.
+    and its second copy dropped. ``digest``: see :func:`iter_members`.
     """
     shard = Path(path).name
     current: Optional[dict] = None
-    for name, data in iter_members(path, on_error):
+    for name, data in iter_members(path, on_error, digest):
         try:
             key, ext = split_member_name(name, allowed)
         except UnsafeMemberError as exc:

@@ -11,7 +11,17 @@ Guarantees
   on load) and turns any failure into a :class:`CheckpointError` that names the file and the
   cause.
 * :func:`check_weights_only_safe` rejects, at save time, values that ``weights_only=True``
-  could not load back, naming the offending key path.
+  could not load back, naming the offending key path. A file that references a Python global
+  the weights-only unpickler blocks (a crafted or foreign file) is refused with
+  :class:`UnsafeCheckpointError`, naming the global.
+* A write that fails for the operating system (disk full, read-only file system, permission)
+  raises ``OSError`` with the destination path as ``filename`` -- torch.save's own
+  ``RuntimeError: [enforce fail at inline_container.cc...]`` is translated back to the
+  ``OSError`` behind it -- and the temp file is removed; the previous file under the final name
+  is untouched.
+* :meth:`CheckpointManager.load` is the one way to resume: it verifies (CRC) the checkpoint it
+  picks and falls back, with a warning naming the skipped file and the reason, to the newest
+  step checkpoint that loads.
 
 Directory layout written by :class:`CheckpointManager`::
 
@@ -27,6 +37,7 @@ construction removes temporary files it considers stale.
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import logging
 import math
@@ -44,6 +55,7 @@ import torch
 __all__ = [
     "CheckpointError",
     "CheckpointNotFoundError",
+    "UnsafeCheckpointError",
     "UnsafeCheckpointValueError",
     "CheckpointManager",
     "check_weights_only_safe",
@@ -68,6 +80,11 @@ class UnsafeCheckpointValueError(CheckpointError, TypeError):
     """A checkpoint state holds a value that ``torch.load(weights_only=True)`` cannot load."""
 
 
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint file references Python globals the weights-only unpickler refuses (a crafted
+    or foreign file); it was not loaded."""
+
+
 # --------------------------------------------------------------------------- atomic writes
 
 _TMP_RE = re.compile(r"^\..+\.tmp\.\d+\.[0-9a-f]{8}$")
@@ -90,22 +107,52 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def _os_error_behind(exc: BaseException) -> OSError | None:
+    """The OSError that caused ``exc`` (itself, or along its cause/context chain), else None.
+    torch.save reports a failed write of its zip writer as ``RuntimeError: [enforce fail at
+    inline_container.cc...] unexpected pos``, with the OSError (e.g. ENOSPC) as its context."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def _write_error(exc: BaseException, path: Path) -> BaseException:
+    """A failed write as an ``OSError`` naming ``path`` (the final name: the temp file is gone by
+    then), so callers and the CLI can print one line. Other exceptions are returned unchanged."""
+    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or isinstance(exc, CheckpointError):
+        return exc
+    os_error = _os_error_behind(exc)
+    if os_error is not None:
+        return OSError(os_error.errno, os_error.strerror or str(os_error), str(path))
+    if isinstance(exc, RuntimeError) and "inline_container" in str(exc):  # torch's writer, no OSError seen
+        first = str(exc).strip().splitlines()[0]
+        return OSError(errno.EIO, f"torch.save failed ({first}); is the disk full?", str(path))
+    return exc
+
+
 def _write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:   # never created, or the file system refuses even that: nothing to remove
             pass
-        raise
+        translated = _write_error(exc, path)
+        if translated is exc:
+            raise
+        raise translated from exc
     _fsync_dir(path.parent)
     return path
 
@@ -138,12 +185,15 @@ def _link_or_copy_atomic(src: Path, dst: Path) -> None:
                 fout.flush()
                 os.fsync(fout.fileno())
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as exc:
         try:
             tmp.unlink()
-        except FileNotFoundError:
+        except OSError:
             pass
-        raise
+        translated = _write_error(exc, dst)
+        if translated is exc:
+            raise
+        raise translated from exc
     _fsync_dir(dst.parent)
 
 
@@ -177,9 +227,15 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", *, verify: bool =
     except Exception as e:  # zipfile/pickle/RuntimeError/EOFError/...: normalise them all
         first = str(e).strip().splitlines()[0] if str(e).strip() else ""
         if "Weights only load failed" in str(e):
+            blocked = _blocked_global(str(e))
+            if blocked:
+                raise UnsafeCheckpointError(
+                    f"refused to load checkpoint {path}: it references the Python global {blocked}, which "
+                    "torch.load(weights_only=True) does not allow (a crafted or foreign file: kdscale never writes "
+                    "one); nothing from it was executed") from None
             cause = (
                 "the weights_only unpickler rejected it: it holds objects weights_only=True does not allow "
-                "(it was not written through check_weights_only_safe) or its data.pkl is corrupt"
+                f"(it was not written through check_weights_only_safe) or its data.pkl is corrupt ({_unpickler_reason(str(e))})"
             )
         else:
             cause = f"{type(e).__name__}: {first}" if first else type(e).__name__
@@ -187,6 +243,27 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", *, verify: bool =
     if not isinstance(obj, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, expected a dict")
     return obj
+
+
+_GLOBAL_RE = re.compile(r"GLOBAL ([A-Za-z_][\w.]*)")
+
+
+def _blocked_global(message: str) -> str | None:
+    """The ``module.name`` torch's weights-only unpickler refused, from its error message
+    ("Trying to load unsupported GLOBAL posix.system whose module posix is blocked", "Unsupported
+    global: GLOBAL x.y was not an allowed global by default"), else None."""
+    m = _GLOBAL_RE.search(message)
+    return m.group(1) if m else None
+
+
+def _unpickler_reason(message: str) -> str:
+    """The line of torch's weights-only error that says what went wrong (it comes wrapped in
+    advice about ``weights_only=False``, which must not be followed here)."""
+    lines = [ln.strip() for ln in message.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith(("WeightsUnpickler error", "Trying to load", "Unsupported")):
+            return ln[:300]
+    return lines[1][:300] if len(lines) > 1 else "no detail"
 
 
 def _structurally_complete(path: Path) -> str | None:
@@ -463,24 +540,32 @@ class CheckpointManager:
 
     def load(self, spec: PathLike = "latest", map_location: Any = "cpu", *, verify: bool = True) -> tuple[dict, Path]:
         """Resolve ``spec`` and load it with :func:`load_checkpoint`; returns ``(state, path)``.
+        The one function through which a run resumes (``--resume latest|auto|best|PATH``).
 
-        For ``"latest"``, a file that fails to load (or fails CRC verification) is skipped with a
-        warning in favour of the next-newest step checkpoint that loads (bit rot inside a file is
-        only detectable by reading it, which :meth:`latest` does not do)."""
+        For ``"latest"``, a file that fails to load (CRC mismatch: bit rot; truncation; a refused
+        global) is skipped with a warning naming it and the reason, in favour of the next-newest
+        step checkpoint that loads (bit rot inside a file is only detectable by reading it, which
+        :meth:`latest` does not do); the file finally used is logged. An explicit path or
+        ``"best"`` never falls back: the caller asked for that file."""
         path = self.resolve(spec)
         try:
             return load_checkpoint(path, map_location, verify=verify), path
         except CheckpointError as e:
             if not (isinstance(spec, str) and spec == "latest"):
                 raise
-            first_error = e
+            errors = [e]
         for cand in self._fallback_candidates(exclude=path.name):
-            log.warning("%s; falling back to %s", first_error, cand.name)
+            log.warning("skipping unusable checkpoint: %s; trying the next newest, %s", errors[-1], cand.name)
             try:
-                return load_checkpoint(cand, map_location, verify=verify), cand
+                state = load_checkpoint(cand, map_location, verify=verify)
             except CheckpointError as e:
-                first_error = e
-        raise CheckpointError(f"no loadable checkpoint in {self.dir} to resume from; last error: {first_error}")
+                errors.append(e)
+                continue
+            log.warning("resuming from %s, the newest checkpoint in %s that loads (%d newer one(s) unusable)",
+                        cand.name, self.dir, len(errors))
+            return state, cand
+        raise CheckpointError(f"no loadable checkpoint in {self.dir} to resume from; tried {len(errors)}: "
+                              + "; ".join(str(e) for e in errors))
 
     # ---------------------------------------------------------------- saving
 

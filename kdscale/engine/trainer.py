@@ -196,12 +196,12 @@ class Trainer:
         self.accelerator.wait_for_everyone()
         return path
 
-    def _load(self, spec: str) -> dict:
-        from kdscale.engine.checkpoint import load_checkpoint
+    def _load(self, spec: str) -> tuple[dict, Path]:
         from kdscale.engine.rng import restore_rng_state
 
-        path = self.ckpt.resolve(spec)
-        state = load_checkpoint(path)
+        # the manager verifies (CRC) and, for "latest", falls back to the newest checkpoint that
+        # loads: a flipped byte in the newest file must not fail every requeued --resume auto
+        state, path = self.ckpt.load(spec)
         if state.get("world_size") != self.world.world_size:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks, this run has "
                              f"{self.world.world_size}: exact resume needs the same world size")
@@ -216,7 +216,7 @@ class Trainer:
         if self.is_main:
             log.info("resumed from %s: epoch %d, batch %d, step %d", path, state["epoch"], state["batch"],
                      state["step"])
-        return state
+        return state, path
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume: Optional[str] = None) -> FitResult:
@@ -225,12 +225,12 @@ class Trainer:
         result = FitResult()
         epoch, start_batch, step, skipped = 0, 0, 0, 0
         if resume:
-            state = self._load(resume)
+            state, loaded_from = self._load(resume)
             epoch, start_batch, step = state["epoch"], state["batch"], state["step"]
             skipped, result.history = state["skipped_steps"], list(state["history"])
             if self.logger:
                 self.logger.event({"event": "resume", "epoch": epoch, "batch": start_batch, "step": step,
-                                   "checkpoint": str(self.ckpt.resolve(resume))})
+                                   "checkpoint": str(loaded_from)})
         best, stale_epochs = self._best_so_far(result.history)
         while epoch < self.cfg.epochs:
             if start_batch == 0:

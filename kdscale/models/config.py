@@ -30,6 +30,9 @@ class ModelConfig:
     vocab_size: int = 4000                  # WordPiece vocabulary trained by fit() (upper limit)
     max_length: int = 256                   # tokens per report, [CLS] and [SEP] included
     lowercase: bool = True
+    # privacy: fit() keeps only words found in the reports of at least this many DISTINCT patients,
+    # so a rare name cannot become a token of the vocabulary that travels in teacher.pt (1 = off)
+    vocab_min_patients: int = 5
     hidden_size: int = 128                  # from-scratch BertConfig (no pretrained_path)
     num_layers: int = 2
     num_heads: int = 2
@@ -45,7 +48,7 @@ class ModelConfig:
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         _positive(self, "img_size", "vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
-                  "max_categories")
+                  "max_categories", "vocab_min_patients")
         if self.vocab_size < 16:
             raise ValueError(f"vocab_size must be >= 16 (5 special tokens + an alphabet), got {self.vocab_size}")
         if self.max_length < 3:

@@ -10,7 +10,10 @@ Three ways to get the tokenizer and the BERT, never touching the network:
   from the config's sizes) whose vocabulary is the tokenizer's.
 * neither: a randomly initialised BERT, and :meth:`TextEncoder.fit` trains a WordPiece tokenizer
   (BERT normalizer and pre-tokenizer, special tokens [PAD] [UNK] [CLS] [SEP] [MASK]) on the
-  training split's reports, then resizes the word embeddings to the learned vocabulary.
+  training split's reports, then resizes the word embeddings to the learned vocabulary. Privacy:
+  only words found in the reports of at least ``vocab_min_patients`` distinct patients (default
+  5; the ids come from ``batch["meta"]``) are learned from, since the vocabulary is saved in the
+  checkpoint (docs/guarantees.md).
 
 Tokenization happens in ``forward`` (``batch["report"]`` is a list of strings) and the ids are
 put on the module's device. The tokenizer (``tokenizers`` JSON, a plain str) is the module's
@@ -35,21 +38,29 @@ SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 _STATE_VERSION = 1
 
 
-def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 4000, lowercase: bool = True,
-                              min_frequency: int = 2):
+def train_wordpiece_tokenizer(texts: Iterable, vocab_size: int = 4000, lowercase: bool = True,
+                              min_frequency: int = 2, min_patients: int = 1):
     """Train a BERT-style WordPiece ``tokenizers.Tokenizer`` on ``texts`` (streamed).
 
-    [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4; single texts become ``[CLS] ... [SEP]``."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4; single texts become ``[CLS] ... [SEP]``.
+
+    ``min_patients`` > 1 (privacy): ``texts`` are ``(patient_id, text)`` pairs, and only the words
+    (after normalization and BERT pre-tokenization) found in the texts of at least that many
+    distinct patients are learned from, so every token of the vocabulary -- which travels inside
+    checkpoints -- is a word, or a piece of a word, that several patients' reports share. A name
+    that occurs in one or two patients' reports, however often, never becomes a token (it is
+    split into pieces learned from common words, or [UNK])."""
+    from tokenizers import Tokenizer, decoders, models, processors, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True,
-                                                strip_accents=None, lowercase=lowercase)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.normalizer, tok.pre_tokenizer = _word_splitter(lowercase)
     tok.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                         special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
                                         show_progress=False)
+    if min_patients > 1:
+        # its own splitter: the Tokenizer is locked while it trains from this iterator
+        texts = _shared_words(_word_splitter(lowercase), texts, min_patients)
     tok.train_from_iterator(texts, trainer=trainer)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     if [ids[t] for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
@@ -58,6 +69,50 @@ def train_wordpiece_tokenizer(texts: Iterable[str], vocab_size: int = 4000, lowe
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
     return tok
+
+
+def _word_splitter(lowercase: bool):
+    """(normalizer, pre-tokenizer) of the BERT tokenizer: text -> the words WordPiece learns from."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    return (normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
+                                       lowercase=lowercase), pre_tokenizers.BertPreTokenizer())
+
+
+def _shared_words(splitter, pairs: Iterable, min_patients: int) -> Iterator[str]:
+    """``(patient_id, text)`` pairs -> the words of at least ``min_patients`` distinct patients,
+    each repeated as often as it occurs (the trainer's word counts are unchanged for them), in a
+    fixed order. One pass over the texts; per word at most ``min_patients`` ids are kept."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    patients: dict[str, set] = {}
+    for item in pairs:
+        if not (isinstance(item, tuple) and len(item) == 2):
+            raise ValueError(f"min_patients={min_patients} needs (patient_id, text) pairs, got {type(item).__name__}")
+        patient, text = item
+        if patient is None or str(patient) == "":
+            raise ValueError("a report without a patient id: the vocabulary's distinct-patient count "
+                             "(vocab_min_patients) needs every report's patient")
+        words = [w for w, _ in splitter[1].pre_tokenize_str(splitter[0].normalize_str(text))]
+        counts.update(words)
+        for word in set(words):
+            seen = patients.setdefault(word, set())
+            if len(seen) < min_patients:
+                seen.add(str(patient))
+    kept = sorted(w for w in counts if len(patients[w]) >= min_patients)
+    if not kept:
+        log.warning("tokenizer privacy filter: no word occurs in the reports of %d distinct patients (%d words "
+                    "seen): the vocabulary holds the special tokens only and every report becomes [UNK]; lower "
+                    "vocab_min_patients only if the data allows it", min_patients, len(counts))
+    log.info("tokenizer privacy filter: %d of %d distinct words occur in the reports of >= %d patients; only "
+             "those are learned from", len(kept), len(counts), min_patients)
+    for word in kept:
+        left = counts[word]
+        while left > 0:
+            n = min(left, 1000)
+            yield " ".join([word] * n)
+            left -= n
 
 
 def _local_dir(path: str, field: str) -> Path:
@@ -170,22 +225,35 @@ class TextEncoder(nn.Module):
         if not self.needs_fit:
             return
         seen = [0]
+        min_patients = int(getattr(self._cfg, "vocab_min_patients", 1))
 
-        def reports() -> Iterator[str]:
+        def reports() -> Iterator:
             for batch in batches:
-                for text in batch_entry(batch, "report", "report"):
-                    if text is not None:
-                        seen[0] += 1
+                texts = batch_entry(batch, "report", "report")
+                metas = batch.get("meta")
+                for i, text in enumerate(texts):
+                    if text is None:
+                        continue
+                    seen[0] += 1
+                    if min_patients == 1:
                         yield text
+                        continue
+                    patient = metas[i].get("patient_id") if metas is not None and i < len(metas) else None
+                    if patient is None:
+                        raise ValueError(f"vocab_min_patients={min_patients}: the training batches carry no patient "
+                                         f"id (batch['meta'][i]['patient_id']) to count distinct patients; set "
+                                         f"vocab_min_patients: 1 only for data without patients")
+                    yield patient, text
 
-        tok = train_wordpiece_tokenizer(reports(), vocab_size=self._cfg.vocab_size, lowercase=self._cfg.lowercase)
+        tok = train_wordpiece_tokenizer(reports(), vocab_size=self._cfg.vocab_size, lowercase=self._cfg.lowercase,
+                                        min_patients=min_patients)
         if seen[0] == 0:
             raise ValueError("fit(): the training batches hold no report to train the tokenizer on")
         self._set_tokenizer(tok, "[PAD]", 0)
         self._resize(tok.get_vocab_size(with_added_tokens=True))
         self.source = "trained"
-        log.info("trained a WordPiece tokenizer on %d training reports: %d tokens (vocab_size limit %d)",
-                 seen[0], self.vocab_size, self._cfg.vocab_size)
+        log.info("trained a WordPiece tokenizer on %d training reports: %d tokens (vocab_size limit %d, words of "
+                 ">= %d distinct patients)", seen[0], self.vocab_size, self._cfg.vocab_size, min_patients)
 
     def tokenize(self, reports: list) -> dict[str, torch.Tensor]:
         """Reports -> ``input_ids`` / ``attention_mask`` [B, L] on the module's device."""
