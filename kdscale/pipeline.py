@@ -29,9 +29,11 @@ def stage_data(cfg, run_dir: Path) -> dict:
 
 def stage_shards(cfg, run_dir: Path) -> dict:
     from kdscale.data.shard_index import verify_shards
-    from kdscale.data.shards import build_shards
+    from kdscale.data.shards import build_shards, shards_out_dir
+    from kdscale.runlock import stage_lock
 
-    summary = build_shards(cfg, workers=1)
+    with stage_lock(shards_out_dir(cfg), "shards task 0"):     # the lock `kdscale shards` takes
+        summary = build_shards(cfg, workers=1)
     if summary.get("failed"):
         raise RuntimeError(f"shards stage failed: {summary['failed']}")
     problems = verify_shards(summary["out_dir"])
@@ -42,22 +44,28 @@ def stage_shards(cfg, run_dir: Path) -> dict:
 
 def stage_teachers(cfg, run_dir: Path) -> dict:
     from kdscale.distill.teachers import teachers_dir, train_teacher
+    from kdscale.runlock import stage_lock
 
     if not cfg.teachers.members:
         print("no teachers configured (teachers.members): stage skipped")
         return {"skipped": "no teachers configured"}
-    results = {t.name: train_teacher(cfg, t) for t in cfg.teachers.members}
+    results = {}
+    for teacher in cfg.teachers.members:
+        with stage_lock(teachers_dir(cfg) / teacher.name, f"teacher {teacher.name}"):   # as `kdscale teachers`
+            results[teacher.name] = train_teacher(cfg, teacher)
     return {"teachers": str(teachers_dir(cfg)),
             "val_auroc_macro": {name: info.get("val_auroc_macro") for name, info in results.items()}}
 
 
 def stage_softlabels(cfg, run_dir: Path) -> dict:
     from kdscale.distill.softlabels import verify_softlabels
-    from kdscale.distill.teacher_pass import teacher_pass
+    from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
+    from kdscale.runlock import stage_lock
 
     if not cfg.teachers.members:
         return {"skipped": "no teachers configured"}
-    summary = teacher_pass(cfg)
+    with stage_lock(softlabels_dir(cfg), "softlabels"):
+        summary = teacher_pass(cfg)
     problems = verify_softlabels(summary["out_dir"])
     if problems:
         raise RuntimeError("soft-label verification failed:\n  " + "\n  ".join(problems))
@@ -65,23 +73,29 @@ def stage_softlabels(cfg, run_dir: Path) -> dict:
 
 
 def stage_train(cfg, run_dir: Path) -> dict:
-    from kdscale.distill.student_training import students_root, train_student
+    from kdscale.distill.student_training import student_dir, students_root, train_student
+    from kdscale.runlock import stage_lock
 
     if not cfg.students:
         print("no students configured (students): stage skipped")
         return {"skipped": "no students configured"}
-    results = {s.name: train_student(cfg, s) for s in cfg.students}
+    results = {}
+    for student in cfg.students:
+        with stage_lock(student_dir(cfg, student), f"student {student.name}"):   # as `kdscale train`
+            results[student.name] = train_student(cfg, student)
     return {"students": str(students_root(cfg)),
             "val_auroc_macro": {name: info.get("val_auroc_macro") for name, info in results.items()}}
 
 
 def stage_eval(cfg, run_dir: Path) -> dict:
     from kdscale.eval.run_eval import evaluate_run, report_run
+    from kdscale.runlock import stage_lock
 
     if not cfg.students:
         return {"skipped": "no students configured"}
-    summary = evaluate_run(cfg)
-    report = report_run(cfg)
+    with stage_lock(cfg.run.out_dir, "eval"):
+        summary = evaluate_run(cfg)
+        report = report_run(cfg)
     return {"eval": summary["eval_dir"], "report": report["html"], "results": report["table"]}
 
 

@@ -107,3 +107,28 @@ def test_stale_temps_of_a_killed_build_are_removed_for_its_own_task_only(tmp_pat
     removed = remove_stale_temps(out, task_index=0, num_tasks=1)    # a whole build owns every temp file
     assert sorted(removed) == ["_build/plan.json.tmp-111", "train/shard-000001.tar.tmp-222"]
     assert (out / "train/shard-000000.tar").exists() and (out / "_build/source_quarantine.1.222.tmp").exists()
+
+
+def test_the_pipeline_takes_the_same_locks_as_the_stage_commands(tmp_path):
+    """`kdscale pipeline` runs the stage functions directly: a student (or the eval) being
+    written by a `kdscale train` (or `kdscale eval`) of the same run directory stops it too."""
+    from kdscale.distill.student_training import student_dir
+    from kdscale.pipeline import stage_eval, stage_train
+    from kdscale.schema import load_config
+
+    cfg = load_config("configs/demo.yaml", [f"run.out_dir={tmp_path}"], base_dir=REPO)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kdscale.runlock import stage_lock\n"
+                               "with stage_lock(sys.argv[1], sys.argv[2]):\n    time.sleep(120)\n",
+         str(student_dir(cfg, cfg.students[0])), f"student {cfg.students[0].name}"],
+        env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_holder(lock_path(student_dir(cfg, cfg.students[0]), f"student {cfg.students[0].name}"), holder)
+        with pytest.raises(RunLocked, match=f"pid {holder.pid}|PID {holder.pid}|{holder.pid}"):
+            stage_train(cfg, tmp_path)
+    finally:
+        holder.kill()
+        holder.wait()
+    with stage_lock(tmp_path, "eval"):
+        with pytest.raises(RunLocked):
+            stage_eval(cfg, tmp_path)

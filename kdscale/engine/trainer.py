@@ -139,9 +139,12 @@ class Trainer:
                 raise ValueError("train.deepspeed.enabled needs GPUs: Accelerate drops DeepSpeed on CPU "
                                  "(docs/platform.md); use DDP on CPU")
             from accelerate.utils import DeepSpeedPlugin
+            # zero3_save_16bit_model: get_state_dict gathers ZeRO-3's partitioned weights for the
+            # model-only checkpoints that best-model selection and student.pt read
             kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=self.cfg.deepspeed.zero_stage,
                                                          gradient_accumulation_steps=self.cfg.grad_accum,
-                                                         gradient_clipping=self.cfg.clip_grad_norm or None)
+                                                         gradient_clipping=self.cfg.clip_grad_norm or None,
+                                                         zero3_save_16bit_model=True)
         # Accelerate keeps ONE process-wide AcceleratorState and refuses a second Accelerator with
         # another precision; one process legitimately trains several models in turn (teachers,
         # then students, each with its own precision). Its process-group state (PartialState)
@@ -167,6 +170,13 @@ class Trainer:
         scheduler = build_scheduler(self.cfg.schedule, optimizer, total, self.steps_per_epoch())
         self.model, self.optimizer, self.scheduler = self.accelerator.prepare(self.model, optimizer, scheduler)
         self.ckpt = CheckpointManager(self.out_dir / "checkpoints", keep_last=self.cfg.keep_last, mode="max")
+        self.ds_ckpt = None
+        if self.cfg.deepspeed.enabled:
+            # under ZeRO each rank holds a partition of the optimizer state (and at stage 3 of the
+            # weights): resume goes through the engine's own sharded checkpoints
+            from kdscale.engine.ds_checkpoint import DeepSpeedCheckpoints
+            self.ds_ckpt = DeepSpeedCheckpoints(self.out_dir / "checkpoints" / "deepspeed",
+                                                keep_last=max(1, self.cfg.keep_last))
         if self.is_main:
             from kdscale.engine.logger import MetricsLogger
             self.logger = MetricsLogger(self.out_dir)
@@ -178,17 +188,30 @@ class Trainer:
         from kdscale.engine.rng import capture_rng_state
 
         scaler = getattr(self.accelerator, "scaler", None)
+        run = self._run_state(epoch, batch, step, history, skipped)
+        if self.ds_ckpt is not None:
+            # DeepSpeed: a model-only checkpoint (gathered weights, collective under ZeRO-3) for
+            # best-model selection and student.pt; the optimizer lives in the engine's own save
+            return {"model": self.accelerator.get_state_dict(self.model), "optimizer": None, "scaler": None,
+                    "rng": all_gather_objects(capture_rng_state()), **run, "deepspeed": True}
         return {"model": self.accelerator.unwrap_model(self.model).state_dict(),
-                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None,
-                "rng": all_gather_objects(capture_rng_state()),
-                "epoch": epoch, "batch": batch, "step": step, "skipped_steps": skipped,
-                "loader": self.train_loader.state_dict() | {"epoch": epoch, "batch": batch},
+                "optimizer": self.optimizer.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None,
+                "rng": all_gather_objects(capture_rng_state()), **run}
+
+    def _run_state(self, epoch: int, batch: int, step: int, history: list, skipped: int) -> dict:
+        """Where the run stands, beside the weights in every checkpoint (plain or DeepSpeed)."""
+        return {"scheduler": self.scheduler.state_dict(), "epoch": epoch, "batch": batch, "step": step,
+                "skipped_steps": skipped, "loader": self.train_loader.state_dict() | {"epoch": epoch, "batch": batch},
                 "history": history, "world_size": self.world.world_size, "config_hash": self.config_hash,
                 "label_names": self.label_names, **self.extra_state}
 
     def _save(self, epoch: int, batch: int, step: int, history: list, skipped: int,
               metric: Optional[float] = None) -> str:
+        from kdscale.engine.checkpoint import step_checkpoint_name
+
+        if self.ds_ckpt is not None:   # every rank writes its partition first: the resumable part
+            tag = Path(step_checkpoint_name(epoch, step)).stem
+            self.ds_ckpt.save(self.model, tag, self._run_state(epoch, batch, step, history, skipped), step)
         state = self.state_dict(epoch, batch, step, history, skipped)  # collective: every rank
         path = ""
         if self.is_main:
@@ -199,9 +222,14 @@ class Trainer:
     def _load(self, spec: str) -> tuple[dict, Path]:
         from kdscale.engine.rng import restore_rng_state
 
+        if self.ds_ckpt is not None:
+            return self._load_deepspeed(spec)
         # the manager verifies (CRC) and, for "latest", falls back to the newest checkpoint that
         # loads: a flipped byte in the newest file must not fail every requeued --resume auto
         state, path = self.ckpt.load(spec)
+        if state.get("deepspeed"):
+            raise ValueError(f"checkpoint {path} holds a DeepSpeed run's weights only (its optimizer state is in "
+                             f"checkpoints/deepspeed/): resume it with train.deepspeed.enabled true")
         if state.get("world_size") != self.world.world_size:
             raise ValueError(f"checkpoint {path} was written by {state.get('world_size')} ranks, this run has "
                              f"{self.world.world_size}: exact resume needs the same world size")
@@ -216,6 +244,23 @@ class Trainer:
         if self.is_main:
             log.info("resumed from %s: epoch %d, batch %d, step %d", path, state["epoch"], state["batch"],
                      state["step"])
+        return state, path
+
+    def _load_deepspeed(self, spec: str) -> tuple[dict, Path]:
+        """The engine's sharded checkpoint (model + every rank's optimizer partition, the newest
+        complete one for latest/auto, falling back past an unreadable one) and the run state
+        saved beside it; RNG restored per rank by DeepSpeedCheckpoints."""
+        tag = "latest" if spec in ("latest", "auto") else Path(spec).stem
+        tag, state = self.ds_ckpt.load(self.model, tag)
+        if state.get("world_size") != self.world.world_size:
+            raise ValueError(f"DeepSpeed checkpoint {tag} was written by {state.get('world_size')} ranks, this run "
+                             f"has {self.world.world_size}: exact resume needs the same world size")
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_loader.load_state_dict(state["loader"])
+        path = self.ds_ckpt.dir / tag
+        if self.is_main:
+            log.info("resumed from DeepSpeed checkpoint %s: epoch %d, batch %d, step %d", path, state["epoch"],
+                     state["batch"], state["step"])
         return state, path
 
     # -- the loop ------------------------------------------------------------------------------
