@@ -370,3 +370,30 @@ def test_one_process_trains_in_fp32_then_bf16(prepared, tmp_path):
         result = trainer.fit()
         assert result.steps == 2 and result.skipped_steps == 0
         assert trainer.accelerator.mixed_precision == ("no" if precision == "fp32" else "bf16")
+
+
+def test_eval_falls_back_to_the_best_checkpoint_when_student_pt_is_corrupt(prepared, tmp_path, caplog):
+    """Issue 13: evaluation loads a student through the verifying loader; bit rot in student.pt
+    falls back to the run's best checkpoint (the same weights), saying so; with no usable
+    fallback the original error stands."""
+    from test_checkpoint import _flip_byte_in_member
+
+    from kdscale.distill.student_training import load_student, train_student
+    from kdscale.engine.checkpoint import CheckpointError
+
+    root, cfg = prepared
+    student = next(s for s in cfg.students if s.name == "ehr_only")
+    info = train_student(cfg, student)
+    good, meta = load_student(info["checkpoint"])
+    copy = tmp_path / "ehr_only"
+    shutil.copytree(Path(info["checkpoint"]).parent, copy)
+    _flip_byte_in_member(copy / "student.pt", "data/0")
+    with caplog.at_level("WARNING"):
+        model, fallback_meta = load_student(copy / "student.pt")
+    assert "student.pt is unusable" in caplog.text and "best" in caplog.text
+    assert fallback_meta["label_names"] == meta["label_names"] and fallback_meta["method"] == meta["method"]
+    for (name, a), (_, b) in zip(good.state_dict().items(), model.state_dict().items()):
+        assert torch.equal(a, b), name
+    shutil.rmtree(copy / "checkpoints")
+    with pytest.raises(CheckpointError, match="CRC|corrupt"):
+        load_student(copy / "student.pt")

@@ -268,16 +268,19 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
         print(f"student {student.name}: method {student.method}, {student.model.kind} student, {n_params:,} "
               f"parameters, {train_loader.plan.num_samples} train / {val_loader.plan.num_samples} val samples, "
               f"{world.world_size} process(es)" + (f", soft labels {soft_dir}" if soft_dir else ""))
+    # what student.pt holds besides the weights; every checkpoint carries it too, so evaluation can
+    # fall back to the best checkpoint when student.pt is unreadable (load_student)
+    student_meta = {"student_config": dataclasses.asdict(student.model), "method": student.method,
+                    "name": student.name, "label_names": label_names, "task": cfg.teachers.task,
+                    "ehr_features": n_features, "ensemble_names": ensemble_names, "main_head": task.main_head}
     trainer = Trainer(student.train, out, model, task, train_loader, val_loader, label_names=label_names,
-                      config_hash=fingerprint, metric_fn=metric_fn_for(student))
+                      config_hash=fingerprint, metric_fn=metric_fn_for(student),
+                      extra_state={"student_meta": student_meta})
     result = trainer.fit(resume=resume)
     info = {}
     if trainer.is_main:
         best = load_checkpoint(result.best_checkpoint)
-        save_atomic({"model": best["model"], "student_config": dataclasses.asdict(student.model),
-                     "method": student.method, "name": student.name, "label_names": label_names,
-                     "task": cfg.teachers.task, "ehr_features": n_features, "ensemble_names": ensemble_names,
-                     "main_head": task.main_head}, out / "student.pt")
+        save_atomic({"model": best["model"], **student_meta}, out / "student.pt")
         from kdscale.data.tario import sha256_file
         best_record = max((r for r in result.history if r.get(student.train.select_metric) is not None),
                           key=lambda r: r[student.train.select_metric], default={})
@@ -303,12 +306,26 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
 
 
 def load_student(path: str | Path):
-    """student.pt -> (model in eval mode, info dict). Weights only, no pickle."""
+    """student.pt -> (model in eval mode, info dict). Weights only, no pickle, CRC-verified. When
+    student.pt is unreadable (bit rot, truncation, a refused global), the best checkpoint of the
+    run (``checkpoints/``, the weights student.pt was copied from) is used instead, with a warning
+    naming both; without a usable one the original error stands."""
     from kdscale.config import validate
-    from kdscale.engine.checkpoint import load_checkpoint
+    from kdscale.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
     from kdscale.models.students import build_student
 
-    state = load_checkpoint(path)
+    path = Path(path)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as exc:
+        try:
+            best, best_path = CheckpointManager(path.parent / "checkpoints", mode="max").load("best")
+        except (CheckpointError, FileNotFoundError, ValueError):
+            raise exc from None
+        if "student_meta" not in best:   # written before checkpoints carried the student's metadata
+            raise exc from None
+        log.warning("%s is unusable (%s): evaluating the run's best checkpoint %s instead", path, exc, best_path)
+        state = {"model": best["model"], **best["student_meta"]}
     model_cfg = validate(StudentConfig, state["student_config"])
     model = build_student(model_cfg, len(state["label_names"]), ehr_features=int(state["ehr_features"]))
     weights = {k: v for k, v in state["model"].items() if not k.startswith("loss_weighting.")}
