@@ -522,7 +522,12 @@ def _sections(eval_dir: Path, out_dir: Path) -> list[Section]:
     return [_summary(runs), _comparisons_section(_comparisons(eval_dir)),
             _per_label(runs, figures), _cohorts(runs), _robustness(runs, figures),
             _utilization(runs), _subgroups(runs, figures), _calibration(runs, figures),
-            _localization(runs, figures, eval_dir), _runs_section(runs)]
+            _localization(runs, figures, eval_dir), _modalities_section(runs), _runs_section(runs)]
+
+
+def _modalities_section(runs) -> Section:
+    from kdscale.eval.modality_eval import report_section   # kind multi / multiclass (issue 15)
+    return report_section(runs)
 
 
 def render_report(eval_dir, out_dir, title: str = "kdscale evaluation report") -> dict:
