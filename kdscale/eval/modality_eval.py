@@ -48,7 +48,7 @@ def modality_subsets(present: Mapping[str, np.ndarray], modalities: Sequence[str
     samples with none of them), exactly these present and the others absent."""
     flags = np.stack([np.asarray(present[m], bool) for m in modalities], 1)
     out: dict[str, np.ndarray] = {}
-    for pattern in sorted({tuple(r) for r in flags.tolist()}, key=lambda r: (-sum(r), r)):
+    for pattern in sorted({tuple(r) for r in flags.tolist()}, key=lambda r: (-sum(r), [not x for x in r])):
         name = "+".join(m for m, on in zip(modalities, pattern) if on) or "none"
         out[name] = (flags == np.array(pattern)[None]).all(1)
     return out
