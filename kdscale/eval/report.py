@@ -32,7 +32,7 @@ from kdscale.eval.predictions import read_predictions
 __all__ = ["RunResult", "discover_runs", "render_report", "results_table", "SECTION_IDS"]
 
 SECTION_IDS = ("summary", "comparisons", "per-label", "cohorts", "robustness", "utilization",
-               "subgroups", "calibration", "localization", "runs")
+               "subgroups", "calibration", "localization", "modalities", "runs")
 SUMMARY_COHORTS = ("paired", "partial", "all")
 MISSING = "–"
 
