@@ -71,6 +71,8 @@ def generate(out_dir: str | Path, flavor: str, n: int, seed: int, corrupt_fracti
         summary = generate_cbis_demo(out_dir, n=n, seed=seed, corrupt_fraction=corrupt_fraction)
     elif flavor in _ICU_FLAVORS:
         from kdscale.data.demo.icu_tabular_demo import generate_icu_tabular_demo
+        if corrupt_fraction:   # the label noise is the outcome's own Bernoulli draw; label_noise is unused
+            raise ValueError(f"demo flavor {flavor!r} writes no corrupt files: corrupt_fraction must be 0")
         summary = generate_icu_tabular_demo(out_dir, n=n, seed=seed, **_ICU_FLAVORS[flavor])
     else:
         raise ValueError(f"unknown demo flavor {flavor!r}")
