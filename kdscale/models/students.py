@@ -73,6 +73,13 @@ class StudentConfig:
       only. True: a missing modality's features are replaced by zeros (MedFuse's
       ``--missing_token zeros``), i.e. IMPUTATION; never allowed for kind mind. The LSTM fusion
       drops a missing modality's token natively (sequence of length 1) and needs no setting.
+
+    Kind ``multi`` (:class:`ModularStudent`): ``modalities`` (non-empty subset of image, ehr,
+    report, tabular; token order ehr, image, report, tabular), ``fusion`` concat / lstm (default)
+    / attention with 2+ modalities (none with one), ``token_dim``, ``attention_heads``,
+    ``aux_heads`` (default True), ``report_model`` / ``tabular_model`` (``ModelConfig`` of the text
+    and tabular encoders), ``image_arch`` (default resnet10) and ``ehr_arch`` as above. Never
+    imputes.
     """
     kind: Literal["mind", "joint", "medfuse", "vit", "unimodal", "multi"] = "mind"
     image_arch: str = ""
