@@ -159,3 +159,19 @@ def test_distill_task_masks_every_term_by_presence_and_routes():
     assert torch.isfinite(routed[covered]).all()
     with pytest.raises(ValueError, match="not in the soft labels"):
         DistillTask(loss_cfg, ["ehr_ens"])
+
+
+@pytest.mark.parametrize("name", ["icu_distill", "icu_multiclass", "covid_mind_multi"])
+def test_issue15_configs_load_as_general_students(name, repo_root, monkeypatch, request):
+    from kdscale.config import load
+    from kdscale.schema import Config
+
+    if name.startswith("covid"):
+        request.getfixturevalue("shared_data")   # skipped (said why) without ../shared/data
+    monkeypatch.chdir(repo_root)
+    cfg = load(Config, f"configs/{name}.yaml")
+    assert cfg.students and all(s.model.kind == "multi" for s in cfg.students)
+    for s in cfg.students:
+        loss = s.distill_config()
+        assert set(loss.teachers().values()) <= {e.name for e in cfg.teachers.resolved_ensembles()}
+        assert loss.task == cfg.teachers.task or s.method == "supervised"
