@@ -40,7 +40,8 @@ def make_cfg(work: Path, args):
                                      {"name": "ehr", "model": {"modality": "ehr", "arch": "lstm_small"}}],
                          "ensembles": [{"name": "image", "members": ["cxr"]}, {"name": "ehr", "members": ["ehr"]}],
                          "train": {"epochs": 1, "steps_per_epoch": 1, "progress": False}},
-            "students": [{"name": "mind", "method": "mind", "model": {"kind": "mind"}}]}
+            "students": [{"name": "mind", "method": "mind", "model": (
+                {"kind": "multi", "modalities": ["image", "ehr"]} if args.student_kind == "multi" else {"kind": "mind"})}]}
     return validate(Config, tree)
 
 
@@ -87,6 +88,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=10, help="optimizer steps per epoch (2 epochs, the 2nd timed)")
     parser.add_argument("--repeats", type=int, default=2, help="interleaved fp32/bf16 pairs")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--student-kind", default="mind", choices=("mind", "multi"),
+                        help="the paper's MIND student as kind mind, or as kind multi [image, ehr] (same 7.5M model)")
     parser.add_argument("--work", default="", help="work folder (default: a temporary one)")
     parser.add_argument("--out", default=str(ROOT / "bench" / "results" / "student.json"))
     args = parser.parse_args()

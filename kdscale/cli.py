@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--n", type=int, default=400, help="MIMIC: ICU stays; CBIS: abnormalities (default 400)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--flavor", choices=["mimic", "cbis", "both"], default="both")
+    p.add_argument("--flavor", choices=["mimic", "cbis", "both", "icu", "icu_multimodal", "icu_multiclass"],
+                   default="both", help="both = mimic + cbis; icu*: ICU stays with static tabular fields")
     p.add_argument("--corrupt-fraction", type=float, default=0.0,
                    help="share of files written corrupt, to exercise the quarantine path")
     p.set_defaults(func=cmd_demo_data)

@@ -115,3 +115,79 @@ class MmpkdLossConfig:
             raise ValueError(f"lam must lie in [0, 1], got {self.lam!r}")
         if self.kd_form not in KD_FORMS:
             raise ValueError(f"unknown kd_form {self.kd_form!r}: use one of {KD_FORMS}")
+
+
+COMBINES = ("sum", "convex")
+FUSION_SAMPLES = ("multimodal", "defined")
+
+
+@dataclass
+class HeadLossConfig:
+    """The objective of one student head (docs/losses.md, "One distillation method").
+
+    ``teacher``: the soft-label ensemble that teaches this head ("" = no distillation); ``omega``:
+    the KD weight ω (with ``combine: convex`` the mixing weight λ of MMPKD, in [0, 1]); ``sup``:
+    the weight of the supervised term."""
+    teacher: str = ""
+    omega: float = 1.0
+    sup: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("omega", "sup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(float(value)) and float(value) >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+            setattr(self, name, float(value))
+
+    @property
+    def kd_weight(self) -> float:
+        return self.omega if self.teacher else 0.0
+
+
+@dataclass
+class DistillLossConfig:
+    """One distillation objective for any student (kind ``multi``): per head h,
+
+    ``combine: sum`` (MIND form):  sup_h * L_sup(y, z_h; mask_h) + ω_h * L_KD(q_t(h), z_h; mask_h & seen)
+    ``combine: convex`` (MMPKD form): sup_h * mean_i [(1 - λ_i) S_i + λ_i K_i], λ_i = ω_h where the
+    teacher saw sample i, else 0
+
+    q_t = act(z_t / τ) of the head's teacher ensemble t (``heads[h].teacher``), mask_h = the samples
+    the head defines (fusion: with ``fusion_samples: multimodal`` only samples with 2+ modalities,
+    the MIND rule; ``defined``: every sample the fusion defines). A head not named in ``heads`` is
+    trained with the supervised term only (weight 1)."""
+    task: str = "multilabel"
+    temperature: float = 2.0
+    heads: dict[str, HeadLossConfig] = field(default_factory=dict)
+    combine: str = "sum"
+    fusion_samples: str = "multimodal"
+    t_squared: bool = True
+    student_temperature: bool = True
+    kd_form: str = "kl"
+    normalize: str = "present"
+
+    def __post_init__(self) -> None:
+        _kind(self.task)
+        _check_temperature(self.temperature)
+        _check_normalize(self.normalize)
+        if self.kd_form not in KD_FORMS:
+            raise ValueError(f"unknown kd_form {self.kd_form!r}: use one of {KD_FORMS}")
+        if self.combine not in COMBINES:
+            raise ValueError(f"combine must be one of {COMBINES}, got {self.combine!r}")
+        if self.fusion_samples not in FUSION_SAMPLES:
+            raise ValueError(f"fusion_samples must be one of {FUSION_SAMPLES}, got {self.fusion_samples!r}")
+        if not isinstance(self.heads, Mapping):
+            raise TypeError(f"heads must be a mapping head -> {{teacher, omega, sup}}, got {type(self.heads).__name__}")
+        self.heads = {str(k): v if isinstance(v, HeadLossConfig) else HeadLossConfig(**v) for k, v in self.heads.items()}
+        if self.combine == "convex":
+            bad = [h for h, v in self.heads.items() if v.omega > 1.0]
+            if bad:
+                raise ValueError(f"combine convex mixes (1-λ)·sup + λ·KD: heads[{bad[0]!r}].omega must be in [0, 1]")
+
+    def head(self, name: str) -> HeadLossConfig:
+        return self.heads.get(name) or HeadLossConfig(teacher="", omega=0.0, sup=1.0)
+
+    def teachers(self) -> dict[str, str]:
+        """{head: teacher ensemble} of the heads that are distilled (ω > 0)."""
+        return {h: v.teacher for h, v in self.heads.items() if v.kd_weight > 0}

@@ -26,14 +26,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdscale.distill.loss_config import (KD_FORMS, NORMALIZE, SPACES, TASKS, VARIANTS, MindLossConfig,  # noqa: F401
-                                        MmpkdLossConfig, _check_normalize, _check_temperature, _kind)
+from kdscale.distill.loss_config import (KD_FORMS, NORMALIZE, SPACES, TASKS, VARIANTS,  # noqa: F401
+                                        DistillLossConfig, HeadLossConfig, MindLossConfig, MmpkdLossConfig,
+                                        _check_normalize, _check_temperature, _kind)
 
 __all__ = [
     "TASKS", "VARIANTS", "KD_FORMS", "NORMALIZE", "SPACES",
     "supervised_loss", "kd_loss", "ensemble_target",
     "LossTerm", "MindLossConfig", "mind_terms", "mind_loss",
     "MmpkdLossConfig", "mmpkd_loss",
+    "DistillLossConfig", "HeadLossConfig", "distill_terms", "distill_loss", "utilization_spread",
     "UncertaintyWeighting", "InverseLossWeighting", "utilization_gap",
 ]
 
@@ -375,7 +377,12 @@ def mind_loss(outputs: Mapping[str, Tensor], batch: Mapping, cfg: MindLossConfig
     no included sample is 0 (attached to the graph). With ``weighting`` (e.g.
     :class:`UncertaintyWeighting`), total = weighting(terms, active, base_weights=config weights).
     """
-    terms = mind_terms(outputs, batch, cfg)
+    return _combine(mind_terms(outputs, batch, cfg), outputs, cfg, weighting)
+
+
+def _combine(terms: list, outputs: Mapping[str, Tensor], cfg, weighting: Optional[nn.Module]
+             ) -> tuple[Tensor, dict[str, Tensor]]:
+    """sum_t weight_t * value_t (or ``weighting``'s combination), plus a graph-attached zero."""
     values: dict[str, Tensor] = {}
     active: dict[str, Tensor] = {}
     weights: dict[str, float] = {}
@@ -424,24 +431,107 @@ def mmpkd_loss(student_logits: Tensor, labels, teacher_logits: Tensor, cfg: Mmpk
     ts = torch.where(has_t[:, None], t, torch.zeros_like(t)) / cfg.temperature
     s = torch.sigmoid(ts) if kind == "sigmoid" else torch.softmax(ts, dim=1)
     s = torch.where(has_t[:, None], s, torch.full_like(s, float("nan")))  # NaN = excluded by _kd_elements
+    total, sup, kd = _convex(z, labels, s, has_t, m, cfg.lam, cfg)
+    terms = {"sup": sup, "kd": kd,
+             "teacher_frac": has_t.float().mean().detach() if b else torch.zeros((), device=z.device)}
+    return total, terms
 
+
+def _convex(z: Tensor, labels, s: Tensor, has_t: Tensor, m: Tensor, lam: float, cfg) -> tuple[Tensor, Tensor, Tensor]:
+    """mean over included samples of (1 - lam_i) S_i + lam_i K_i (lam_i = 0 without a teacher);
+    ``s``: teacher probabilities at cfg.temperature (NaN = none). Returns (total, sup, kd)."""
     sup_el, sup_valid = _sup_elements(z, labels, cfg.task, m)
     kd_el, kd_valid = _kd_elements(z, s, cfg.temperature, cfg.task, cfg.student_temperature, cfg.kd_form, has_t)
     if cfg.t_squared:
         kd_el = kd_el * cfg.temperature ** 2
     s_i, has_y = _per_sample(sup_el, sup_valid)
     k_i, has_k = _per_sample(kd_el, kd_valid)
-    lam_i = cfg.lam * has_k.to(z.dtype)
+    lam_i = float(lam) * has_k.to(z.dtype)
     contrib = (torch.where(has_y, (1.0 - lam_i) * s_i, _zero(z))
                + torch.where(has_k, lam_i * k_i, _zero(z)))
     included = has_y | has_k
     total = contrib.sum() / included.sum().clamp_min(1)
-    terms = {
-        "sup": _reduce(sup_el, sup_valid, "present")[0],
-        "kd": _reduce(kd_el, kd_valid, "present")[0],
-        "teacher_frac": has_t.float().mean().detach() if b else torch.zeros((), device=z.device),
-    }
-    return total, terms
+    return total, _reduce(sup_el, sup_valid, "present")[0], _reduce(kd_el, kd_valid, "present")[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# One distillation method for any student
+# ----------------------------------------------------------------------------------------------
+
+def distill_terms(outputs: Mapping[str, Tensor], batch: Mapping, cfg: DistillLossConfig) -> list[LossTerm]:
+    """The weighted terms of the general objective (``combine: sum``): per head h in
+    ``outputs``, ``sup_<h>`` (weight heads[h].sup, samples ``batch["masks"][h]``) and, when h has
+    a teacher with ω > 0, ``kd_<h>`` (weight ω, samples mask_h & the teacher saw them).
+    ``batch``: "labels", "masks" {head: bool [B]} (a missing head = all samples), "soft_targets"
+    {head: (q [B, C] at cfg.temperature, has_target bool [B])}. Terms of weight 0 are left out."""
+    if "labels" not in batch:
+        raise KeyError("batch has no 'labels'")
+    unknown = sorted(set(cfg.heads) - set(outputs))
+    if unknown:
+        raise KeyError(f"the loss config names heads {unknown} that the student does not have "
+                       f"(student heads: {sorted(outputs)})")
+    labels = torch.as_tensor(batch["labels"])
+    b = labels.shape[0]
+    any_head = next(iter(outputs.values()))
+    device = any_head.device
+    labels = labels.to(device)
+    masks = batch.get("masks") or {}
+    terms: list[LossTerm] = []
+    for head in outputs:
+        spec = cfg.head(head)
+        mask = _sample_mask(masks.get(head), b, device)
+        if spec.sup > 0:
+            terms.append(LossTerm(f"sup_{head}", "sup", head, labels, mask, spec.sup))
+        if spec.kd_weight > 0:
+            target = _soft_target(batch, head, b, device)
+            if target is None:
+                raise ValueError(f"batch['soft_targets'] has no {head!r} entry, but head {head!r} is distilled "
+                                 f"from teacher ensemble {spec.teacher!r} with omega {spec.omega}")
+            q, has = target
+            terms.append(LossTerm(f"kd_{head}", "kd", head, q, mask & has, spec.omega))
+    return terms
+
+
+def distill_loss(outputs: Mapping[str, Tensor], batch: Mapping, cfg: DistillLossConfig,
+                 weighting: Optional[nn.Module] = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """The general objective (see :class:`DistillLossConfig`). Returns ``(total, terms)`` with
+    unweighted term values (sum: sup_<h>, kd_<h>; convex: sup_<h>, kd_<h>, mix_<h> = the head's
+    convex loss). With ``weighting`` (learnable ω, sum form only) the terms are combined by it."""
+    if cfg.combine == "sum":
+        return _combine(distill_terms(outputs, batch, cfg), outputs, cfg, weighting)
+    if weighting is not None:
+        raise ValueError("learnable omega is for combine 'sum'; combine 'convex' has a fixed mixing weight")
+    unknown = sorted(set(cfg.heads) - set(outputs))
+    if unknown:
+        raise KeyError(f"the loss config names heads {unknown} that the student does not have "
+                       f"(student heads: {sorted(outputs)})")
+    labels = torch.as_tensor(batch["labels"])
+    b = labels.shape[0]
+    any_head = next(iter(outputs.values()))
+    device = any_head.device
+    labels = labels.to(device)
+    masks = batch.get("masks") or {}
+    total = sum(torch.where(torch.isfinite(o), o, _zero(o)).sum() * 0.0 for o in outputs.values())
+    values: dict[str, Tensor] = {}
+    for head, z in outputs.items():
+        spec = cfg.head(head)
+        mask = _sample_mask(masks.get(head), b, device)
+        target = _soft_target(batch, head, b, device) if spec.kd_weight > 0 else None
+        if spec.kd_weight > 0 and target is None:
+            raise ValueError(f"batch['soft_targets'] has no {head!r} entry, but head {head!r} is distilled "
+                             f"from teacher ensemble {spec.teacher!r} with omega {spec.omega}")
+        if target is None:
+            q, has = torch.full_like(z, float("nan")), torch.zeros(b, dtype=torch.bool, device=device)
+        else:
+            q, has = target
+            q = _targets_like(q, _logits_2d(z, _kind(cfg.task)), "soft_targets")
+            has = has & mask & torch.isfinite(q).all(1)
+            q = torch.where(has[:, None], q, torch.full_like(q, float("nan")))
+        lam = spec.omega if spec.kd_weight > 0 else 0.0
+        mix, sup, kd = _convex(_logits_2d(z, _kind(cfg.task)), labels, q, has, mask, lam, cfg)
+        values[f"sup_{head}"], values[f"kd_{head}"], values[f"mix_{head}"] = sup, kd, mix
+        total = total + spec.sup * mix
+    return total, values
 
 
 # ----------------------------------------------------------------------------------------------
@@ -586,3 +676,29 @@ def utilization_gap(m_ab: float, m_a: float, m_b: float, *, baseline: float = 0.
     u_b_given_a = (ab - a) / ab
     u_a_given_b = (ab - b) / ab
     return {"u_b_given_a": u_b_given_a, "u_a_given_b": u_a_given_b, "d_util": u_a_given_b - u_b_given_a}
+
+
+def utilization_spread(m_all: float, m_heads: Mapping[str, float], *, baseline: float = 0.0) -> dict[str, float]:
+    """d_util for N >= 2 modalities (docs/losses.md): with M = a higher-is-better metric minus
+    ``baseline``, M_all the fused head's and M_m modality m's aux head's, on the samples that
+    have every modality:
+
+        u_m    = (M_all - M_m) / M_all     what the other modalities add to m alone
+        d_util = (max_m M_m - min_m M_m) / M_all = max_m u_m - min_m u_m   (>= 0)
+
+    For two modalities d_util is |(M(A) - M(B)) / M(A,B)|, the magnitude of
+    :func:`utilization_gap`'s d_util; 0 means the fused model draws on every modality alike."""
+    if len(m_heads) < 2:
+        raise ValueError(f"utilization needs 2+ modality heads, got {list(m_heads)}")
+    ab = float(m_all) - float(baseline)
+    vals = {}
+    for name, v in [("all", m_all), *m_heads.items()]:
+        if not math.isfinite(float(v)):
+            raise ValueError(f"metric of {name!r} must be finite, got {v!r}")
+    if ab == 0.0:
+        raise ValueError(f"M_all - baseline is 0 (m_all={m_all!r}, baseline={baseline!r}); the rates are undefined")
+    for name, v in m_heads.items():
+        vals[name] = float(v) - float(baseline)
+    out = {f"u_{m}": (ab - v) / ab for m, v in vals.items()}
+    out["d_util"] = (max(vals.values()) - min(vals.values())) / ab
+    return out

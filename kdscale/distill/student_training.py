@@ -19,7 +19,13 @@ joint      joint (or mind/medfuse)      supervised fusion head only             
 medfuse    medfuse                      supervised LSTM fusion (partial samples)      --
 mmpkd      vit (or unimodal image)      (1-λ)·L(y, ŷ) + λ·L(s, ŷ), s privileged       ``teacher_ensemble``
 supervised vit / unimodal               supervised loss of the one head               --
+distill    multi                        one objective for any student: each head      the heads'
+                                        names its teacher ensemble (``distill``)      ``teacher``
 ========== ============================ ============================================ =============
+
+A student of ``model.kind: multi`` (any set of modalities) is always trained by ``DistillTask``;
+``method: mind`` (variant V1), ``mmpkd`` and ``supervised`` on it are presets that
+:func:`distill_config` maps onto the general form (docs/losses.md).
 """
 from __future__ import annotations
 
@@ -31,25 +37,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
-from kdscale.distill.loss_config import MindLossConfig, MmpkdLossConfig
+from kdscale.distill.loss_config import DistillLossConfig, HeadLossConfig, MindLossConfig, MmpkdLossConfig
 from kdscale.engine.config import TrainConfig
 from kdscale.models.students import StudentConfig
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mind", "joint", "medfuse", "mmpkd", "supervised")
+METHODS = ("mind", "joint", "medfuse", "mmpkd", "supervised", "distill")
 # which model kinds each method can train
-_METHOD_KINDS = {"mind": ("mind",), "joint": ("joint", "mind", "medfuse"), "medfuse": ("medfuse",),
-                 "mmpkd": ("vit", "unimodal"), "supervised": ("vit", "unimodal")}
+_METHOD_KINDS = {"mind": ("mind", "multi"), "joint": ("joint", "mind", "medfuse"), "medfuse": ("medfuse",),
+                 "mmpkd": ("vit", "unimodal", "multi"), "supervised": ("vit", "unimodal", "multi"),
+                 "distill": ("multi",)}
 
 
 @dataclass
 class StudentRunConfig:
     name: str
-    method: Literal["mind", "joint", "medfuse", "mmpkd", "supervised"] = "mind"
+    method: Literal["mind", "joint", "medfuse", "mmpkd", "supervised", "distill"] = "mind"
     model: StudentConfig = field(default_factory=StudentConfig)
     mind: MindLossConfig = field(default_factory=MindLossConfig)        # method mind
     mmpkd: MmpkdLossConfig = field(default_factory=MmpkdLossConfig)     # method mmpkd
+    distill: DistillLossConfig = field(default_factory=DistillLossConfig)  # method distill (kind multi)
     learnable_omega: Literal["none", "uncertainty"] = "none"            # mind: adapt ω (docs/losses.md)
     ensemble_for: dict[str, str] = field(default_factory=dict)          # mind: modality -> ensemble name
     teacher_ensemble: str = "report"      # mmpkd: the privileged teacher ensemble (soft-label ensemble name)
@@ -71,9 +79,51 @@ class StudentRunConfig:
                              f"needs model.modality image")
         if self.method == "mmpkd" and self.mmpkd.lam > 0 and not self.teacher_ensemble:
             raise ValueError(f"student {self.name!r}: mmpkd with lam {self.mmpkd.lam} needs teacher_ensemble")
+        if self.model.kind == "multi":
+            if self.method == "mind" and (self.mind.variant != "V1" or set(self.mind.modalities) != set(
+                    self.model.modalities)):
+                raise ValueError(f"student {self.name!r}: method mind on a multi student is the V1 objective over "
+                                 f"the student's modalities {self.model.modalities} (mind.modalities "
+                                 f"{list(self.mind.modalities)}, variant {self.mind.variant}); use method distill "
+                                 f"for other forms")
+            if self.method == "mmpkd" and len(self.model.modalities) != 1:
+                raise ValueError(f"student {self.name!r}: method mmpkd on a multi student needs one modality; use "
+                                 f"method distill with combine convex for several")
+            heads = set(self.model.modalities) | ({"fusion"} if len(self.model.modalities) > 1 else set())
+            unknown = sorted(set(self.distill_config().heads) - heads)
+            if unknown:
+                raise ValueError(f"student {self.name!r}: distill.heads names {unknown}, but the student's heads "
+                                 f"are {sorted(heads)}")
 
+    def distill_config(self) -> DistillLossConfig:
+        """The general objective of a kind-multi student; methods mind / mmpkd / supervised are
+        presets of it (docs/losses.md, "Presets")."""
+        if self.method == "distill":
+            return self.distill
+        if self.method == "mind":
+            c = self.mind
+            heads = {"fusion": HeadLossConfig(omega=0.0, sup=c.fusion_weight)} if len(self.model.modalities) > 1 else {}
+            for m in self.model.modalities:
+                om = c.omega.get(m, 0.0)
+                heads[m] = HeadLossConfig(teacher=self.ensemble_for.get(m, m) if om > 0 else "", omega=om,
+                                          sup=c.aux_weight)
+            return DistillLossConfig(task=c.task, temperature=c.temperature, heads=heads, combine="sum",
+                                     fusion_samples="multimodal", t_squared=c.t_squared,
+                                     student_temperature=c.student_temperature, kd_form=c.kd_form,
+                                     normalize=c.normalize)
+        if self.method == "mmpkd":
+            c, (m,) = self.mmpkd, self.model.modalities
+            head = HeadLossConfig(teacher=self.teacher_ensemble if c.lam > 0 else "", omega=c.lam, sup=1.0)
+            return DistillLossConfig(task=c.task, temperature=c.temperature, heads={m: head}, combine="convex",
+                                     t_squared=c.t_squared, student_temperature=c.student_temperature,
+                                     kd_form=c.kd_form)
+        if self.method == "supervised":
+            return DistillLossConfig(task=self.distill.task)
+        raise ValueError(f"method {self.method!r} has no general form")
     @property
     def needs_soft_labels(self) -> bool:
+        if self.model.kind == "multi":
+            return bool(self.distill_config().teachers())
         if self.method == "mind":
             return any(self.mind.weights_for(m)[1] > 0 for m in self.mind.modalities)
         return self.method == "mmpkd" and self.mmpkd.lam > 0
@@ -85,9 +135,13 @@ class StudentRunConfig:
     @property
     def head(self) -> str:
         """The single head of a unimodal / ViT student (its modality)."""
+        if self.model.kind == "multi" and len(self.model.modalities) == 1:
+            return self.model.modalities[0]
         return self.model.modality if self.model.kind == "unimodal" else "image"
 
     def loader_modalities(self) -> list[str]:
+        if self.model.kind == "multi":
+            return list(self.model.modalities)
         if self.image_only:
             return ["image"]
         if self.model.kind == "unimodal":
@@ -105,13 +159,19 @@ def check_students(students: list, teachers_cfg) -> None:
     ensembles = [e.name for e in teachers_cfg.resolved_ensembles()]
     for s in students:
         loss = s.mind if s.method == "mind" else s.mmpkd if s.method == "mmpkd" else None
+        if s.model.kind == "multi" and s.method != "supervised":
+            loss = s.distill_config()
         if loss is not None and loss.task != teachers_cfg.task:
             raise ValueError(f"students[{s.name}].{s.method}.task is {loss.task!r} but teachers.task is "
                              f"{teachers_cfg.task!r}: they must match")
         if not s.needs_soft_labels or not teachers_cfg.members:
             continue
-        wanted = [s.teacher_ensemble] if s.method == "mmpkd" else \
-            [s.ensemble_for.get(m, m) for m in s.mind.modalities if s.mind.weights_for(m)[1] > 0]
+        if s.model.kind == "multi":
+            wanted = sorted(set(s.distill_config().teachers().values()))
+        elif s.method == "mmpkd":
+            wanted = [s.teacher_ensemble]
+        else:
+            wanted = [s.ensemble_for.get(m, m) for m in s.mind.modalities if s.mind.weights_for(m)[1] > 0]
         unknown = [w for w in wanted if w not in ensembles]
         if unknown:
             raise ValueError(f"students[{s.name}] distils from teacher ensemble(s) {unknown}, which "
@@ -142,6 +202,11 @@ def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
     from kdscale.distill import tasks
 
     main = student.main_head or None
+    if student.model.kind == "multi":
+        loss_cfg = student.distill_config()
+        if student.method == "supervised" and loss_cfg.task != task:
+            loss_cfg = dataclasses.replace(loss_cfg, task=task)
+        return tasks.DistillTask(loss_cfg, ensemble_names, student.learnable_omega, main_head=main or "routed")
     if student.method == "mind":
         kwargs = {"ensemble_for": student.ensemble_for}
         if main:
@@ -158,9 +223,12 @@ def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
 
 
 def metric_fn_for(student: StudentRunConfig):
-    from kdscale.distill.tasks import mind_metrics
+    from kdscale.distill.tasks import mind_metrics, multi_metrics_for
     from kdscale.engine.trainer import default_metrics
 
+    if student.model.kind == "multi":
+        mods = student.model.modalities
+        return multi_metrics_for(mods) if len(mods) > 1 and student.model.aux_heads else default_metrics
     return mind_metrics if student.model.kind == "mind" and student.model.aux_heads else default_metrics
 
 
@@ -206,7 +274,8 @@ def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_i
 def student_loader_config(cfg, student: StudentRunConfig):
     modalities = student.loader_modalities()
     return dataclasses.replace(cfg.loader, modalities=modalities,
-                               require=[student.head] if student.model.kind in ("vit", "unimodal") else [],
+                               require=[student.head] if student.model.kind in ("vit", "unimodal") or (
+                                   student.model.kind == "multi" and len(modalities) == 1) else [],
                                batch_size=student.batch_size or cfg.loader.batch_size)
 
 
@@ -234,7 +303,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     from kdscale.engine.rng import seed_everything
     from kdscale.engine.trainer import Trainer
     from kdscale.models.registry import count_parameters
-    from kdscale.models.students import build_student
+    from kdscale.models.students import build_student, unwrap_model
 
     world = detect_world()
     shard_dir = shards_out_dir(cfg)
@@ -258,16 +327,25 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     seed_everything(cfg.run.seed, world.rank)
     model = build_student(student.model, len(label_names), ehr_features=n_features)
     task = build_task(student, ensemble_names, cfg.teachers.task)
+    loader_cfg = student_loader_config(cfg, student)
+    if getattr(model, "needs_fit", False):   # report tokenizer / tabular encoding, from train only
+        from kdscale.distill.teachers import fit_preprocessing
+
+        fit_preprocessing(model, shard_dir, loader_cfg)
     if hasattr(task, "attach"):
         task.attach(model)   # learnable ω becomes part of the model before the optimizer exists
-    loader_cfg = student_loader_config(cfg, student)
     train_loader = build_loader(shard_dir, "train", loader_cfg, train=True, soft_dir=soft_dir)
     val_loader = build_loader(shard_dir, "val", dataclasses.replace(loader_cfg, drop_last=False), train=False)
-    n_params = count_parameters(model)
+    n_params = count_parameters(unwrap_model(model))
+    breakdown = getattr(model, "parameter_breakdown", None)
+    breakdown = breakdown() if callable(breakdown) else None
     if world.rank == 0:
         print(f"student {student.name}: method {student.method}, {student.model.kind} student, {n_params:,} "
               f"parameters, {train_loader.plan.num_samples} train / {val_loader.plan.num_samples} val samples, "
               f"{world.world_size} process(es)" + (f", soft labels {soft_dir}" if soft_dir else ""))
+        if breakdown:
+            print(f"student {student.name}: parameters by module: " +
+                  ", ".join(f"{k} {v:,}" for k, v in breakdown.items() if k != "total"))
     # what student.pt holds besides the weights; every checkpoint carries it too, so evaluation can
     # fall back to the best checkpoint when student.pt is unreadable (load_student)
     student_meta = {"student_config": dataclasses.asdict(student.model), "method": student.method,
@@ -285,7 +363,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
         best_record = max((r for r in result.history if r.get(student.train.select_metric) is not None),
                           key=lambda r: r[student.train.select_metric], default={})
         info = {"name": student.name, "method": student.method, "kind": student.model.kind,
-                "parameters": n_params, "label_names": label_names, "fingerprint": fingerprint,
+                "parameters": n_params, "parameter_breakdown": breakdown, "label_names": label_names, "fingerprint": fingerprint,
                 "seed": cfg.run.seed, "world_size": world.world_size, "main_head": task.main_head,
                 "checkpoint": str((out / "student.pt").resolve()), "checkpoint_sha256": sha256_file(out / "student.pt"),
                 "val_auroc_macro": best_record.get("auroc_macro"), "val_auprc_macro": best_record.get("auprc_macro"),

@@ -9,7 +9,13 @@ JointTask          MultimodalStudent (joint)     supervised fusion loss         
 MedFuseTask        MultimodalStudent (medfuse)   supervised fusion loss         ``routed``
 MmpkdTask          ViTStudent                    ``mmpkd_loss``                 ``image``
 SupervisedImageTask ViTStudent / UnimodalStudent supervised loss                ``image``
+DistillTask        ModularStudent (kind multi)   ``distill_loss`` (+ learnable ω) ``routed``
 ================== ============================= ============================== ==============
+
+``DistillTask`` is the one distillation method for any student of kind ``multi``: each head
+names the teacher ensemble that teaches it; MIND (sum form, image/ehr heads taught by the
+image/ehr ensembles), MMPKD (convex form, one head taught by a privileged ensemble) and plain KD
+into a unimodal student are configurations of it (``student_training.distill_config``).
 
 Soft labels come from ``batch["soft"]`` (the soft-label shards joined by key): ``"ensemble"``
 [B, G, C] combined teacher logits at T = 1 in the soft-label index's ``ensemble_names`` order,
@@ -36,11 +42,12 @@ from typing import Mapping, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
-from kdscale.distill.losses import (MindLossConfig, MmpkdLossConfig, UncertaintyWeighting, _kind, mind_loss,
-                                    mmpkd_loss, supervised_loss, utilization_gap)
+from kdscale.distill.losses import (DistillLossConfig, MindLossConfig, MmpkdLossConfig, UncertaintyWeighting, _kind,
+                                    distill_loss, mind_loss, mmpkd_loss, supervised_loss, utilization_gap,
+                                    utilization_spread)
 from kdscale.models.students import unwrap_model
 
-__all__ = ["EXTRA_MODULE_NAME", "LEARNABLE_OMEGA", "KdUncertaintyWeighting", "MindTask", "JointTask",
+__all__ = ["EXTRA_MODULE_NAME", "LEARNABLE_OMEGA", "KdUncertaintyWeighting", "MindTask", "DistillTask", "JointTask",
            "MedFuseTask", "MmpkdTask", "SupervisedImageTask", "utilization", "mind_metrics",
            "ensemble_index"]
 
@@ -249,6 +256,90 @@ class MindTask:
 
 
 # ----------------------------------------------------------------------------------------------
+# the general method (kind multi)
+# ----------------------------------------------------------------------------------------------
+
+class DistillTask:
+    """:func:`distill_loss` on a :class:`~kdscale.models.students.ModularStudent`.
+
+    Each head h with a teacher (``loss_cfg.heads[h].teacher``, an ensemble name of the soft
+    labels) gets the soft target q_h = act(z_t / τ), has_target = ``ensemble_seen`` of t. Every
+    term is masked by presence: head m by modality m's presence, the fusion head by the samples
+    its fusion defines (``fusion_samples: multimodal``: and that have 2+ modalities, MIND's rule).
+    ``predict``: every head (its mask) and ``routed`` (fusion for 2+ modalities, else the present
+    modality's head). Learnable ω: as :class:`MindTask` (``attach`` before the optimizer)."""
+
+    def __init__(self, loss_cfg: DistillLossConfig, ensemble_names: Sequence[str] = (),
+                 learnable_omega: str = "none", *, main_head: str = "routed", min_log_var: Optional[float] = None):
+        if not isinstance(loss_cfg, DistillLossConfig):
+            raise TypeError(f"loss_cfg must be a DistillLossConfig, got {type(loss_cfg).__name__}")
+        if learnable_omega not in LEARNABLE_OMEGA:
+            raise ValueError(f"learnable_omega must be one of {LEARNABLE_OMEGA}, got {learnable_omega!r}")
+        self.loss_cfg, self.task, self.main_head = loss_cfg, loss_cfg.task, main_head
+        self.ensemble_names = [str(n) for n in ensemble_names]
+        self.columns = {h: ensemble_index(self.ensemble_names, t, what=f"teacher of head {h!r}")
+                        for h, t in loss_cfg.teachers().items()}
+        self.learnable_omega = learnable_omega
+        self.extra_module: Optional[nn.Module] = None
+        if learnable_omega == "uncertainty":
+            if loss_cfg.combine != "sum":
+                raise ValueError("learnable_omega='uncertainty' needs combine 'sum'")
+            names = [f"kd_{h}" for h in self.columns]
+            if not names:
+                raise ValueError("learnable_omega='uncertainty' but no head has a teacher with omega > 0")
+            self.extra_module = KdUncertaintyWeighting(names, min_log_var=min_log_var)
+
+    attach = MindTask.attach
+    weighting = MindTask.weighting
+
+    def soft_targets(self, batch: Mapping, device=None) -> dict:
+        """{head: (q_h [B, C] at τ, has_target bool [B])} for the distilled heads."""
+        soft = _soft(batch)
+        if soft is None:
+            if self.columns:
+                raise ValueError(f"heads {sorted(self.columns)} are distilled but the batch has no soft labels "
+                                 f"(batch['soft']): join the soft-label shards")
+            return {}
+        out = {}
+        for h, g in self.columns.items():
+            z = torch.as_tensor(soft["ensemble"])[:, g].to(device).float()
+            has = torch.as_tensor(soft["ensemble_seen"])[:, g].to(device).bool()
+            out[h] = (_activate(z / self.loss_cfg.temperature, self.task), has)
+        return out
+
+    def train_masks(self, student, batch: Mapping) -> dict:
+        masks = student.head_masks(batch)
+        if "fusion" in masks and self.loss_cfg.fusion_samples == "multimodal":
+            present = student.presence(batch)
+            count = torch.stack(list(present.values()), 1).sum(1)
+            masks["fusion"] = masks["fusion"] & (count >= 2)
+        return masks
+
+    def loss(self, model, batch: dict):
+        student = unwrap_model(model)
+        outputs = {k: v.float() for k, v in model(batch).items()}
+        device = next(iter(outputs.values())).device
+        view = {"labels": batch["labels"], "masks": self.train_masks(student, batch),
+                "soft_targets": self.soft_targets(batch, device)}
+        weighting = self.weighting(model)
+        total, terms = distill_loss(outputs, view, self.loss_cfg, weighting)
+        terms = {k: v.detach() for k, v in terms.items()}
+        if weighting is not None:
+            s = weighting.inner._s().detach()
+            terms.update({f"omega/{n}": torch.exp(-v) for n, v in zip(weighting.names, s)})
+        return total, terms
+
+    def predict(self, model, batch: dict) -> dict:
+        outputs = model(batch)
+        student = unwrap_model(model)
+        masks = student.head_masks(batch)
+        out = {h: (_activate(z, self.task), masks[h]) for h, z in outputs.items()}
+        routed, covered = student.route(outputs, batch.get("present"))
+        out["routed"] = (_activate(routed, self.task), covered)
+        return out
+
+
+# ----------------------------------------------------------------------------------------------
 # joint fusion baselines
 # ----------------------------------------------------------------------------------------------
 
@@ -414,6 +505,50 @@ def utilization(preds: Mapping, *, baseline: float = 0.0, prefix: str = "util/")
         gap = {"u_b_given_a": nan, "u_a_given_b": nan, "d_util": nan}
     out.update({f"{prefix}{k}": float(v) for k, v in gap.items()})
     return out
+
+
+def utilization_n(preds: Mapping, modalities: Sequence[str], *, baseline: float = 0.0,
+                  prefix: str = "util/") -> dict:
+    """d_util for N >= 2 modalities (:func:`utilization_spread`) from the gathered predictions of
+    a multi student with aux heads: M = macro AUROC on the samples every head covers (all
+    modalities present), M_all = the fusion head, M_m = modality m's head. For two modalities
+    the signed two-modality gap (:func:`utilization`'s d_util, A = first, B = second modality in
+    the student's order) is added as ``d_util_signed``."""
+    import numpy as np
+
+    heads = ["fusion", *modalities]
+    missing = [h for h in heads if h not in preds]
+    if missing:
+        raise KeyError(f"utilization needs the heads {missing} in the predictions; got {sorted(preds)}")
+    labels = np.asarray(preds["labels"])
+    covered = np.logical_and.reduce([np.asarray(preds[h][1], bool) for h in heads])
+    m = {h: _macro_auroc(labels[covered], np.asarray(preds[h][0])[covered]) for h in heads}
+    out = {f"{prefix}m_all": m["fusion"], **{f"{prefix}m_{h}": m[h] for h in modalities},
+           f"{prefix}n_all_present": int(covered.sum())}
+    nan = float("nan")
+    try:
+        spread = utilization_spread(m["fusion"], {h: m[h] for h in modalities}, baseline=baseline)
+    except ValueError:
+        spread = {**{f"u_{h}": nan for h in modalities}, "d_util": nan}
+    out.update({f"{prefix}{k}": float(v) for k, v in spread.items()})
+    if len(modalities) == 2:
+        try:
+            a, b = modalities
+            out[f"{prefix}d_util_signed"] = float(utilization_gap(m["fusion"], m[a], m[b], baseline=baseline)["d_util"])
+        except ValueError:
+            out[f"{prefix}d_util_signed"] = nan
+    return out
+
+
+def multi_metrics_for(modalities: Sequence[str]):
+    """``Trainer(metric_fn=)`` for a multi student with aux heads: default metrics + d_util."""
+    def metric_fn(preds: Mapping, main_head: str, label_names: Sequence[str]) -> dict:
+        from kdscale.engine.trainer import default_metrics
+
+        out = default_metrics(preds, main_head, list(label_names))
+        out.update(utilization_n(preds, list(modalities)))
+        return out
+    return metric_fn
 
 
 def mind_metrics(preds: Mapping, main_head: str, label_names: Sequence[str]) -> dict:

@@ -32,7 +32,7 @@ from kdscale.eval.predictions import MODALITIES, read_predictions
 __all__ = ["RunResult", "discover_runs", "render_report", "results_table", "SECTION_IDS"]
 
 SECTION_IDS = ("summary", "comparisons", "per-label", "cohorts", "robustness", "utilization",
-               "subgroups", "calibration", "localization", "runs")
+               "subgroups", "calibration", "localization", "modalities", "runs")
 SUMMARY_COHORTS = ("paired", "partial", "all")
 MISSING = "–"
 
@@ -552,7 +552,12 @@ def _sections(eval_dir: Path, out_dir: Path) -> list[Section]:
     return [summary, _comparisons_section(_comparisons(eval_dir)),
             _per_label(runs, figures), _cohorts(runs), _robustness(runs, figures),
             _utilization(runs), _subgroups(runs, figures), _calibration(runs, figures),
-            _localization(runs, figures, eval_dir), _runs_section(runs)]
+            _localization(runs, figures, eval_dir), _modalities_section(runs), _runs_section(runs)]
+
+
+def _modalities_section(runs) -> Section:
+    from kdscale.eval.modality_eval import report_section   # kind multi / multiclass (issue 15)
+    return report_section(runs)
 
 
 def render_report(eval_dir, out_dir, title: str = "kdscale evaluation report") -> dict:

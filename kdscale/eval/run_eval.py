@@ -27,7 +27,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-STUDENT_MODALITIES = ("image", "ehr")
+STUDENT_MODALITIES = ("image", "ehr", "report", "tabular")   # random removal applies to these
 
 
 # ---------------------------------------------------------------------------------------------
@@ -72,7 +72,7 @@ def _stored_presence(batch: dict) -> dict:
             for m, flag in batch["present"].items()}
 
 
-def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict:
+def predict_split(model, task, loader, conditions: list[str], seed: int, label_task: str = "multilabel") -> dict:
     """{condition: Predictions} for every valid sample of ``loader``, one pass over the data. The
     model sees the loader's presence flags under each condition; each condition's recorded
     ``present`` is what the sample holds (its stored record) less what the condition removed."""
@@ -106,13 +106,35 @@ def predict_split(model, task, loader, conditions: list[str], seed: int) -> dict
     if not keys:
         raise ValueError("the evaluation split has no samples for this student")
     label_array = np.concatenate(labels).astype(np.float64)
+    if label_task == "multiclass":   # one-hot in the shards -> class index column
+        from kdscale.eval.modality_eval import class_indices
+        label_array = class_indices(label_array)
     out = {}
     for c in conditions:
         heads = {h: (np.concatenate([p for p, _ in parts]), np.concatenate([m for _, m in parts]))
                  for h, parts in acc[c]["heads"].items()}
         present = {m: np.concatenate(v) for m, v in acc[c]["present"].items()}
         out[c] = Predictions(keys=list(keys), patient_ids=list(patients), label_names=list(loader.index["label_names"]),
-                             labels=label_array, heads=heads, present=present, meta=meta)
+                             labels=label_array, heads=heads, present=present, meta=meta, task=label_task)
+    return out
+
+
+def _multi_sections(preds, student, model, ecfg) -> dict:
+    """Kind multi: metrics per head on every modality subset in the data, N-modality d_util,
+    the parameter breakdown, and (multiclass) the routed head's confusion matrix."""
+    from kdscale.eval.modality_eval import confusion_matrix, subset_cohort_metrics, utilization_from_predictions
+
+    mods = list(student.model.modalities)
+    out = {"modality_cohorts": subset_cohort_metrics(preds, mods, [h for h in preds.heads], n_boot=ecfg.bootstrap,
+                                                     seed=ecfg.seed, min_group_size=ecfg.min_group_size),
+           "parameter_breakdown": model.parameter_breakdown()}
+    if len(mods) > 1 and student.model.aux_heads:
+        out["utilization_n"] = utilization_from_predictions(preds, mods)
+    if preds.task == "multiclass":
+        p, m = preds.heads["routed"]
+        out["confusion_matrix"] = {"head": "routed", "classes": list(preds.label_names),
+                                   "counts": confusion_matrix(preds.labels[m, 0], np.asarray(p)[m],
+                                                              len(preds.label_names))}
     return out
 
 
@@ -295,11 +317,15 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         loader_cfg = dataclasses.replace(student_loader_config(cfg, student), drop_last=False, num_workers=0)
         loader = build_loader(shards_out_dir(cfg), split, loader_cfg, train=False, rank=0, world_size=1)
         multimodal = not student.image_only and student.model.kind != "unimodal"
-        conditions = ["full"] + ([f"drop:{m}" for m in STUDENT_MODALITIES] +
-                                 [f"random:{r:g}" for r in ecfg.random_removal] if multimodal else [])
+        if student.model.kind == "multi":   # drop each of ITS modalities in turn (kdscale/eval/modality_eval.py)
+            from kdscale.eval.modality_eval import removal_conditions
+            conditions = ["full"] + removal_conditions(student.model.modalities, ecfg.random_removal)
+        else:
+            conditions = ["full"] + ([f"drop:{m}" for m in ("image", "ehr")] +
+                                     [f"random:{r:g}" for r in ecfg.random_removal] if multimodal else [])
         if progress:
             print(f"eval {student.name}: {loader.plan.num_samples} {split} samples, conditions {conditions}")
-        preds = predict_split(model, task, loader, conditions, ecfg.seed)
+        preds = predict_split(model, task, loader, conditions, ecfg.seed, label_task=info["task"])
         out = eval_dir / student.name / split
         out.mkdir(parents=True, exist_ok=True)
         write_predictions(out / "predictions.csv", preds["full"])
@@ -308,6 +334,8 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         _say_subgroups(student.name, result["subgroups"], progress)
         if len(conditions) > 1:
             result["robustness"] = robustness(preds, task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed)
+        if student.model.kind == "multi":
+            result.update(_multi_sections(preds["full"], student, model, ecfg))
         if ecfg.localization and student.image_only:
             loc = localization(model, info, loader, loader_cfg, out / "attention.png",
                                ecfg.localization_threshold, ecfg.bootstrap, ecfg.seed)

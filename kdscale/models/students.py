@@ -13,7 +13,16 @@ kind         model                                      ``forward(batch)`` heads
              LSTM fusion (MedFuse)
 ``vit``      :class:`ViTStudent` (timm ViT-Tiny)        ``image``
 ``unimodal`` :class:`UnimodalStudent` (image or ehr)    the modality's name
+``multi``    :class:`ModularStudent`: any non-empty subset ``fusion`` (2+ modalities) and one
+             of image, ehr, report, tabular; one encoder    head per modality
+             per modality, concat / lstm / attention
+             fusion (kdscale/models/fusion.py)
 ============ ========================================== =========================================
+
+``multi`` builds only what ``modalities`` names, so its parameter count is the model's: a
+``multi`` student with modalities [image, ehr], resnet10 + lstm, LSTM fusion and aux heads is
+the MIND student (7,514,507 parameters for 25 labels, like kind ``mind``); modalities [ehr] is
+a compact distilled time-series student (no image encoder, no fusion).
 
 Entries a head does not define for a sample (the image head of an image-absent sample, the
 concat fusion of an unpaired one) are NaN, so any accidental use is loud; ``head_masks`` says
@@ -26,18 +35,20 @@ which samples each head covers and every kdscale loss masks them out with ``torc
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from kdscale.config import path_field
-from kdscale.models.config import MODALITY_ARCHS, _check_arch, check_pretrained
+from kdscale.models.config import MODALITIES, MODALITY_ARCHS, ModelConfig, _check_arch, check_pretrained
 
-__all__ = ["KINDS", "MULTIMODAL_KINDS", "FUSIONS", "ROUTE_HEADS", "StudentConfig", "build_student",
-           "MultimodalStudent", "UnimodalStudent", "ViTStudent", "unwrap_model"]
+__all__ = ["KINDS", "MULTIMODAL_KINDS", "FUSIONS", "ROUTE_HEADS", "MODALITY_ORDER", "StudentConfig",
+           "build_student", "MultimodalStudent", "UnimodalStudent", "ViTStudent", "ModularStudent", "unwrap_model"]
 
-KINDS = ("mind", "joint", "medfuse", "vit", "unimodal")
+KINDS = ("mind", "joint", "medfuse", "vit", "unimodal", "multi")
 MULTIMODAL_KINDS = ("mind", "joint", "medfuse")
-FUSIONS = ("concat", "lstm")
+FUSIONS = ("concat", "lstm", "attention")
+#: Token order of kind ``multi`` (MedFuse puts the EHR token first: [v_B, phi(v_A)]).
+MODALITY_ORDER = ("ehr", "image", "report", "tabular")
 #: Route codes of :meth:`MultimodalStudent.route_sources`: index into this tuple, -1 = no route.
 ROUTE_HEADS = ("fusion", "image", "ehr")
 
@@ -62,11 +73,18 @@ class StudentConfig:
       only. True: a missing modality's features are replaced by zeros (MedFuse's
       ``--missing_token zeros``), i.e. IMPUTATION; never allowed for kind mind. The LSTM fusion
       drops a missing modality's token natively (sequence of length 1) and needs no setting.
+
+    Kind ``multi`` (:class:`ModularStudent`): ``modalities`` (non-empty subset of image, ehr,
+    report, tabular; token order ehr, image, report, tabular), ``fusion`` concat / lstm (default)
+    / attention with 2+ modalities (none with one), ``token_dim``, ``attention_heads``,
+    ``aux_heads`` (default True), ``report_model`` / ``tabular_model`` (``ModelConfig`` of the text
+    and tabular encoders), ``image_arch`` (default resnet10) and ``ehr_arch`` as above. Never
+    imputes.
     """
-    kind: Literal["mind", "joint", "medfuse", "vit", "unimodal"] = "mind"
+    kind: Literal["mind", "joint", "medfuse", "vit", "unimodal", "multi"] = "mind"
     image_arch: str = ""
     ehr_arch: str = "lstm"
-    fusion: Literal["", "concat", "lstm"] = ""
+    fusion: Literal["", "concat", "lstm", "attention"] = ""
     fusion_dim: int = 512                   # hidden size of the fusion LSTM (MedFuse: 512)
     aux_heads: Optional[bool] = None
     impute_missing: Optional[bool] = None
@@ -78,6 +96,12 @@ class StudentConfig:
     # local Hugging Face cache (kdscale.models.weights, docs/pretrained.md)
     image_pretrained: str = ""
     ehr_pretrained: str = path_field("")    # EHR encoder weights, local file
+    # kind multi: the modalities to build (any non-empty subset of image, ehr, report, tabular)
+    modalities: list[str] = field(default_factory=list)
+    token_dim: int = 0                      # multi: fusion token size; 0 = the first modality's feature size
+    attention_heads: int = 4                # multi, fusion attention
+    report_model: ModelConfig = field(default_factory=lambda: ModelConfig("report", "bert"))    # multi: text encoder
+    tabular_model: ModelConfig = field(default_factory=lambda: ModelConfig("tabular", "mlp"))  # multi: tabular encoder
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -92,6 +116,20 @@ class StudentConfig:
             self.image_pretrained = check_pretrained(self.image_pretrained, "image_pretrained")
         if self.fusion not in ("",) + FUSIONS:
             raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
+        for name in ("token_dim",):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0 = automatic), got {value!r}")
+        if isinstance(self.attention_heads, bool) or not isinstance(self.attention_heads, int) \
+                or self.attention_heads < 1:
+            raise ValueError(f"attention_heads must be a positive integer, got {self.attention_heads!r}")
+        if self.kind == "multi":
+            self._resolve_multi()
+            return
+        if self.modalities:
+            raise ValueError(f"modalities is only for kind multi (kind is {self.kind!r})")
+        if self.fusion == "attention":
+            raise ValueError(f"fusion attention is only for kind multi (kind is {self.kind!r})")
         if self.kind in MULTIMODAL_KINDS:
             self._resolve_multimodal()
         else:
@@ -120,6 +158,41 @@ class StudentConfig:
             _check_ehr(self.ehr_arch)
         elif self.modality:
             raise ValueError(f"modality is only for kind unimodal (kind is {self.kind!r})")
+
+    def _resolve_multi(self) -> None:
+        mods = list(self.modalities)
+        if not mods:
+            raise ValueError(f"kind multi needs modalities: a non-empty list of {list(MODALITY_ORDER)}")
+        unknown = [m for m in mods if m not in MODALITIES]
+        if unknown or len(set(mods)) != len(mods):
+            raise ValueError(f"modalities must be distinct names from {list(MODALITY_ORDER)}, got {mods}")
+        self.modalities = [m for m in MODALITY_ORDER if m in mods]   # token order: canonical
+        if self.modality:
+            raise ValueError("modality is only for kind unimodal; kind multi uses modalities")
+        if self.impute_missing:
+            raise ValueError("kind multi never imputes an absent modality: impute_missing must be false or unset")
+        self.impute_missing = False
+        if len(self.modalities) == 1:
+            if self.fusion:
+                raise ValueError(f"fusion {self.fusion!r} needs 2+ modalities; modalities is {self.modalities}")
+            self.aux_heads = True     # the one modality head IS the model
+        else:
+            self.fusion = self.fusion or "lstm"
+            if self.aux_heads is None:
+                self.aux_heads = True
+        if "image" in self.modalities:
+            self.image_arch = self.image_arch or "resnet10"
+            _check_arch("image", self.image_arch)
+        elif self.image_arch or self.image_pretrained:
+            raise ValueError("image_arch / image_pretrained are set but modalities has no image")
+        if "ehr" in self.modalities:
+            _check_ehr(self.ehr_arch)
+        elif self.ehr_pretrained:
+            raise ValueError("ehr_pretrained is set but modalities has no ehr")
+        for name, modality in (("report_model", "report"), ("tabular_model", "tabular")):
+            value = getattr(self, name)
+            if not isinstance(value, ModelConfig) or value.modality != modality:
+                raise ValueError(f"{name} must be a model config with modality {modality!r}")
 
     def _resolve_multimodal(self) -> None:
         defaults = _KIND_DEFAULTS[self.kind]
@@ -162,6 +235,8 @@ def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
         raise ValueError(f"ehr_features must be a positive integer, got {ehr_features!r}")
     if cfg.kind in MULTIMODAL_KINDS:
         return __getattr__("MultimodalStudent")(cfg, num_outputs, ehr_features)
+    if cfg.kind == "multi":
+        return __getattr__("ModularStudent")(cfg, num_outputs, ehr_features)
     if cfg.kind == "vit":
         return __getattr__("ViTStudent")(cfg, num_outputs)
     return __getattr__("UnimodalStudent")(cfg, num_outputs, ehr_features)
@@ -173,7 +248,7 @@ def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
 
 # Keys that only a batch dict has (a ``present`` dict is keyed by modality names only).
 _BATCH_KEYS = ("present", "labels", "key", "valid", "ehr_len", "soft", "meta")
-_LAZY = ("MultimodalStudent", "UnimodalStudent", "ViTStudent", "unwrap_model")
+_LAZY = ("MultimodalStudent", "UnimodalStudent", "ViTStudent", "ModularStudent", "unwrap_model")
 
 
 def __getattr__(name: str):
@@ -450,6 +525,217 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
         def vit(self) -> nn.Module:
             return self.model.encoder.backbone
 
+    class ModularStudent(nn.Module):
+        """Kind ``multi``: one encoder per configured modality (``cfg.modalities``, in
+        ``MODALITY_ORDER``), a token projection per modality into the fusion token size, one
+        fusion module over the modality tokens (kdscale/models/fusion.py), a fusion head and one
+        auxiliary head per modality. With one modality there is no projection, fusion or fusion
+        head: the student is that modality's encoder + head.
+
+        Absent modalities: each encoder runs only on the samples that have its modality (an
+        encoder with none in the batch is attached with an exact zero gradient); the fusion sees
+        only the present tokens (concat: defined only when all are present); head ``m`` is
+        defined where m is present, ``fusion`` where the fusion is. Undefined entries are NaN.
+        Nothing is imputed.
+
+        Token projection: modality m's features [B, d_m] -> Linear(d_m, token_dim), or the
+        identity when d_m == token_dim (token_dim 0 = the first modality's d_m). For modalities
+        (ehr, image) with lstm + resnet10 this is MIND's phi and v_B, and the model has exactly
+        the MIND student's parameters."""
+
+        def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+            super().__init__()
+            from kdscale.models.fusion import build_fusion
+            from kdscale.models.tabular import TabularEncoder, load_tabular_weights
+            from kdscale.models.text import TextEncoder
+
+            if cfg.kind != "multi":
+                raise ValueError(f"ModularStudent is for kind 'multi', got {cfg.kind!r}")
+            self.cfg, self.kind, self.num_outputs = cfg, cfg.kind, int(num_outputs)
+            self.modalities = tuple(cfg.modalities)
+            self.fusion = cfg.fusion or ""
+            self.aux_heads = bool(cfg.aux_heads)
+            self.encoders = nn.ModuleDict()
+            for m in self.modalities:
+                if m == "image":
+                    backbone, dim = build_image_encoder(cfg.image_arch, img_size=cfg.img_size)
+                    if cfg.image_pretrained:
+                        load_encoder_weights(backbone, cfg.image_pretrained)
+                    self.encoders[m] = ImageEncoder(backbone, dim)
+                elif m == "ehr":
+                    backbone, dim = build_ehr_encoder(cfg.ehr_arch, ehr_features)
+                    if cfg.ehr_pretrained:
+                        load_encoder_weights(backbone, cfg.ehr_pretrained)
+                    self.encoders[m] = EHREncoder(backbone, dim, ehr_features)
+                elif m == "report":
+                    self.encoders[m] = TextEncoder(cfg.report_model)
+                else:
+                    tab = cfg.tabular_model
+                    self.encoders[m] = TabularEncoder(tab.hidden, tab.max_categories, tab.dropout)
+                    if tab.pretrained_path:
+                        load_tabular_weights(self.encoders[m], tab.pretrained_path)
+            self.feature_dims = {m: int(self.encoders[m].feature_dim) for m in self.modalities}
+            self.dropout = nn.Dropout(cfg.dropout)
+            self.heads = nn.ModuleDict()
+            if len(self.modalities) > 1:
+                self.token_dim = cfg.token_dim or self.feature_dims[self.modalities[0]]
+                self.projections = nn.ModuleDict({
+                    m: nn.Identity() if d == self.token_dim else nn.Linear(d, self.token_dim)
+                    for m, d in self.feature_dims.items()})
+                self.fusion_module = build_fusion(self.fusion, len(self.modalities), self.token_dim,
+                                                  hidden=cfg.fusion_dim, heads=cfg.attention_heads)
+                self.heads["fusion"] = nn.Linear(self.fusion_module.out_dim, self.num_outputs)
+            else:
+                self.token_dim, self.projections, self.fusion_module = 0, None, None
+            if self.aux_heads:
+                for m in self.modalities:
+                    self.heads[m] = nn.Linear(self.feature_dims[m], self.num_outputs)
+
+        @property
+        def head_names(self) -> tuple:
+            return tuple(self.heads.keys())
+
+        # -- learned preprocessing (tokenizer, tabular encoding) --------------------------------
+        @property
+        def needs_fit(self) -> bool:
+            return any(getattr(e, "needs_fit", False) for e in self.encoders.values())
+
+        def fit(self, batches) -> None:
+            """Fit the report tokenizer / tabular encoding on TRAINING batches (one pass; only
+            the text and tabular entries are kept). Build the optimizer afterwards."""
+            wanted = [m for m, e in self.encoders.items() if getattr(e, "needs_fit", False)]
+            if not wanted:
+                return
+            kept = [{m: batch_entry(b, m, m) for m in wanted} for b in batches]
+            for m in wanted:
+                self.encoders[m].fit(kept)
+
+        # -- presence ---------------------------------------------------------------------------
+        def presence(self, source, batch_size: Optional[int] = None) -> dict:
+            """{modality: bool [B]} for this student's modalities (missing entry = present)."""
+            device = _device(self)
+            present, batch_size = _present_of(source, batch_size)
+            out = {}
+            for m in self.modalities:
+                flag = present.get(m)
+                if flag is None:
+                    out[m] = torch.ones(batch_size, dtype=torch.bool, device=device)
+                else:
+                    flag = torch.as_tensor(flag, device=device).bool()
+                    if flag.shape != (batch_size,):
+                        raise ValueError(f"present[{m!r}] has shape {tuple(flag.shape)}, expected [{batch_size}]")
+                    out[m] = flag
+            return out
+
+        def fusion_mask(self, present: dict) -> torch.Tensor:
+            stacked = torch.stack([present[m] for m in self.modalities], 1)
+            if self.fusion_module is None:
+                return torch.zeros(stacked.shape[0], dtype=torch.bool, device=stacked.device)
+            return stacked.all(1) if self.fusion == "concat" else stacked.any(1)
+
+        def head_masks(self, source, batch_size: Optional[int] = None) -> dict:
+            present = self.presence(source, batch_size)
+            masks = {}
+            if "fusion" in self.heads:
+                masks["fusion"] = self.fusion_mask(present)
+            for m in self.modalities:
+                if m in self.heads:
+                    masks[m] = present[m]
+            return masks
+
+        # -- forward ----------------------------------------------------------------------------
+        def _rows(self, batch: dict, m: str, idx):
+            if m == "image":
+                x = batch_entry(batch, "image", "image")
+                return {"image": x if idx is None else x[idx.to(x.device)]}
+            if m == "ehr":
+                x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
+                if idx is None:
+                    return {"ehr": x, "ehr_len": lengths}
+                return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
+            rows = batch_entry(batch, m, m)
+            return {m: list(rows) if idx is None else [rows[i] for i in idx.tolist()]}
+
+        def _encode(self, m: str, batch: dict, mask: torch.Tensor, ghosts: list) -> torch.Tensor:
+            encoder, dim, b = self.encoders[m], self.feature_dims[m], mask.shape[0]
+            if bool(mask.all()):
+                return _run_encoder(encoder, self._rows(batch, m, None), b)
+            idx = torch.nonzero(mask).squeeze(1)
+            if idx.numel() == 0:
+                ghosts.append(_ghost(encoder))
+                dtype = next(encoder.parameters()).dtype
+                return torch.zeros(b, dim, device=mask.device, dtype=dtype)
+            sub = _run_encoder(encoder, self._rows(batch, m, idx), idx.numel())
+            return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
+
+        def forward(self, batch: dict) -> dict:
+            present = self.presence(batch)
+            ghosts: list = []
+            feats = {m: self._encode(m, batch, present[m], ghosts) for m in self.modalities}
+            outputs = {}
+            if self.fusion_module is not None:
+                dtype = feats[self.modalities[0]].dtype
+                tokens = torch.stack([self.projections[m](feats[m].to(dtype)) for m in self.modalities], 1)
+                pres = torch.stack([present[m] for m in self.modalities], 1)
+                fused, defined = self.fusion_module(tokens, pres)
+                outputs["fusion"] = _nan_outside(self.heads["fusion"](self.dropout(fused)), defined)
+            for m in self.modalities:
+                if m in self.heads:
+                    outputs[m] = _nan_outside(self.heads[m](self.dropout(feats[m])), present[m])
+            if ghosts:
+                ghost = sum(ghosts)
+                outputs = {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
+            return outputs
+
+        # -- inference routing ------------------------------------------------------------------
+        def route_sources(self, present, use_aux: Optional[bool] = None,
+                          batch_size: Optional[int] = None) -> torch.Tensor:
+            """Per sample, the index into ``head_names`` of the head that predicts it, -1 if
+            none. With aux heads: 2+ modalities present and the fusion defined -> fusion; else
+            the first present modality (``MODALITY_ORDER``) -> its head (one present: the MIND
+            rule, §1.5). Without (``use_aux=False``): the fusion where defined."""
+            pres = self.presence(present, batch_size)
+            use_aux = self.aux_heads if use_aux is None else bool(use_aux)
+            if use_aux and not self.aux_heads:
+                raise ValueError("use_aux=True but this student has no auxiliary heads")
+            names = self.head_names
+            first = next(iter(pres.values()))
+            src = torch.full(first.shape, -1, dtype=torch.long, device=first.device)
+            if use_aux:
+                for m in reversed(self.modalities):   # the first present modality wins
+                    src = torch.where(pres[m], names.index(m), src)
+            if "fusion" in names:
+                count = torch.stack([pres[m] for m in self.modalities], 1).sum(1)
+                fuse = self.fusion_mask(pres) & ((count >= 2) if use_aux else torch.ones_like(count, dtype=torch.bool))
+                src = torch.where(fuse, names.index("fusion"), src)
+            return src
+
+        def route(self, outputs: dict, present, use_aux: Optional[bool] = None) -> tuple:
+            """Routed logits [B, C] (NaN where no route) and ``covered`` bool [B]."""
+            first = next(iter(outputs.values()))
+            src = self.route_sources(present, use_aux, batch_size=first.shape[0])
+            routed = torch.full_like(first, float("nan"))
+            for code, head in enumerate(self.head_names):
+                routed = torch.where((src == code)[:, None], outputs[head], routed)
+            return routed, src >= 0
+
+        def parameter_breakdown(self) -> dict:
+            """Parameters per built module; the parts sum to ``total``."""
+            out = {f"encoder.{m}": count_parameters(e) for m, e in self.encoders.items()}
+            if self.projections is not None:
+                out.update({f"projection.{m}": count_parameters(p) for m, p in self.projections.items()})
+                out["fusion"] = count_parameters(self.fusion_module)
+            out.update({f"head.{h}": count_parameters(v) for h, v in self.heads.items()})
+            extra = {n: count_parameters(mod) for n, mod in self.named_children()
+                     if n not in ("encoders", "projections", "fusion_module", "heads", "dropout")}
+            out.update({n: v for n, v in extra.items() if v})
+            out["total"] = count_parameters(self)
+            return out
+
+        def extra_repr(self) -> str:
+            return (f"modalities={list(self.modalities)}, fusion={self.fusion or None!r}, "
+                    f"token_dim={self.token_dim}, aux_heads={self.aux_heads}, num_outputs={self.num_outputs}")
+
     def _present_of(source, batch_size: Optional[int]) -> tuple:
         """(present dict, batch size) from a batch dict, a ``present`` dict, or None."""
         batch = None
@@ -459,9 +745,10 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
         else:
             present = source or {}
         if batch_size is None:
-            for key in ("labels", "image", "ehr_len", "ehr"):
-                if batch is not None and hasattr(batch.get(key), "shape"):
-                    batch_size = int(batch[key].shape[0])
+            for key in ("labels", "image", "ehr_len", "ehr", "report", "tabular"):
+                value = batch.get(key) if batch is not None else None
+                if hasattr(value, "shape") or isinstance(value, list):
+                    batch_size = len(value) if isinstance(value, list) else int(value.shape[0])
                     break
             else:
                 sizes = [len(v) for v in present.values() if v is not None]
@@ -471,7 +758,7 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
         return present, batch_size
 
     names = {"MultimodalStudent": MultimodalStudent, "UnimodalStudent": UnimodalStudent,
-             "ViTStudent": ViTStudent, "unwrap_model": unwrap_model}
+             "ViTStudent": ViTStudent, "ModularStudent": ModularStudent, "unwrap_model": unwrap_model}
     for name, obj in names.items():
         obj.__qualname__ = name   # module-level names for repr, pickle and docs tools
     return names

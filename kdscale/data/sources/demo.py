@@ -20,7 +20,7 @@ MARKER = "kdscale_demo.json"
 @dataclass
 class DemoConfig:
     out_dir: str = path_field("runs/demo-data", must_exist=False)  # generated once, reused while its parameters match
-    flavor: Literal["mimic", "cbis"] = "mimic"
+    flavor: Literal["mimic", "cbis", "icu", "icu_multimodal", "icu_multiclass"] = "mimic"  # icu*: icu_tabular_demo.py
     n: int = 400                          # MIMIC: ICU stays; CBIS: abnormalities
     seed: int = 0
     task: Literal["in-hospital-mortality", "phenotyping", "radiology"] = "phenotyping"  # MIMIC only
@@ -69,11 +69,20 @@ def generate(out_dir: str | Path, flavor: str, n: int, seed: int, corrupt_fracti
     elif flavor == "cbis":
         from kdscale.data.demo.cbis_demo import generate_cbis_demo
         summary = generate_cbis_demo(out_dir, n=n, seed=seed, corrupt_fraction=corrupt_fraction)
+    elif flavor in _ICU_FLAVORS:
+        from kdscale.data.demo.icu_tabular_demo import generate_icu_tabular_demo
+        if corrupt_fraction:   # the label noise is the outcome's own Bernoulli draw; label_noise is unused
+            raise ValueError(f"demo flavor {flavor!r} writes no corrupt files: corrupt_fraction must be 0")
+        summary = generate_icu_tabular_demo(out_dir, n=n, seed=seed, **_ICU_FLAVORS[flavor])
     else:
         raise ValueError(f"unknown demo flavor {flavor!r}")
     # The marker is written last: an interrupted generation is detected as "not ours" above.
     marker.write_text(json.dumps({"params": params, "summary": summary}, indent=2, default=str))
     return summary
+
+
+# ICU stays with static tabular fields (kdscale/data/demo/icu_tabular_demo.py): generator options
+_ICU_FLAVORS = {"icu": {}, "icu_multimodal": {"multimodal": True}, "icu_multiclass": {"classes": 3}}
 
 
 class DemoSource:
@@ -92,6 +101,9 @@ class DemoSource:
             from kdscale.data.demo.mimic_demo import mimic_config_for_demo
             from kdscale.data.sources.mimic import MimicSource
             return MimicSource(mimic_config_for_demo(root, self.cfg.task, self.cfg.cohort))
+        if self.cfg.flavor in _ICU_FLAVORS:
+            from kdscale.data.demo.icu_tabular_demo import IcuDemoReader
+            return IcuDemoReader(root, **_ICU_FLAVORS[self.cfg.flavor])
         from kdscale.data.demo.cbis_demo import cbis_config_for_demo
         from kdscale.data.sources.cbis import CbisSource
         return CbisSource(cbis_config_for_demo(root))
