@@ -254,15 +254,20 @@ def _sweep_figure(result: dict, out_dir: Path):
     return Figure(path, "Utilization sensitivity: each small point one seed, large points the mean over seeds.")
 
 
+def results_dir(out, name: str) -> Path:
+    """Where an experiment's aggregate and report go: per experiment name, so that two
+    experiments may share one out_dir (and with it the runs they have in common)."""
+    return Path(out) / "results" / name
+
+
 def render(exp, result: dict, out: Path) -> dict:
     from kdscale.data.shards import write_json_atomic
     from kdscale.eval.analysis import to_jsonable
     from kdscale.eval.report import Paragraph, Section, _to_html, _to_markdown
 
-    out = Path(out)
-    report_dir = out / "report"
+    report_dir = results_dir(out, exp.name)
     report_dir.mkdir(parents=True, exist_ok=True)
-    json_path = out / "aggregate.json"
+    json_path = report_dir / "aggregate.json"
     write_json_atomic(json_path, to_jsonable(result))
     arms = _arm_table(result)
     sections = [Section("arms", "Arms (mean ± sd over seeds)", [arms]),

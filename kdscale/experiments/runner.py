@@ -8,9 +8,12 @@ directory; what does not depend on the arm is built once and shared honestly:
     <out_dir>/shared/                 data summary + shards (the data do not depend on the seed)
     <out_dir>/seed-<s>/               teachers + soft labels, trained with run.seed = s
     <out_dir>/seed-<s>/<arm>/         the arm's student (run.seed = s) and its evaluation
-    <out_dir>/aggregate.json          per arm mean ± sd over seeds, per-seed values, pooled
-                                      paired bootstrap of each arm vs the reference arm
-    <out_dir>/report/report.{md,html} the same as tables (+ d_util vs fusion AUROC figure)
+    <out_dir>/results/<name>/aggregate.json     per arm mean ± sd over seeds, per-seed values,
+                                                pooled paired bootstrap of each arm vs the reference
+    <out_dir>/results/<name>/report.{md,html}   the same as tables (+ d_util vs fusion AUROC figure)
+
+Two experiments may share an out_dir: a run whose resolved config is the same (same base,
+overrides, seed and arm student) is then done once and used by both.
 
 Each unit writes ``experiment-done.json`` (the hash of its resolved config) when it finishes;
 a re-run skips finished units (resume) and redoes a unit whose config changed. An arm may only
