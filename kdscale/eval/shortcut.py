@@ -109,6 +109,7 @@ def evaluate_shortcut(cfg, student, split: Optional[str] = None) -> dict:
     size = loader_cfg.image_size
     region = marker_region(loader_cfg.resize_size, size)
     out = Path(cfg.run.out_dir) / "eval" / student.name / split / "shortcut.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     result = {"student": student.name, "split": split, "marker_box_film": list(MARKER_BOX),
               "image_size": size, "resize_size": loader_cfg.resize_size, "marker_visible": bool(region.any())}
     if not region.any():

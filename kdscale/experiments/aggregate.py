@@ -170,7 +170,7 @@ def aggregate(exp, units: list, configs: dict) -> dict:
 HEADLINE = ("auroc_macro/all", "auroc_macro/paired", "fusion.auroc_macro/paired", "image.auroc_macro/all",
             "ehr.auroc_macro/all", "util.d_util", "loc.iou", "loc.fpr_pixel", "loc.pointing_game",
             "loc.detection_auroc", "shortcut.marker_share", "shortcut.marker_share_marked",
-            "shortcut.area_share")
+            "shortcut.marker_share_unmarked", "shortcut.area_share", "shortcut.prob_gap")
 
 
 def _fmt(v, digits: int = 3) -> str:
