@@ -187,3 +187,20 @@ def _online_equals_offline_without_augmentation(run_config: Path):
                                    b["soft"]["ensemble"][:, col][seen].float(), rtol=2e-3, atol=2e-3)  # stored as float16
         n += int(seen.sum())
     assert n > 0
+
+
+def test_cli_help_dry_run_and_bad_selection(tmp_path, capsys):
+    from kdscale.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["experiment", "--help"])
+    assert exc.value.code == 0 and "--dry-run" in capsys.readouterr().out
+    cfg = str(_write(tmp_path))
+    assert main(["experiment", "--cfg", cfg, "--dry-run", "--only", "mind", "--seeds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[to run]") == 3 and "arm mind" in out and "arm joint" not in out
+    assert "launch/submit.py" in out and "--stages train,eval" in out
+    assert not (tmp_path / "exp").exists()          # a dry run writes nothing
+    assert main(["experiment", "--cfg", cfg, "--only", "nope"]) == 2
+    assert "unknown arm(s) ['nope']" in capsys.readouterr().err
+    assert main(["experiment", "--cfg", cfg, "--seeds", "7"]) == 2

@@ -328,7 +328,8 @@ def run_unit(exp: ExperimentConfig, unit: Unit, cfg) -> dict:
 
 def run_experiment(exp: ExperimentConfig, arms: Optional[list[str]] = None, seeds: Optional[list[int]] = None,
                    dry_run: bool = False, progress: bool = True, force: bool = False, aggregate_only: bool = False,
-                   stream=sys.stdout) -> dict:
+                   stream=None) -> dict:
+    stream = stream or sys.stdout      # looked up per call (not bound at import)
     units = plan_units(exp, arms, seeds)
     configs = check_sharing(exp, units)
     out = Path(exp.out_dir).resolve()
