@@ -131,8 +131,13 @@ def test_tiny_experiment_end_to_end_and_its_aggregate(tmp_path, capsys):
         assert m["sd"] == pytest.approx(np.std(values, ddof=1))
         assert [m["per_seed"][s] for s in ("0", "1")] == pytest.approx(values)
     # the teachers were trained once per seed (their own seed), the students per arm
-    t0 = json.loads(next((out / "seed-0" / "teachers").glob("*/teacher.json")).read_text())
-    assert t0.get("seed", 0) == 0
+    sha = [json.loads((out / f"seed-{s}" / "teachers" / "ehr_lstm" / "teacher.json").read_text())["checkpoint_sha256"]
+           for s in (0, 1)]
+    assert sha[0] != sha[1]
+    for s in (0, 1):
+        info = json.loads((out / f"seed-{s}" / "mind" / "students" / "mind" / "student.json").read_text())
+        assert info["seed"] == s
+        assert Path(info["soft_labels"]).resolve() == (out / f"seed-{s}" / "softlabels").resolve()
     comp = next(c for c in agg["comparisons"] if c["cohort"] == "all" and c["metric"] == "auroc_macro")
     diffs = []
     for seed in (0, 1):
