@@ -25,6 +25,15 @@ def _write(tmp_path, **changes) -> Path:
     return path
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs" / "experiments").glob("*.yaml")))
+def test_shipped_experiments_load_and_share_honestly(name, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    exp = load_experiment(ROOT / "configs" / "experiments" / name)
+    units = plan_units(exp, seeds=exp.seeds[:1])
+    check_sharing(exp, units)
+    assert len(units) == 2 + len(exp.arms)
+
+
 def test_plan_shares_data_once_and_teachers_per_seed(tmp_path):
     exp = load_experiment(_write(tmp_path))
     units = plan_units(exp)
