@@ -218,3 +218,10 @@ def test_cli_help_dry_run_and_bad_selection(tmp_path, capsys):
     assert main(["experiment", "--cfg", cfg, "--only", "nope"]) == 2
     assert "unknown arm(s) ['nope']" in capsys.readouterr().err
     assert main(["experiment", "--cfg", cfg, "--seeds", "7"]) == 2
+
+
+def test_online_kd_is_a_mind_mode():
+    from kdscale.schema import load_config
+
+    with pytest.raises(ConfigError, match="online_kd is a MIND measurement mode"):
+        load_config(ROOT / "configs" / "vit.yaml", ["students.0.online_kd=true"])
