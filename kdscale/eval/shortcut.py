@@ -18,7 +18,6 @@ When the loader's resize + centre crop cuts the marker away (e.g. the demo's 144
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -137,7 +136,8 @@ def evaluate_shortcut(cfg, student, split: Optional[str] = None) -> dict:
         with torch.inference_mode():
             p, _ = task.predict(model, batch)[task.main_head]
         probs.append(p.float().numpy()[sel].mean(axis=1))
-    loader.close() if hasattr(loader, "close") else None
+    if hasattr(loader, "close"):
+        loader.close()
     s, mk, pr = (np.concatenate(v) for v in (shares, marked, probs))
     result["summary"] = summarize(s, mk, pr, float(region.mean()))
     write_json_atomic(out, result)

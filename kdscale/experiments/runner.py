@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import copy
 import json
-import logging
-import re
 import shlex
 import sys
 import time
@@ -41,7 +39,6 @@ import yaml
 
 from kdscale.config import ConfigError, path_field
 
-log = logging.getLogger(__name__)
 
 DONE = "experiment-done.json"
 SHARED_STAGES = "data,shards"
