@@ -213,6 +213,23 @@ def cmd_pipeline(args) -> int:
     return run_pipeline(_load(args), stages=args.stages)
 
 
+def cmd_experiment(args) -> int:
+    from kdscale.experiments.runner import load_experiment, run_experiment
+
+    exp = load_experiment(args.cfg, args.overrides)
+    split = lambda text: [t.strip() for t in text.split(",") if t.strip()]  # noqa: E731
+    arms = split(args.only) or None
+    unknown = sorted(set(arms or []) - {a.name for a in exp.arms})
+    if unknown:
+        raise ValueError(f"--only names unknown arm(s) {unknown}; arms: {[a.name for a in exp.arms]}")
+    seeds = [int(s) for s in split(args.seeds)] or None
+    if seeds and set(seeds) - set(exp.seeds):
+        raise ValueError(f"--seeds {sorted(set(seeds) - set(exp.seeds))} not in the experiment's seeds {exp.seeds}")
+    run_experiment(exp, arms=arms, seeds=seeds, dry_run=args.dry_run, force=args.force,
+                   aggregate_only=args.aggregate_only)
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -290,6 +307,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="shard folder (holding <split>/index.json) or soft-label folder (index.json)")
     p.add_argument("--data", default=None, help="soft labels: the data shard folder (default: the one recorded)")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("experiment", help="run an experiment (arms x seeds of pipeline runs, teachers shared per "
+                                          "seed) and aggregate it: mean ± sd over seeds, pooled paired bootstrap "
+                                          "vs the reference arm (configs/experiments/)")
+    _add_cfg(p)
+    p.add_argument("--only", default="", help="comma-separated arm names (default: all)")
+    p.add_argument("--seeds", default="", help="comma-separated subset of the experiment's seeds (default: all)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every run (done / to run) with its kdscale and launch/submit.py command; run nothing")
+    p.add_argument("--force", action="store_true", help="re-run finished runs (default: skip them, i.e. resume)")
+    p.add_argument("--aggregate-only", action="store_true", help="only re-aggregate the evaluated runs")
+    p.set_defaults(func=cmd_experiment)
 
     p = sub.add_parser("pipeline", help="run the pipeline's stages locally in order")
     _add_cfg(p)

@@ -65,6 +65,7 @@ class StudentRunConfig:
     main_head: str = ""                   # model selection head; "" = routed (multimodal) / image
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_size: Optional[int] = None      # overrides loader.batch_size
+    online_kd: bool = False               # measurement mode: teachers forward each augmented batch (online_kd.py)
     out_dir: str = ""                     # default: <run.out_dir>/students/<name>
 
     def __post_init__(self) -> None:
@@ -77,6 +78,9 @@ class StudentRunConfig:
         if self.method == "mmpkd" and self.model.kind == "unimodal" and self.model.modality != "image":
             raise ValueError(f"student {self.name!r}: method mmpkd is an image student; a unimodal model "
                              f"needs model.modality image")
+        if self.online_kd and self.method != "mind":
+            raise ValueError(f"student {self.name!r}: online_kd is a MIND measurement mode (an image-only student's "
+                             f"loader does not read the report its teacher needs)")
         if self.method == "mmpkd" and self.mmpkd.lam > 0 and not self.teacher_ensemble:
             raise ValueError(f"student {self.name!r}: mmpkd with lam {self.mmpkd.lam} needs teacher_ensemble")
         if self.model.kind == "multi":
@@ -176,6 +180,13 @@ def check_students(students: list, teachers_cfg) -> None:
         if unknown:
             raise ValueError(f"students[{s.name}] distils from teacher ensemble(s) {unknown}, which "
                              f"teachers.ensembles does not define (defined: {ensembles})")
+
+
+def online_ensembles(student: StudentRunConfig) -> set:
+    """The teacher ensembles a student distils from (what online KD must run)."""
+    if student.method == "mmpkd":
+        return {student.teacher_ensemble}
+    return {student.ensemble_for.get(m, m) for m in student.mind.modalities if student.mind.weights_for(m)[1] > 0}
 
 
 def students_root(cfg) -> Path:
@@ -310,8 +321,14 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     index = read_index(shard_dir, "train")
     label_names = index["label_names"]
     n_features = int((index.get("ehr") or {}).get("num_features") or 76)
-    soft_dir, soft_index, ensemble_names = None, None, []
-    if student.needs_soft_labels:
+    soft_dir, soft_index, ensemble_names, online = None, None, [], None
+    if student.needs_soft_labels and student.online_kd:
+        from kdscale.distill.online_kd import load_online_teachers
+
+        ensemble_names = [e.name for e in cfg.teachers.resolved_ensembles() if e.name in online_ensembles(student)]
+        online = load_online_teachers(cfg, ensemble_names)
+        soft_index = {"fingerprint": "online:" + online.fingerprint}
+    elif student.needs_soft_labels:
         soft_dir = softlabels_dir(cfg)
         soft_index = check_soft_labels(soft_dir, index, "train", label_names)
         ensemble_names = list(soft_index["ensemble_names"])
@@ -335,6 +352,10 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     if hasattr(task, "attach"):
         task.attach(model)   # learnable ω becomes part of the model before the optimizer exists
     train_loader = build_loader(shard_dir, "train", loader_cfg, train=True, soft_dir=soft_dir)
+    if online is not None:
+        from kdscale.distill.online_kd import OnlineSoftLabels
+
+        train_loader = OnlineSoftLabels(train_loader, online, cfg.teachers.task)
     val_loader = build_loader(shard_dir, "val", dataclasses.replace(loader_cfg, drop_last=False), train=False)
     n_params = count_parameters(unwrap_model(model))
     breakdown = getattr(model, "parameter_breakdown", None)
@@ -342,7 +363,8 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     if world.rank == 0:
         print(f"student {student.name}: method {student.method}, {student.model.kind} student, {n_params:,} "
               f"parameters, {train_loader.plan.num_samples} train / {val_loader.plan.num_samples} val samples, "
-              f"{world.world_size} process(es)" + (f", soft labels {soft_dir}" if soft_dir else ""))
+              f"{world.world_size} process(es)" + (f", soft labels {soft_dir}" if soft_dir else "")
+              + (f", online KD from {[i['name'] for i in online.infos]}" if online is not None else ""))
         if breakdown:
             print(f"student {student.name}: parameters by module: " +
                   ", ".join(f"{k} {v:,}" for k, v in breakdown.items() if k != "total"))
