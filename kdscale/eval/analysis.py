@@ -27,7 +27,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from kdscale.eval.metrics import (bootstrap_ci, expected_calibration_error, label_metrics,
+from kdscale.eval.metrics import (bootstrap_ci, bootstrap_label_macros,
+                                  expected_calibration_error, label_metrics,
                                   paired_bootstrap_diff, reliability_curve)
 from kdscale.eval.predictions import Predictions, align
 
@@ -70,7 +71,13 @@ def to_jsonable(obj):
 
 
 def _interval(result: Mapping) -> dict:
-    return {"value": result["value"], "low": result["low"], "high": result["high"]}
+    # the resample counts travel with every interval: an interval from few usable resamples is
+    # flagged by kdscale.eval.ci_checks (console and report)
+    out = {"value": result["value"], "low": result["low"], "high": result["high"]}
+    for key in ("n_resamples_used", "n_resamples_undefined", "ci_method", "widened_to_point"):
+        if key in result:
+            out[key] = result[key]
+    return out
 
 
 def _check_ci(ci: float) -> float:
@@ -138,9 +145,11 @@ def _bootstrap(y, p, metric, groups, n_boot, seed, alpha) -> dict:
 
 
 def _macro_pair(y, p, groups, n_boot, seed, alpha) -> tuple[dict, dict]:
-    """Bootstrap results of the macro AUROC and AUPRC (each with per-label intervals)."""
-    return (_bootstrap(y, p, "auroc_macro", groups, n_boot, seed, alpha),
-            _bootstrap(y, p, "auprc_macro", groups, n_boot, seed, alpha))
+    """Bootstrap results of the macro AUROC and AUPRC (each with per-label intervals), on one
+    shared set of label-stratified resamples (kdscale.eval.metrics)."""
+    both = bootstrap_label_macros(y, p, ("auroc_macro", "auprc_macro"), groups=groups,
+                                  n_resamples=n_boot, seed=seed, alpha=alpha)
+    return both["auroc_macro"], both["auprc_macro"]
 
 
 def _per_label_section(names, y, p, roc: dict, prc: dict) -> dict:
@@ -150,8 +159,10 @@ def _per_label_section(names, y, p, roc: dict, prc: dict) -> dict:
         known = ~np.isnan(y[:, j])
         n_known = int(known.sum())
         out[name] = {
-            "auroc": {k: roc["per_label"][k][j] for k in ("value", "low", "high")},
-            "auprc": {k: prc["per_label"][k][j] for k in ("value", "low", "high")},
+            "auroc": {k: roc["per_label"][k][j] for k in ("value", "low", "high",
+                                                          "widened_to_point")},
+            "auprc": {k: prc["per_label"][k][j] for k in ("value", "low", "high",
+                                                          "widened_to_point")},
             "n_pos": point[name]["n_pos"], "n_neg": point[name]["n_neg"],
             "prevalence": point[name]["n_pos"] / n_known if n_known else float("nan"),
         }

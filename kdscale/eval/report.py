@@ -359,22 +359,45 @@ def _calibration(runs: Sequence[RunResult], figures: FigureMaker) -> Section:
     return section.note_if_empty("No calibration results.")
 
 
+LOCALIZATION_COLUMNS = (("iou", "IoU"), ("fpr_pixel", "FPR (pixels)"), ("fpr_area", "FPR (area)"),
+                        ("pointing_game", "pointing game"), ("detection_auroc", "pixel AUROC"))
+
+
+def _loc_cells(summary: Mapping) -> list[str]:
+    cells = []
+    for key, _ in LOCALIZATION_COLUMNS:
+        v = summary.get(key)
+        cells.append(_ci({"value": v.get("mean", v.get("value")), "low": v.get("low", v.get("ci_low")),
+                          "high": v.get("high", v.get("ci_high"))}) if isinstance(v, Mapping) else MISSING)
+    return cells
+
+
 def _localization(runs: Sequence[RunResult], figures: FigureMaker, eval_dir: Path) -> Section:
     section = Section("localization", "Localization of attention maps")
     for run in runs:
         loc = run.evaluation.get("localization")
         if not isinstance(loc, Mapping):
             continue
-        rows = []
-        for metric, v in loc.items():
-            if isinstance(v, Mapping):
-                value = v.get("value", v.get("mean"))
-                low, high = v.get("ci_low", v.get("low")), v.get("ci_high", v.get("high"))
-                rows.append([metric, _ci({"value": value, "low": low, "high": high}),
-                             _num(v.get("n"))])
+        methods = loc.get("methods") if isinstance(loc.get("methods"), Mapping) else {}
+        if not methods:              # an older evaluation.json: the primary method's metrics only
+            methods = {str(loc.get("primary_method", "map")): loc}
+        rows = [[name, "model", *_loc_cells(m)] for name, m in methods.items()]
+        refs = loc.get("references") if isinstance(loc.get("references"), Mapping) else {}
+        rows += [[name, "reference", *_loc_cells(m)] for name, m in refs.items()]
         n = loc.get("n", loc.get("n_images"))
+        area = loc.get("area_fraction") if isinstance(loc.get("area_fraction"), Mapping) else {}
+        caption = (f"{_num(n)} images; mean [95% CI over images]; threshold "
+                   f"{_num(loc.get('threshold'))} on min-max normalised maps.")
+        if area.get("mean") is not None:
+            caption += (f" The regions cover {100 * area['mean']:.1f}% of the crop on average "
+                        f"(min {100 * area['min']:.1f}%, max {100 * area['max']:.1f}%).")
+        if refs:
+            caption += (" Reference rows, same images and metrics: "
+                        + "; ".join(f"{k}: {v}" for k, v in (loc.get("definitions") or {}).items())
+                        + ". A model row that does not beat them has not localized anything.")
         section.blocks += [Heading(run.label),
-                           Table(["metric", "value [95% CI]", "n"], rows, f"{_num(n)} images.")]
+                           Table(["map", "kind", *[c for _, c in LOCALIZATION_COLUMNS]], rows,
+                                 caption)]
         overlay = loc.get("overlay_png")
         if overlay:
             fig = figures.copy_png(run, eval_dir / overlay, "overlay",

@@ -116,14 +116,15 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
     import torch
 
     from kdscale.eval.attention import grad_cam, to_image_maps, vit_attention_maps
-    from kdscale.eval.localization import boxes_to_mask, localization_summary, transform_boxes
+    from kdscale.eval.localization import (boxes_to_mask, localization_references, localization_summary,
+                                           transform_boxes)
     from kdscale.eval.plots import attention_overlays
 
     size = loader_cfg.image_size
     kind = info["model_config"].kind
     methods = ["cls_last", "rollout"] if kind == "vit" else ["grad_cam"]
     maps = {m: [] for m in methods}
-    masks, shown, shown_boxes, dropped, used_masks = [], [], [], 0, 0
+    masks, shown, shown_boxes, dropped, used_masks, greys = [], [], [], 0, 0, []
     region_masks = read_region_masks(loader)
     for batch in loader:
         sel = [i for i, (v, rec) in enumerate(zip(batch["valid"].tolist(), batch["meta"]))
@@ -155,8 +156,10 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
                 used_masks += 1
             else:
                 masks.append(boxes_to_mask(moved, (size, size)))
+            seen_image = _denormalize(batch["image"][i], loader_cfg)
+            greys.append(seen_image.mean(axis=2) if seen_image.ndim == 3 else seen_image)
             if len(shown) < max_overlay:
-                shown.append(_denormalize(batch["image"][i], loader_cfg))
+                shown.append(seen_image)
                 shown_boxes.append([tuple(map(float, b)) for b in moved])
     if not masks:
         return None
@@ -168,6 +171,10 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
         m = np.concatenate(maps[method])
         summary = localization_summary(m, gt, rule="fixed", t=threshold, seed=seed, n_resamples=n_boot)
         result["methods"][method] = {k: v for k, v in summary.items() if k != "per_image"}
+    # trivial maps in the same geometry, with the same metrics and bootstrap (docs/eval.md):
+    # an attention map is only readable against these
+    result.update(localization_references(gt, np.stack(greys), rule="fixed", t=threshold, seed=seed,
+                                          n_resamples=n_boot))
     primary = methods[0]
     result.update({k: v for k, v in result["methods"][primary].items() if isinstance(v, dict)})
     result["primary_method"] = primary
