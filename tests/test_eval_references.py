@@ -57,3 +57,117 @@ def test_intensity_and_random_references_by_hand():
     assert rnd["detection_auroc"]["mean"] == pytest.approx(0.5, abs=0.05)
     with pytest.raises(ValueError, match="shapes differ"):
         reference_maps(g, images[:, :3])
+
+
+# ----------------------------------------------------------------------------- oracle ceilings
+
+def _base(tmp_path=None):
+    from kdscale.eval.predictions import Predictions
+
+    # 6 stays of 6 patients; image present for the first 4, EHR for all
+    y = np.array([[1, 0], [0, 1], [1, 1], [0, 0], [1, 0], [0, 1]], dtype=float)
+    return Predictions(keys=[f"s{i}" for i in range(6)], patient_ids=[f"p{i}" for i in range(6)],
+                       label_names=["a", "b"], labels=y, heads={},
+                       present={"image": np.array([1, 1, 1, 1, 0, 0], bool),
+                                "ehr": np.ones(6, bool)})
+
+
+def _write_oracle(path, rows):
+    path.write_text("\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    return path
+
+
+def test_oracle_rows_by_hand(tmp_path):
+    from kdscale.eval.references import oracle_predictions, reference_evaluation
+
+    base = _base()
+    # image view: perfect on a, reversed on b, no score where the image is absent;
+    # ehr view: a only (no column for b), constant -> AUROC 0.5
+    path = _write_oracle(tmp_path / "oracle.csv", [
+        ["key", "image/a", "image/b", "ehr/a"],
+        ["s0", 0.9, 0.9, 0.3], ["s1", 0.1, 0.1, 0.3], ["s2", 0.8, 0.2, 0.3],
+        ["s3", 0.2, 0.8, 0.3], ["s4", "", "", 0.3], ["s5", "", "", 0.3],
+        ["unused", 0.5, 0.5, 0.5]])
+    rows = oracle_predictions(path, base)
+    assert set(rows) == {"oracle:image", "oracle:ehr"}
+    preds, info = rows["oracle:image"]
+    ev = reference_evaluation(preds, info, n_boot=50, seed=0, signal_labels=["a"])
+    m = ev["heads"]["score"]["all"]
+    assert m["n"] == 4                                        # only samples with a score
+    assert m["labels"]["a"]["auroc"]["value"] == 1.0
+    assert m["labels"]["b"]["auroc"]["value"] == 0.0
+    assert m["auroc_macro"]["value"] == 0.5
+    assert m["signal"]["auroc_macro"]["value"] == 1.0 and m["signal"]["labels"] == ["a"]
+    assert m["auroc_macro"]["n_resamples_used"] == 50
+    assert set(ev["heads"]["score"]) == {"all", "paired", "partial"}   # no image -> no score
+    ehr = reference_evaluation(*rows["oracle:ehr"], n_boot=20, seed=0)["heads"]["score"]["all"]
+    assert ehr["n"] == 6 and ehr["auroc_macro"]["value"] == 0.5 and ehr["n_labels_macro"] == 1
+
+
+def test_oracle_file_errors_name_the_file(tmp_path):
+    from kdscale.eval.references import oracle_predictions
+
+    base = _base()
+    short = _write_oracle(tmp_path / "short.csv", [["key", "both/a"], ["s0", 0.5]])
+    with pytest.raises(ValueError, match=r"short\.csv: 5 of 6 evaluated samples have no row"):
+        oracle_predictions(short, base)
+    bad = _write_oracle(tmp_path / "bad.csv", [["key", "text/a"]] + [[f"s{i}", 0.5] for i in range(6)])
+    with pytest.raises(ValueError, match=r"bad\.csv: column 'text/a'"):
+        oracle_predictions(bad, base)
+    notp = _write_oracle(tmp_path / "p.csv", [["key", "both/a"]] + [[f"s{i}", 1.5] for i in range(6)])
+    with pytest.raises(ValueError, match=r"p\.csv: line 2, column 'both/a'"):
+        oracle_predictions(notp, base)
+    with pytest.raises(ValueError, match="eval.oracle_scores"):
+        oracle_predictions(tmp_path / "absent.csv", base)
+
+
+def test_signal_labels_are_checked_against_the_data():
+    from kdscale.eval.references import check_signal_labels
+
+    assert check_signal_labels(["a"], ["a", "b"]) == ["a"]
+    with pytest.raises(ValueError, match=r"eval.signal_labels: \['z'\]"):
+        check_signal_labels(["z"], ["a", "b"])
+
+
+# ----------------------------------------------------------------------------- teachers
+
+@pytest.mark.slow
+def test_teacher_rows_on_val_agree_with_teacher_json(tmp_path):
+    """The teacher pass's soft labels, evaluated on the VAL split, give the macro AUROC that the
+    teacher's own validation recorded in teacher.json (same samples; logits stored as float16)."""
+    import json
+
+    from kdscale.config import validate
+    from kdscale.data.shards import build_shards, shards_out_dir
+    from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
+    from kdscale.distill.teachers import teachers_dir, train_teacher
+    from kdscale.eval.references import reference_evaluation, split_samples, teacher_predictions
+    from kdscale.schema import Config
+
+    teachers = {"task": "multilabel", "train": {"epochs": 1, "progress": False, "optimizer": {"lr": 1.0e-3}},
+                "members": [{"name": "cxr", "model": {"modality": "image", "arch": "resnet10"}},
+                            {"name": "ehr", "model": {"modality": "ehr", "arch": "lstm_small"}}],
+                "ensembles": [{"name": "both", "members": ["cxr", "ehr"], "rule": "uniform"}]}
+    cfg = validate(Config, {
+        "run": {"out_dir": str(tmp_path / "run"), "seed": 0},
+        "data": {"source": "demo", "demo": {"out_dir": str(tmp_path / "demo"), "flavor": "mimic", "n": 60,
+                                           "task": "phenotyping", "cohort": "partial"}},
+        "shards": {"max_samples_per_shard": 16},
+        "loader": {"image_size": 32, "resize_size": 36, "num_workers": 0, "batch_size": 8},
+        "teachers": teachers, "softlabels": {"batch_size": 16, "num_workers": 0}})
+    build_shards(cfg, workers=1)
+    for t in cfg.teachers.members:
+        train_teacher(cfg, t)
+    teacher_pass(cfg, device="cpu", progress=False)
+    base, per_shard = split_samples(shards_out_dir(cfg), "val")
+    rows = teacher_predictions(softlabels_dir(cfg), "val", base, per_shard)
+    assert set(rows) == {"teacher:cxr", "teacher:ehr", "ensemble:both"}
+    for name in ("cxr", "ehr"):
+        recorded = json.loads((teachers_dir(cfg) / name / "teacher.json").read_text())
+        preds, info = rows[f"teacher:{name}"]
+        ev = reference_evaluation(preds, info, n_boot=30, seed=0)["heads"]["score"]["all"]
+        assert ev["n"] == recorded["val_samples"]
+        assert ev["auroc_macro"]["value"] == pytest.approx(recorded["val_auroc_macro"], abs=2e-3)
+        assert info["val_auroc_macro"] == recorded["val_auroc_macro"]
+    ens, _ = rows["ensemble:both"]
+    assert ens.head("score")[1].sum() == base.n - int((~(base.present["image"] | base.present["ehr"])).sum())
