@@ -171,3 +171,40 @@ def test_teacher_rows_on_val_agree_with_teacher_json(tmp_path):
         assert info["val_auroc_macro"] == recorded["val_auroc_macro"]
     ens, _ = rows["ensemble:both"]
     assert ens.head("score")[1].sum() == base.n - int((~(base.present["image"] | base.present["ehr"])).sum())
+
+
+# ----------------------------------------------------------------------------- table and report
+
+def test_console_table_and_report_show_students_teachers_and_ceilings(tmp_path):
+    import json
+
+    from kdscale.eval.analysis import evaluate
+    from kdscale.eval.references import oracle_predictions, reference_evaluation
+    from kdscale.eval.report import render_report, results_table
+
+    base = _base()
+    rng = np.random.default_rng(0)
+    from kdscale.eval.predictions import Predictions
+    student = Predictions(keys=base.keys, patient_ids=base.patient_ids, label_names=base.label_names,
+                          labels=base.labels, heads={"fusion": (rng.random((6, 2)), np.ones(6, bool))},
+                          present=base.present)
+    ev = evaluate(student, "fusion", n_boot=20, signal_labels=["a"])
+    ev["info"] = {"role": "student", "method": "MIND"}
+    path = _write_oracle(tmp_path / "o.csv", [["key", "both/a", "both/b"]]
+                         + [[f"s{i}", float(base.labels[i, 0]), float(base.labels[i, 1])] for i in range(6)])
+    oracle, info = oracle_predictions(path, base)["oracle:both"]
+    ref = reference_evaluation(oracle, info, n_boot=20, seed=0, signal_labels=["a"])
+    for name, e in (("mind", ev), ("oracle-both", ref)):
+        (tmp_path / "eval" / name / "test").mkdir(parents=True)
+        (tmp_path / "eval" / name / "test" / "evaluation.json").write_text(json.dumps(e))
+    text = results_table(tmp_path / "eval")
+    lines = text.splitlines()
+    assert lines[0].startswith("macro AUROC over the 1 signal labels")
+    assert any(line.startswith("macro AUROC over all 2 labels") for line in lines)
+    assert "ceilings (oracle, Bayes-optimal scores)" in text
+    oracle_line = next(line for line in lines if line.startswith("  oracle-both/score"))
+    assert "1.000 [1.000, 1.000]" in oracle_line
+    paths = render_report(tmp_path / "eval", tmp_path / "report")
+    md = paths["markdown"].read_text()
+    assert "Students, teachers and ceilings per label" in md
+    assert "| a * |" in md and "oracle-both (oracle)" in md
