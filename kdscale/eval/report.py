@@ -665,7 +665,7 @@ def results_table(eval_dir, width_cohorts: Sequence[str] = SUMMARY_COHORTS) -> s
     notes = "[95% CI]: patient-level bootstrap, stratified per label (docs/eval.md)."
     if any(r.evaluation.get("bootstrap_warnings") for r in runs):
         notes += " ! = unreliable intervals, see bootstrap_warnings in its evaluation.json."
-    return "\n".join(out) + notes + "\n"
+    return "\n".join(out) + "\n" + notes + "\n"
 
 
 def _plain(rows: list[list[str]]) -> str:
