@@ -208,3 +208,21 @@ def test_console_table_and_report_show_students_teachers_and_ceilings(tmp_path):
     md = paths["markdown"].read_text()
     assert "Students, teachers and ceilings per label" in md
     assert "| a * |" in md and "oracle-both (oracle)" in md
+
+
+def test_bootstrap_warnings_name_dropped_and_widened_intervals():
+    from kdscale.eval.ci_checks import bootstrap_warnings
+
+    ev = {"heads": {"fusion": {"all": {
+        "auroc_micro": {"value": 0.6, "low": 0.5, "high": 0.7, "n_resamples_used": 80,
+                        "n_resamples_undefined": 20},
+        "auroc_macro": {"value": 0.6, "low": 0.6, "high": 0.7, "n_resamples_used": 100,
+                        "n_resamples_undefined": 0, "widened_to_point": True},
+        "auprc_macro": {"value": 0.6, "low": 0.5, "high": 0.7, "n_resamples_used": 95,
+                        "n_resamples_undefined": 5},
+        "undefined": {"value": None, "low": None, "high": None, "n_resamples_used": 0,
+                      "n_resamples_undefined": 100}}}}}
+    found = bootstrap_warnings(ev)
+    assert len(found) == 2
+    assert found[0].startswith("heads.fusion.all.auroc_micro: 20 of 100 bootstrap resamples dropped")
+    assert found[1].startswith("heads.fusion.all.auroc_macro: the percentile interval missed")

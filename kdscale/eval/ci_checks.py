@@ -9,6 +9,7 @@ resamples, and every interval widened to reach its own point estimate (docs/eval
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 __all__ = ["MAX_DROPPED", "bootstrap_warnings"]
@@ -28,7 +29,10 @@ def bootstrap_warnings(evaluation, max_dropped: float = MAX_DROPPED, where: str 
 def _walk(node, path: str, max_dropped: float, found: list[str]) -> None:
     if isinstance(node, Mapping):
         used, dropped = node.get("n_resamples_used"), node.get("n_resamples_undefined")
-        if isinstance(used, int) and isinstance(dropped, int) and used + dropped > 0:
+        value = node.get("value", node.get("diff"))
+        undefined = value is None or (isinstance(value, float) and math.isnan(value))
+        # a metric undefined on the data itself (one class) has no interval to warn about
+        if isinstance(used, int) and isinstance(dropped, int) and used + dropped > 0 and not undefined:
             if dropped > max_dropped * (used + dropped):
                 found.append(f"{path or '<root>'}: {dropped} of {used + dropped} bootstrap "
                              f"resamples dropped (metric undefined); the interval is unreliable")

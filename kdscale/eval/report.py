@@ -631,7 +631,26 @@ def results_table(eval_dir, width_cohorts: Sequence[str] = SUMMARY_COHORTS) -> s
     teachers and ensembles and the oracle ceilings per cohort, over the signal labels (when
     eval.signal_labels is set) and over all labels, then the paired comparisons."""
     eval_dir = Path(eval_dir)
-    runs = [r for r in _ordered(discover_runs(eval_dir)) if r.main_cohorts()]
+    every = [r for r in _ordered(discover_runs(eval_dir)) if r.main_cohorts()]
+    splits = list(dict.fromkeys(r.split for r in every))
+    out = []
+    for split in splits:                 # one set of blocks per evaluated split
+        runs = [r for r in every if r.split == split]
+        out += _table_blocks(runs, width_cohorts, f" ({split} split)" if len(splits) > 1 else "")
+    comparisons = _comparisons(eval_dir)
+    if comparisons:
+        rows = [["paired comparison (A − B)", "cohort", "n", "Δ macro AUROC", "p"]]
+        for c in comparisons:
+            rows.append([f"{c.get('run_a', '?')} − {c.get('run_b', '?')}", str(c.get("cohort", "all")),
+                         _num(c.get("n")), *_diff_cells(c.get("auroc_macro"))])
+        out.append(_plain(rows))
+    notes = "[95% CI]: patient-level bootstrap, stratified per label (docs/eval.md)."
+    if any(r.evaluation.get("bootstrap_warnings") for r in every):
+        notes += " ! = unreliable intervals, see bootstrap_warnings in its evaluation.json."
+    return "\n".join(out) + "\n" + notes + "\n"
+
+
+def _table_blocks(runs: list[RunResult], width_cohorts: Sequence[str], suffix: str) -> list[str]:
     cohorts = [c for c in width_cohorts if any(c in r.main_cohorts() for r in runs)]
     blocks = []
     n_signal = max((len(((r.main_cohorts().get(c) or {}).get("signal") or {}).get("labels") or [])
@@ -639,9 +658,9 @@ def results_table(eval_dir, width_cohorts: Sequence[str] = SUMMARY_COHORTS) -> s
     n_all = max((len(m.get("labels") or {}) for r in runs for m in r.main_cohorts().values()),
                 default=0)
     if n_signal:
-        blocks.append((f"macro AUROC over the {n_signal} signal labels",
+        blocks.append((f"macro AUROC over the {n_signal} signal labels{suffix}",
                        lambda m: (m.get("signal") or {}).get("auroc_macro")))
-    blocks.append((f"macro AUROC over all {n_all} labels", lambda m: m.get("auroc_macro")))
+    blocks.append((f"macro AUROC over all {n_all} labels{suffix}", lambda m: m.get("auroc_macro")))
     out = []
     for title, pick in blocks:
         rows = [[title] + cohorts]
@@ -655,17 +674,7 @@ def results_table(eval_dir, width_cohorts: Sequence[str] = SUMMARY_COHORTS) -> s
                 rows.append([f"  {r.name}/{r.main_head}{flag}"]
                             + [_ci(pick(r.main_cohorts().get(c) or {})) for c in cohorts])
         out.append(_plain(rows))
-    comparisons = _comparisons(eval_dir)
-    if comparisons:
-        rows = [["paired comparison (A − B)", "cohort", "n", "Δ macro AUROC", "p"]]
-        for c in comparisons:
-            rows.append([f"{c.get('run_a', '?')} − {c.get('run_b', '?')}", str(c.get("cohort", "all")),
-                         _num(c.get("n")), *_diff_cells(c.get("auroc_macro"))])
-        out.append(_plain(rows))
-    notes = "[95% CI]: patient-level bootstrap, stratified per label (docs/eval.md)."
-    if any(r.evaluation.get("bootstrap_warnings") for r in runs):
-        notes += " ! = unreliable intervals, see bootstrap_warnings in its evaluation.json."
-    return "\n".join(out) + "\n" + notes + "\n"
+    return out
 
 
 def _plain(rows: list[list[str]]) -> str:

@@ -265,7 +265,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
     from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
     from kdscale.eval.analysis import evaluate, robustness, to_jsonable
     from kdscale.eval.predictions import write_predictions
-    from kdscale.eval.references import check_signal_labels, split_samples
+    from kdscale.eval.references import check_signal_labels, oracle_predictions, split_samples
 
     ecfg = cfg.eval
     split = split or ecfg.split
@@ -280,6 +280,8 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         log.warning("students not trained yet, not evaluated: %s", missing)
     base, per_shard = split_samples(shards_out_dir(cfg), split)
     signal = check_signal_labels(ecfg.signal_labels, base.label_names)
+    # a bad oracle file stops here, before any model runs
+    oracles = oracle_predictions(ecfg.oracle_scores, base) if ecfg.oracle_scores else {}
     full: dict = {}
     warnings: dict = {}
     for student in trained:
@@ -316,7 +318,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         result["bootstrap_warnings"] = warnings[student.name] = bootstrap_warnings(result)
         write_json_atomic(out / "evaluation.json", to_jsonable(result))
         full[student.name] = (preds["full"], task.main_head)
-    references = evaluate_references(cfg, split, base, per_shard, signal, warnings, progress)
+    references = evaluate_references(cfg, split, base, per_shard, signal, warnings, progress, oracles)
     comparisons = _comparisons(cfg, full, ecfg)
     write_json_atomic(eval_dir / "comparisons.json", to_jsonable(comparisons))
     _print_bootstrap_warnings(warnings)
@@ -330,7 +332,7 @@ def reference_dir_name(row: str) -> str:
 
 
 def evaluate_references(cfg, split: str, base, per_shard: dict, signal: list, warnings: dict,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, oracles: Optional[dict] = None) -> dict:
     """Teachers, ensembles (eval.teachers) and oracle ceilings (eval.oracle_scores) on the split,
     each written like a student: ``eval/<teacher-NAME|ensemble-NAME|oracle-VIEW>/<split>/``
     (evaluation.json + predictions.csv). A source that is not there is a counted skip with its
@@ -357,8 +359,9 @@ def evaluate_references(cfg, split: str, base, per_shard: dict, signal: list, wa
                 rows.update(teacher_predictions(softlabels_dir(cfg), split, base, per_shard))
             except DataError as exc:
                 skipped.append(f"teachers: {exc}")
-    if ecfg.oracle_scores:
-        rows.update(oracle_predictions(ecfg.oracle_scores, base))   # bad file: an error, not a skip
+    if oracles is None and ecfg.oracle_scores:
+        oracles = oracle_predictions(ecfg.oracle_scores, base)      # bad file: an error, not a skip
+    rows.update(oracles or {})
     for name, (preds, info) in rows.items():
         if progress:
             print(f"eval {name}: {int(preds.head('score')[1].sum())} {split} samples (reference row)")
