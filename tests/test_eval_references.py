@@ -226,3 +226,32 @@ def test_bootstrap_warnings_name_dropped_and_widened_intervals():
     assert len(found) == 2
     assert found[0].startswith("heads.fusion.all.auroc_micro: 20 of 100 bootstrap resamples dropped")
     assert found[1].startswith("heads.fusion.all.auroc_macro: the percentile interval missed")
+
+
+def test_report_localization_table_has_reference_rows_and_area(tmp_path):
+    import json
+
+    from kdscale.eval.analysis import evaluate, to_jsonable
+    from kdscale.eval.localization import localization_summary
+    from kdscale.eval.predictions import Predictions
+    from kdscale.eval.report import render_report
+
+    g = _three_images()
+    model = localization_summary(g.astype(float), g, seed=0, n_resamples=20)   # a perfect map
+    loc = {"n": 3, "threshold": 0.5, "primary_method": "cls_last",
+           "methods": {"cls_last": {k: v for k, v in model.items() if k != "per_image"}},
+           **localization_references(g, g * 0.8 + 0.1, seed=0, n_resamples=20)}
+    base = _base()
+    preds = Predictions(keys=base.keys, patient_ids=base.patient_ids, label_names=base.label_names,
+                        labels=base.labels, heads={"image": (np.random.default_rng(0).random((6, 2)),
+                                                             np.ones(6, bool))})
+    ev = evaluate(preds, "image", n_boot=20)
+    ev["localization"] = loc
+    (tmp_path / "eval" / "vit" / "test").mkdir(parents=True)
+    (tmp_path / "eval" / "vit" / "test" / "evaluation.json").write_text(json.dumps(to_jsonable(ev)))
+    md = render_report(tmp_path / "eval", tmp_path / "out")["markdown"].read_text()
+    section = md[md.index('<a id="localization">'):]
+    assert "| cls_last | model | 1.000 [1.000, 1.000] |" in section
+    assert "| ref:area_prior | reference | 0.333 [" in section
+    assert "| ref:intensity_dark | reference | 0.000 [0.000, 0.000] |" in section
+    assert "regions cover 25.0% of the crop" in section

@@ -232,8 +232,9 @@ def _references(runs: Sequence[RunResult]) -> Section:
     if len({r.role for r in ordered}) < 2:
         return section.note_if_empty("No reference rows (teachers, ensembles or oracle ceilings) "
                                      "were evaluated: eval.teachers, eval.oracle_scores.")
-    for cohort in SUMMARY_COHORTS:
-        shown = [r for r in ordered if cohort in r.main_cohorts()]
+    splits = list(dict.fromkeys(r.split for r in ordered))
+    for split, cohort in [(sp, c) for sp in splits for c in SUMMARY_COHORTS]:
+        shown = [r for r in ordered if r.split == split and cohort in r.main_cohorts()]
         if not shown:
             continue
         names: list[str] = []
@@ -255,7 +256,7 @@ def _references(runs: Sequence[RunResult]) -> Section:
         rows.append([f"macro, all labels"] + [_ci(r.main_cohorts()[cohort].get("auroc_macro"))
                                               for r in shown])
         rows.append(["n"] + [_num(r.main_cohorts()[cohort].get("n")) for r in shown])
-        section.blocks += [Heading(f"cohort {cohort}"),
+        section.blocks += [Heading(f"{split} split, cohort {cohort}"),
                            Table(["label"] + [f"{r.name} ({r.role})" for r in shown], rows,
                                  "AUROC per label of each row's main head; * = signal label "
                                  "(eval.signal_labels); macro rows with [95% CI]. Each row is "
