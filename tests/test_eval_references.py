@@ -255,3 +255,9 @@ def test_report_localization_table_has_reference_rows_and_area(tmp_path):
     assert "| ref:area_prior | reference | 0.333 [" in section
     assert "| ref:intensity_dark | reference | 0.000 [0.000, 0.000] |" in section
     assert "regions cover 25.0% of the crop" in section
+
+
+def test_localization_intervals_count_their_resamples():
+    g = _three_images()
+    ref = localization_references(g, seed=0, n_resamples=40)["references"]["ref:area_prior"]
+    assert ref["iou"]["n_resamples_used"] == 40 and ref["iou"]["n_resamples_undefined"] == 0

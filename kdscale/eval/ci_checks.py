@@ -29,7 +29,7 @@ def bootstrap_warnings(evaluation, max_dropped: float = MAX_DROPPED, where: str 
 def _walk(node, path: str, max_dropped: float, found: list[str]) -> None:
     if isinstance(node, Mapping):
         used, dropped = node.get("n_resamples_used"), node.get("n_resamples_undefined")
-        value = node.get("value", node.get("diff"))
+        value = next((node[k] for k in ("value", "diff", "mean") if k in node), None)
         undefined = value is None or (isinstance(value, float) and math.isnan(value))
         # a metric undefined on the data itself (one class) has no interval to warn about
         if isinstance(used, int) and isinstance(dropped, int) and used + dropped > 0 and not undefined:

@@ -275,7 +275,8 @@ def localization_summary(maps, masks, rule: str = "fixed", t: float = 0.5, seed:
 
     ``maps`` [B, H, W] (or a list of [H, W]) in [0, 1], ``masks`` boolean of the same shape.
     Returns ``{"rule", "t", "tolerance_px", "n_images", <metric>: {"mean", "std", "low", "high",
-    "n"}, "per_image": {<metric>: [B] array}}`` for the metrics in ``LOCALIZATION_METRICS``.
+    "n", "n_resamples_used", "n_resamples_undefined"}, "per_image": {<metric>: [B] array}}`` for
+    the metrics in ``LOCALIZATION_METRICS``.
     Images where a metric is undefined (NaN) are left out of that metric's mean and bootstrap
     (``n`` counts the rest). All metrics share the same image resamples (seeded).
     """
@@ -315,6 +316,9 @@ def localization_summary(maps, masks, rule: str = "fixed", t: float = 0.5, seed:
             with np.errstate(invalid="ignore", divide="ignore"):
                 boot = (w @ vv) / tot
             boot = boot[tot > 0]
+            # resamples that drew only images where the metric is undefined are dropped, counted
+            entry["n_resamples_used"] = int(boot.size)
+            entry["n_resamples_undefined"] = int(n_resamples - boot.size)
             if boot.size:
                 lo, hi = np.percentile(boot, [100 * alpha / 2, 100 * (1 - alpha / 2)])
                 entry["low"], entry["high"] = float(lo), float(hi)
