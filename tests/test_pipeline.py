@@ -55,11 +55,29 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert comparisons and comparisons[0]["run_a"] == "mind" and comparisons[0]["run_b"] == "joint"
     report = run / "report" / "report.html"
     assert report.is_file() and f"Report: {report}" in result.stdout
-    assert "AUROC paired" in result.stdout and "mind (test)" in result.stdout
-    # the commands on the run directory alone (its config.yaml): re-evaluate on val, re-render
-    again = kdscale("eval", "--run", str(run), "--split", "val", "eval.bootstrap=20", "--no-report")
+    assert "macro AUROC over all" in result.stdout and "  mind/" in result.stdout
+    # teachers and ensembles are evaluated like the students, from their soft labels
+    assert "teachers and ensembles" in result.stdout and "  teacher-ehr_lstm/score" in result.stdout
+    references = json.loads((run / "eval" / "references.json").read_text())
+    assert "teacher:ehr_lstm" in references["rows"] and references["skipped"] == []
+    teacher = json.loads((run / "eval" / "teacher-ehr_lstm" / "test" / "evaluation.json").read_text())
+    assert teacher["info"]["role"] == "teacher" and teacher["heads"]["score"]["all"]["n"] > 0
+    # the commands on the run directory alone (its config.yaml): re-evaluate on val, re-render;
+    # with an oracle file (here: the labels themselves, a perfect ceiling) and a signal label
+    from kdscale.eval.references import split_samples
+
+    val, _ = split_samples(run / "shards", "val")
+    label = val.label_names[0]
+    (tmp_path / "oracle.csv").write_text("key,both/" + label + "\n" + "".join(
+        f"{k},{'' if y != y else int(y)}\n" for k, y in zip(val.keys, val.labels[:, 0])))
+    again = kdscale("eval", "--run", str(run), "--split", "val", "eval.bootstrap=20", "--no-report",
+                    f"eval.oracle_scores={tmp_path / 'oracle.csv'}", f'eval.signal_labels=["{label}"]')
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "eval" / "mind" / "val" / "evaluation.json").is_file()
+    oracle = json.loads((run / "eval" / "oracle-both" / "val" / "evaluation.json").read_text())
+    assert oracle["heads"]["score"]["all"]["signal"]["auroc_macro"]["value"] in (1.0, None)
+    mind_val = json.loads((run / "eval" / "mind" / "val" / "evaluation.json").read_text())
+    assert mind_val["heads"][mind_val["main_head"]]["all"]["signal"]["labels"] == [label]
     rendered = kdscale("report", "--run", str(run))
     assert rendered.returncode == 0 and f"report: {report}" in rendered.stdout
     missing = kdscale("eval", "--run", str(tmp_path / "nowhere"))

@@ -353,12 +353,17 @@ def test_eval_writes_predictions_metrics_robustness_and_attention_localization(p
         assert loc["primary_method"] == method and loc["n"] > 0
         assert 0.0 <= loc["iou"]["mean"] <= 1.0 and 0.0 <= loc["fpr_area"]["mean"] <= 1.0
         assert (out / loc["overlay_png"]).is_file()
+        # reference maps in the same geometry, and the regions' area fraction (issue 12)
+        assert set(loc["references"]) == {"ref:uniform_random", "ref:area_prior", "ref:intensity_bright",
+                                          "ref:intensity_dark"} or loc["n"] < 2
+        assert loc["references"]["ref:uniform_random"]["n_images"] == loc["n"]
+        assert 0.0 < loc["area_fraction"]["mean"] <= 1.0
     vit = json.loads((out / "vit" / "val" / "evaluation.json").read_text())
     assert set(vit["localization"]["methods"]) == {"cls_last", "rollout"} and "robustness" not in vit
     comparisons = json.loads((out / "comparisons.json").read_text())
     assert {c["run_b"] for c in comparisons} >= {"joint", "medfuse"}
     report = report_run(cfg)
-    assert Path(report["html"]).is_file() and "mind (val)" in report["table"]
+    assert Path(report["html"]).is_file() and "  mind/routed" in report["table"]
 
 
 def test_one_process_trains_in_fp32_then_bf16(prepared, tmp_path):
