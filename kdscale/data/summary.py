@@ -70,6 +70,10 @@ def format_table(payload: dict) -> str:
     ingest = payload["ingest"]
     lines.append(f"read {ingest['read']}, kept {ingest['kept']}, skipped {ingest['skipped']}"
                  + (f" {ingest['skipped_by_reason']}" if ingest["skipped"] else ""))
+    oracle = ((payload.get("source") or {}).get("demo") or {}).get("generation", {}).get("oracle")
+    if oracle and (payload.get("source") or {}).get("task") == oracle.get("task"):
+        from kdscale.data.demo.mimic_oracle import format_ceilings
+        lines.append(format_ceilings(oracle))
     return "\n".join(lines)
 
 

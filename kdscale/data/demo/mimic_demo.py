@@ -71,6 +71,7 @@ CHANNELS = ["Capillary refill rate", "Diastolic blood pressure", "Fraction inspi
 PAIRED_FRACTION = 0.25
 LATE_ONLY_FRACTION = 0.07
 EPOCH = datetime(2110, 1, 1)
+ORACLE_CSV = "kdscale-oracle/phenotyping.csv"   # written by the generator, not part of the MIMIC layout
 
 
 @dataclass
@@ -85,6 +86,7 @@ class DemoStay:
     pheno: list[int]
     findings: list[Finding]
     events: list = field(default_factory=list)
+    recorded_pheno: list = field(default_factory=list)   # the listfile's labels (after label noise)
 
     @property
     def outtime(self) -> datetime:
@@ -263,6 +265,7 @@ def _write_ehr(rng, root: Path, subjects: list[DemoSubject], label_noise: float,
         mode = bad_series.get(s.stay_id)
         _write_series(root / "phenotyping" / folder / s.stay_file, s.events, mode)
         labels = [_noisy(rng, v, label_noise) for v in s.pheno]
+        s.recorded_pheno = labels
         listfiles["phenotyping", s.subject.split].append([s.stay_file, f"{s.los:.6f}", s.stay_id, *labels])
         if s.los >= 48:
             _write_series(root / "in-hospital-mortality" / folder / s.stay_file,
@@ -389,6 +392,7 @@ def generate_mimic_demo(out_dir, n_stays: int, seed: int, corrupt_fraction: floa
     ehr = _write_ehr(rng, out / "mimic4extract", subjects, label_noise, bad_series)
     cxr = _write_cxr(rng, out, studies, label_noise, bad_images, bad_reports)
     stays = [s for subj in subjects for s in subj.stays]
+    oracle = _write_oracle(out, stays, expected["phenotyping"], label_noise)
     return {
         "seed": seed, "n_stays": len(stays), "n_subjects_with_stays": n_with_stays,
         "n_subjects_without_stays": len(subjects) - n_with_stays, "n_studies": len(studies), **cxr, **ehr,
@@ -403,9 +407,31 @@ def generate_mimic_demo(out_dir, n_stays: int, seed: int, corrupt_fraction: floa
                    "shortcut": "top-right 'P' marker: train split 0.8 with a finding / 0.15 without; val/test 0.35"},
         "labels": {"image_driven": IMAGE_DRIVEN, "ehr_driven": EHR_DRIVEN,
                    "both": ["In-hospital mortality"], "no_signal": [PHENOTYPES[i] for i in sorted(BASE_RATES)]},
+        "oracle": oracle,
         "corrupt": {"images": sorted(bad_images), "series": dict(sorted(bad_series.items())),
                     "reports": sorted(bad_reports)},
     }
+
+
+def _write_oracle(out: Path, stays: list[DemoStay], paired: dict, label_noise: float) -> dict:
+    """The phenotyping oracle ceilings (kdscale/data/demo/mimic_oracle.py) per stay into
+    ORACLE_CSV, and their AUROC against the recorded labels per split and view."""
+    from kdscale.data.demo.mimic_oracle import PhenotypeOracle, ceiling_aurocs, oracle_rows, write_oracle_csv
+    from kdscale.data.record import safe_key
+
+    samples = [{"key": safe_key(s.subject.subject_id, s.stay_id), "conditions": s.patient.conditions,
+                "ventilated": s.patient.ventilated, "findings": s.findings if s.stay_id in paired else None}
+               for s in stays]
+    rows = oracle_rows(PhenotypeOracle(label_noise), samples)
+    write_oracle_csv(out / ORACLE_CSV, rows)
+    labels = {x["key"]: s.recorded_pheno for x, s in zip(samples, stays)}
+    splits = {x["key"]: s.subject.split for x, s in zip(samples, stays)}
+    auroc = {split: ceiling_aurocs(rows, labels, splits, split) for split in ("train", "val", "test")}
+    return {"file": ORACLE_CSV, "task": "phenotyping",
+            "definition": "Bayes-optimal P(recorded label | what the image / EHR / both show), exact "
+                          "enumeration of the generator (kdscale/data/demo/mimic_oracle.py)",
+            "auroc": {split: {view: {k: v for k, v in a.items() if k != "per_label"} | {"per_label": a["per_label"]}
+                              for view, a in by_view.items()} for split, by_view in auroc.items()}}
 
 
 def mimic_config_for_demo(out_dir, task: str, cohort: str) -> MimicConfig:
