@@ -313,11 +313,23 @@ def validate(cls: type, tree: dict, origins: dict | None = None, base_dir: str |
     return _Validator(origins or {}, Path(base_dir or os.getcwd())).build(cls, tree, "")
 
 
+def _unshared(value: Any) -> Any:
+    """A copy of a YAML tree in which no two keys share a dict or list (unlike copy.deepcopy,
+    which reproduces shared references)."""
+    if isinstance(value, dict):
+        return {k: _unshared(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unshared(v) for v in value]
+    return value
+
+
 def load(cls: type, path: str | os.PathLike | None = None, overrides: Iterable[str] = (),
          base_dir: str | os.PathLike | None = None):
     """Load ``path`` (with its defaults) and ``overrides`` into dataclass ``cls``."""
     origins: dict = {}
-    tree = load_tree(path, origins) if path else {}
+    # unshared: a YAML anchor/alias (``train: *student_train``) loads as ONE object under two keys,
+    # and copy.deepcopy keeps that sharing, so an override of one key would change the other
+    tree = _unshared(load_tree(path, origins)) if path else {}
     apply_overrides(tree, overrides, origins)
     return validate(cls, tree, origins, base_dir)
 

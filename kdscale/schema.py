@@ -51,6 +51,9 @@ class EvalConfig:
     compare_to: str = ""                  # student compared against the others (default: the first)
     localization: bool = True             # attention maps vs boxes for image students (ViT / CNN)
     localization_threshold: float = 0.5   # of the min-max normalised map (docs/eval.md)
+    teachers: bool = True                 # also evaluate every teacher and ensemble from the soft labels
+    oracle_scores: str = path_field("", must_exist=False)  # CSV: key + <view>/<label> Bayes-optimal probabilities
+    signal_labels: list[str] = field(default_factory=list)  # macros also over these labels (docs/eval.md)
 
     def __post_init__(self) -> None:
         if self.bootstrap < 0 or self.min_group_size < 1:

@@ -140,3 +140,23 @@ def test_source_section_required(tmp_path):
     with pytest.raises(ConfigError, match="data.demo.corrupt_fraction must be in"):
         load_config(None, ["data.demo.corrupt_fraction=1.5"])
 
+
+
+def test_override_of_one_student_leaves_an_anchored_twin_unchanged(tmp_path):
+    # configs/demo.yaml shares one train: block between students through a YAML anchor; an
+    # override of students.0 must not reach students.1 (issue 12)
+    (tmp_path / "c.yaml").write_text(
+        "a:\n  - train: &shared {epochs: 1, lr: 0.1}\n  - train: *shared\n")
+    tree = config._unshared(config.load_tree(tmp_path / "c.yaml", {}))
+    config.apply_overrides(tree, ["a.0.train.epochs=3"], {})
+    assert tree["a"][0]["train"]["epochs"] == 3
+    assert tree["a"][1]["train"] == {"epochs": 1, "lr": 0.1}
+
+
+def test_demo_config_students_do_not_share_their_train_block():
+    from kdscale.config import CONFIGS_ROOT
+
+    base = load_config(CONFIGS_ROOT / "demo.yaml")
+    cfg = load_config(CONFIGS_ROOT / "demo.yaml", ["students.0.train.epochs=97"])
+    assert cfg.students[0].train.epochs == 97
+    assert [s.train.epochs for s in cfg.students[1:]] == [s.train.epochs for s in base.students[1:]]

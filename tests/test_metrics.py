@@ -8,7 +8,8 @@ import pytest
 from sklearn.metrics import (accuracy_score, average_precision_score, f1_score,
                              roc_auc_score)
 
-from kdscale.eval.metrics import (auprc, auroc, bootstrap_ci, expected_calibration_error,
+from kdscale.eval.metrics import (auprc, auroc, bootstrap_ci, bootstrap_label_macros,
+                                  expected_calibration_error,
                                   label_metrics, multiclass_metrics, paired_bootstrap_diff,
                                   reliability_curve)
 
@@ -149,7 +150,7 @@ def test_weighted_resamples_equal_materialised_resamples():
             vals.append(roc_auc_score(yy[k, j], pp[k, j]))  # ValueError on one class -> dropped
         return float(np.mean(vals))
 
-    fast = bootstrap_ci(y, p, "auroc_macro", n_resamples=40, seed=3)
+    fast = bootstrap_ci(y, p, "auroc_macro", n_resamples=40, seed=3, ci_method="joint")
     slow = bootstrap_ci(y, p, sk_macro, n_resamples=40, seed=3)
     for key in ("value", "low", "high"):
         assert fast[key] == pytest.approx(slow[key], abs=1e-12)
@@ -160,7 +161,7 @@ def test_undefined_resamples_are_dropped_and_counted():
     y = np.zeros(12)
     y[0] = 1                                  # one positive: ~37% of resamples lose it
     p = np.linspace(0, 1, 12)
-    out = bootstrap_ci(y, p, "auroc", n_resamples=400, seed=0)
+    out = bootstrap_ci(y, p, "auroc", n_resamples=400, seed=0, ci_method="joint")
     assert 0 < out["n_resamples_undefined"] < 400
     assert out["n_resamples_used"] + out["n_resamples_undefined"] == 400
 
@@ -211,7 +212,7 @@ def test_medfuse_ci_and_basic_interval():
     assert med["low"] < med["value"] < med["high"]
     # per-label bounds = an independent single-label bootstrap over the label's known rows
     j0 = ~np.isnan(y[:, 0])
-    single = bootstrap_ci(y[j0, 0], p[j0, 0], "auroc", n_resamples=300,
+    single = bootstrap_ci(y[j0, 0], p[j0, 0], "auroc", n_resamples=300, ci_method="joint",
                           seed=np.random.SeedSequence(1).spawn(4)[0])
     assert med["per_label"]["low"][0] == pytest.approx(single["low"])
     pct = bootstrap_ci(y, p, n_resamples=300, seed=4)
@@ -234,6 +235,91 @@ def test_multiclass_bootstrap_metrics():
         assert fast["high"] == pytest.approx(slow["high"])
     r = bootstrap_ci(y, p, "auroc_ovr_macro", n_resamples=60)
     assert r["value"] == pytest.approx(multiclass_metrics(y, p)["auroc_ovr_macro"])
+
+
+def _small_imbalanced(case):
+    """A small multilabel set with rare labels (1-3 positives), sometimes coarse scores and
+    patient groups: the regime in which the joint bootstrap dropped most resamples."""
+    rng = np.random.default_rng(case)
+    n, L = int(rng.integers(8, 30)), int(rng.integers(1, 20))
+    y = (rng.random((n, L)) < rng.uniform(0.0, 0.15, L)).astype(float)
+    for j in range(L):                                   # every label has both classes
+        y[rng.integers(n), j] = 1
+        y[0, j] = 0 if y[:, j].all() else y[0, j]
+    if case % 4 == 1:
+        y[rng.random((n, L)) < 0.1] = np.nan
+        y[:2] = [[0.0] * L, [1.0] * L]
+    p = np.clip(0.3 * np.nan_to_num(y) + rng.random((n, L)), 0, 1)
+    if case % 3 == 0:
+        p = np.round(p * 4) / 4                          # many ties
+    groups = rng.integers(0, max(2, n // 2), n) if case % 2 else None
+    return y, p, np.clip(p + rng.normal(0, 0.2, p.shape), 0, 1), groups
+
+
+def test_stratified_ci_contains_its_point_and_drops_nothing_on_small_imbalanced_sets():
+    for case in range(60):
+        y, p, p_b, groups = _small_imbalanced(case)
+        both = bootstrap_label_macros(y, p, groups=groups, n_resamples=150, seed=case)
+        for metric, r in both.items():
+            assert r["low"] <= r["value"] <= r["high"], (case, metric, r)
+            assert r["n_resamples_used"] == 150 and r["n_resamples_undefined"] == 0
+            assert r["ci_method"] == "stratified"
+            assert r == bootstrap_ci(y, p, metric, groups=groups, n_resamples=150, seed=case)
+            per = r["per_label"]
+            assert all(lo <= v <= hi for lo, v, hi in zip(per["low"], per["value"], per["high"]))
+            d = paired_bootstrap_diff(y, p, p_b, groups=groups, metric=metric, n_resamples=150,
+                                      seed=case)
+            assert d["low"] <= d["diff"] <= d["high"], (case, metric, d)
+            assert d["n_resamples_used"] == 150 and d["n_resamples_undefined"] == 0
+
+
+def test_issue12_case_seventeen_samples():
+    """17 samples, rare labels: the joint bootstrap drops most resamples and its AUPRC interval
+    sat above its own estimate; the stratified one keeps every resample."""
+    rng = np.random.default_rng(12)
+    y = np.zeros((17, 8))
+    for j in range(8):
+        y[rng.choice(17, size=1 + j % 2, replace=False), j] = 1
+    p = np.clip(0.2 * y + rng.random(y.shape), 0, 1)
+    joint = bootstrap_ci(y, p, "auprc_macro", n_resamples=500, seed=0, ci_method="joint")
+    assert joint["n_resamples_undefined"] > 250
+    strat = bootstrap_ci(y, p, "auprc_macro", n_resamples=500, seed=0)
+    assert strat["n_resamples_undefined"] == 0
+    assert strat["low"] <= strat["value"] <= strat["high"]
+
+
+def test_stratified_resamples_keep_each_stratum_size():
+    from kdscale.eval.metrics import _label_strata, _stratified_chunks
+
+    rng = np.random.default_rng(3)
+    y = (rng.random((40, 3)) < 0.2).astype(float)
+    y[0], y[1] = 1, 0
+    y[5, 2] = np.nan
+    groups = np.arange(40) // 2                               # 20 patients of 2 rows
+    strata = _label_strata(y, groups)
+    seen_both = False
+    for Ws in _stratified_chunks(y, groups, 200, seed=1):
+        for j, W in enumerate(Ws):
+            per_patient = W[:, ::2]
+            assert np.array_equal(W[:, ::2], W[:, 1::2])      # whole patients
+            for s in range(3):
+                assert np.all(per_patient[:, strata[j] == s].sum(axis=1) == (strata[j] == s).sum())
+            known = ~np.isnan(y[:, j])
+            pos = (W[:, known] * y[known, j]).sum(axis=1)
+            neg = (W[:, known] * (1 - y[known, j])).sum(axis=1)
+            assert np.all(pos > 0) and np.all(neg > 0)
+        # the labels share draws: patients of one stratum in every label move together
+        seen_both |= np.corrcoef(Ws[0][:, 0], Ws[1][:, 0])[0, 1] > 0.3
+    assert seen_both
+
+
+def test_interval_that_misses_its_point_is_widened_and_flagged():
+    from kdscale.eval.metrics import _interval_widened
+
+    lo, hi, widened = _interval_widened(0.3, np.linspace(0.4, 0.9, 101), 0.05, "percentile")
+    assert widened and lo == 0.3 and hi == pytest.approx(0.8875)
+    lo, hi, widened = _interval_widened(0.5, np.linspace(0.4, 0.9, 101), 0.05, "percentile")
+    assert not widened and lo == pytest.approx(0.4125)
 
 
 def test_paired_diff_identical_and_clearly_better():

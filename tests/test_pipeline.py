@@ -58,7 +58,13 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert comparisons and comparisons[0]["run_a"] == "mind" and comparisons[0]["run_b"] == "joint"
     report = run / "report" / "report.html"
     assert report.is_file() and f"Report: {report}" in result.stdout
-    assert "AUROC paired" in result.stdout and "mind (test)" in result.stdout
+    assert "macro AUROC over all" in result.stdout and "  mind/" in result.stdout
+    # teachers and ensembles are evaluated like the students, from their soft labels
+    assert "teachers and ensembles" in result.stdout and "  teacher-ehr_lstm/score" in result.stdout
+    references = json.loads((run / "eval" / "references.json").read_text())
+    assert "teacher:ehr_lstm" in references["rows"] and references["skipped"] == []
+    teacher = json.loads((run / "eval" / "teacher-ehr_lstm" / "test" / "evaluation.json").read_text())
+    assert teacher["info"]["role"] == "teacher" and teacher["heads"]["score"]["all"]["n"] > 0
     # the commands on the run directory alone (its config.yaml): re-evaluate on val, re-render
     again = kdscale("eval", "--run", str(run), "--split", "val", "eval.bootstrap=20", "--no-report")
     assert again.returncode == 0, again.stderr[-3000:]

@@ -27,7 +27,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from kdscale.eval.metrics import (bootstrap_ci, expected_calibration_error, label_metrics,
+from kdscale.eval.metrics import (bootstrap_ci, bootstrap_label_macros,
+                                  expected_calibration_error, label_metrics,
                                   paired_bootstrap_diff, reliability_curve)
 from kdscale.eval.predictions import Predictions, align
 
@@ -70,7 +71,13 @@ def to_jsonable(obj):
 
 
 def _interval(result: Mapping) -> dict:
-    return {"value": result["value"], "low": result["low"], "high": result["high"]}
+    # the resample counts travel with every interval: an interval from few usable resamples is
+    # flagged by kdscale.eval.ci_checks (console and report)
+    out = {"value": result["value"], "low": result["low"], "high": result["high"]}
+    for key in ("n_resamples_used", "n_resamples_undefined", "ci_method", "widened_to_point"):
+        if key in result:
+            out[key] = result[key]
+    return out
 
 
 def _check_ci(ci: float) -> float:
@@ -138,9 +145,11 @@ def _bootstrap(y, p, metric, groups, n_boot, seed, alpha) -> dict:
 
 
 def _macro_pair(y, p, groups, n_boot, seed, alpha) -> tuple[dict, dict]:
-    """Bootstrap results of the macro AUROC and AUPRC (each with per-label intervals)."""
-    return (_bootstrap(y, p, "auroc_macro", groups, n_boot, seed, alpha),
-            _bootstrap(y, p, "auprc_macro", groups, n_boot, seed, alpha))
+    """Bootstrap results of the macro AUROC and AUPRC (each with per-label intervals), on one
+    shared set of label-stratified resamples (kdscale.eval.metrics)."""
+    both = bootstrap_label_macros(y, p, ("auroc_macro", "auprc_macro"), groups=groups,
+                                  n_resamples=n_boot, seed=seed, alpha=alpha)
+    return both["auroc_macro"], both["auprc_macro"]
 
 
 def _per_label_section(names, y, p, roc: dict, prc: dict) -> dict:
@@ -150,8 +159,10 @@ def _per_label_section(names, y, p, roc: dict, prc: dict) -> dict:
         known = ~np.isnan(y[:, j])
         n_known = int(known.sum())
         out[name] = {
-            "auroc": {k: roc["per_label"][k][j] for k in ("value", "low", "high")},
-            "auprc": {k: prc["per_label"][k][j] for k in ("value", "low", "high")},
+            "auroc": {k: roc["per_label"][k][j] for k in ("value", "low", "high",
+                                                          "widened_to_point")},
+            "auprc": {k: prc["per_label"][k][j] for k in ("value", "low", "high",
+                                                          "widened_to_point")},
             "n_pos": point[name]["n_pos"], "n_neg": point[name]["n_neg"],
             "prevalence": point[name]["n_pos"] / n_known if n_known else float("nan"),
         }
@@ -159,14 +170,16 @@ def _per_label_section(names, y, p, roc: dict, prc: dict) -> dict:
 
 
 def head_metrics(preds: Predictions, head: str, cohort_mask=None, n_boot: int = 1000,
-                 seed: int = 0, ci: float = 0.95) -> dict:
+                 seed: int = 0, ci: float = 0.95, signal_labels=None) -> dict:
     """Metrics of one head on the rows it covers inside ``cohort_mask`` (bool [N], a cohort
     name, or None = all), with patient-level bootstrap intervals.
 
     Returns ``{"head", "task", "n", "n_patients", "ci", "n_boot", "seed", "labels": {name:
     {"auroc", "auprc", "n_pos", "n_neg", "prevalence"}}, "auroc_macro", "auprc_macro",
     "auroc_micro", "auprc_micro", "n_labels_macro"}`` (+ ``"accuracy"``, ``"f1_macro"`` for
-    multiclass). Macro = mean over the labels with both classes.
+    multiclass). Macro = mean over the labels with both classes. With ``signal_labels`` (names)
+    also ``"signal": {"labels", "auroc_macro", "auprc_macro", "n_labels_macro"}``: the macros over
+    those labels only, on the same resamples' scheme (docs/eval.md).
     """
     alpha = _check_ci(ci)
     sel = _selection(preds, head, cohort_mask)
@@ -186,11 +199,26 @@ def head_metrics(preds: Predictions, head: str, cohort_mask=None, n_boot: int = 
         "auprc_micro": _interval(_bootstrap(y, p, "auprc_micro", groups, n_boot, seed, alpha)),
         "n_labels_macro": point["n_labels_macro"],
     }
+    if signal_labels:
+        out["signal"] = _signal_macros(preds.label_names, signal_labels, y, p, groups, n_boot,
+                                       seed, alpha)
     if preds.task == "multiclass":
         cls = preds.labels[sel, 0].astype(np.int64)
         for metric in ("accuracy", "f1_macro"):
             out[metric] = _interval(_bootstrap(cls, p, metric, groups, n_boot, seed, alpha))
     return to_jsonable(out)
+
+
+def _signal_macros(names, signal_labels, y, p, groups, n_boot, seed, alpha) -> dict:
+    unknown = [s for s in signal_labels if s not in names]
+    if unknown:
+        raise ValueError(f"signal labels {unknown} are not labels of the predictions")
+    idx = [list(names).index(s) for s in signal_labels]
+    roc, prc = _macro_pair(y[:, idx], p[:, idx], groups, n_boot, seed, alpha)
+    return {"labels": list(signal_labels), "auroc_macro": _interval(roc),
+            "auprc_macro": _interval(prc),
+            "n_labels_macro": int(sum(v is not None and not math.isnan(v)
+                                      for v in roc["per_label"]["value"]))}
 
 
 # ----------------------------------------------------------------------------- calibration
@@ -337,7 +365,7 @@ def utilization(preds: Predictions) -> dict:
 # ----------------------------------------------------------------------------- evaluate
 
 def evaluate(preds: Predictions, main_head: str, n_boot: int = 1000, seed: int = 0,
-             min_group_size: int = 30, ci: float = 0.95) -> dict:
+             min_group_size: int = 30, ci: float = 0.95, signal_labels=None) -> dict:
     """Everything ``kdscale eval`` stores in ``evaluation.json`` for one run and split.
 
     ``heads[head][cohort]``: :func:`head_metrics` for every head and every cohort in which the
@@ -347,7 +375,7 @@ def evaluate(preds: Predictions, main_head: str, n_boot: int = 1000, seed: int =
     masks = cohorts(preds)
     heads = {}
     for head in preds.heads:
-        heads[head] = {name: head_metrics(preds, head, mask, n_boot, seed, ci)
+        heads[head] = {name: head_metrics(preds, head, mask, n_boot, seed, ci, signal_labels)
                        for name, mask in masks.items() if _selection(preds, head, mask).any()}
     if not heads[main_head]:
         raise ValueError(f"main head {main_head!r} covers no labelled sample")

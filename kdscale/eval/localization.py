@@ -38,8 +38,18 @@ from kdscale.eval.metrics import _auroc_rows
 __all__ = [
     "boxes_to_mask", "scale_boxes", "transform_boxes", "binarize", "iou", "fpr_pixel", "fpr_area",
     "pointing_game", "detection_auroc", "localization_summary", "normalize_map", "upsample",
-    "LOCALIZATION_METRICS",
+    "LOCALIZATION_METRICS", "REFERENCE_MAPS", "reference_maps", "area_fraction",
+    "localization_references",
 ]
+
+#: Trivial maps every localization table is read against (docs/eval.md, issue 12 item 6).
+REFERENCE_MAPS = {
+    "ref:uniform_random": "i.i.d. uniform noise per pixel (seeded): chance",
+    "ref:area_prior": "mean region mask of the OTHER images (leave-one-out): where regions "
+                      "usually are, never this image's own",
+    "ref:intensity_bright": "the image's grey level: bright pixels first",
+    "ref:intensity_dark": "the inverted grey level: dark pixels first",
+}
 
 LOCALIZATION_METRICS = ("iou", "fpr_pixel", "fpr_area", "pointing_game", "detection_auroc")
 
@@ -310,3 +320,53 @@ def localization_summary(maps, masks, rule: str = "fixed", t: float = 0.5, seed:
                 entry["low"], entry["high"] = float(lo), float(hi)
         out[name] = entry
     return out
+
+
+# ----------------------------------------------------------------------------- references
+
+def area_fraction(masks) -> dict:
+    """Share of the crop inside the regions, over images: ``{"mean", "min", "max", "n"}``."""
+    g, _ = _batch(np.asarray(masks).astype(bool), "masks")
+    frac = g.mean(axis=(1, 2)) if g.shape[0] else np.zeros(0)
+    if not frac.size:
+        return {"mean": float("nan"), "min": float("nan"), "max": float("nan"), "n": 0}
+    return {"mean": float(frac.mean()), "min": float(frac.min()), "max": float(frac.max()),
+            "n": int(frac.size)}
+
+
+def reference_maps(masks, images=None, seed: int = 0) -> dict:
+    """The trivial maps of :data:`REFERENCE_MAPS` in the geometry of ``masks`` [B, H, W], each
+    min-max normalised like an attention map. ``images`` [B, H, W] grey levels (the crop the
+    model saw, any scale) give the intensity maps; without images they are left out. The area
+    prior needs at least two images (leave-one-out). Returns ``{name: maps [B, H, W]}``."""
+    g, _ = _batch(np.asarray(masks).astype(bool), "masks")
+    B = g.shape[0]
+    out = {"ref:uniform_random": np.random.default_rng(seed).random(g.shape).astype(np.float32)}
+    if B >= 2:
+        total = g.sum(axis=0, dtype=np.float64)
+        out["ref:area_prior"] = normalize_map((total[None] - g) / (B - 1))
+    if images is not None:
+        im, _ = _batch(np.asarray(images, dtype=np.float32), "images")
+        if im.shape != g.shape:
+            raise ValueError(f"images and masks shapes differ: {im.shape} vs {g.shape}")
+        bright = normalize_map(im)
+        out["ref:intensity_bright"] = bright
+        out["ref:intensity_dark"] = normalize_map(1.0 - bright)
+    return out
+
+
+def localization_references(masks, images=None, rule: str = "fixed", t: float = 0.5,
+                            seed: int = 0, n_resamples: int = 1000) -> dict:
+    """:func:`localization_summary` of every reference map (same rule, threshold, bootstrap
+    seed and images as the model's maps) and the regions' area fraction::
+
+        {"area_fraction": {...}, "references": {name: summary without per_image},
+         "definitions": {name: text}}
+    """
+    maps = reference_maps(masks, images, seed)
+    refs = {}
+    for name, m in maps.items():
+        summary = localization_summary(m, masks, rule=rule, t=t, seed=seed, n_resamples=n_resamples)
+        refs[name] = {k: v for k, v in summary.items() if k != "per_image"}
+    return {"area_fraction": area_fraction(masks), "references": refs,
+            "definitions": {k: REFERENCE_MAPS[k] for k in maps}}

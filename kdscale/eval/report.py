@@ -11,7 +11,8 @@ Output (``out_dir``): ``report.html``, ``report.md`` and ``figures/*.png``. The 
 figure as a base64 ``data:`` URI, so the one file is self-contained (it can be mailed or
 archived alone); the Markdown references the same figures as ``figures/<name>.png``.
 
-Sections (HTML element ids): ``summary``, ``comparisons``, ``per-label``, ``cohorts``,
+Sections (HTML element ids): ``summary``, ``comparisons``, ``references`` (students, teachers,
+ensembles and oracle ceilings per label side by side), ``per-label``, ``cohorts``,
 ``robustness``, ``utilization``, ``subgroups``, ``calibration``, ``localization``, ``runs``.
 A section whose inputs are missing says so instead of disappearing. The report holds aggregate
 numbers, label names and demographic group names only: no sample keys, patient ids or report
@@ -31,8 +32,8 @@ from kdscale.eval.predictions import read_predictions
 
 __all__ = ["RunResult", "discover_runs", "render_report", "results_table", "SECTION_IDS"]
 
-SECTION_IDS = ("summary", "comparisons", "per-label", "cohorts", "robustness", "utilization",
-               "subgroups", "calibration", "localization", "runs")
+SECTION_IDS = ("summary", "comparisons", "references", "per-label", "cohorts", "robustness",
+               "utilization", "subgroups", "calibration", "localization", "runs")
 SUMMARY_COHORTS = ("paired", "partial", "all")
 MISSING = "–"
 
@@ -63,6 +64,11 @@ class RunResult:
     @property
     def main_head(self) -> str | None:
         return self.evaluation.get("main_head")
+
+    @property
+    def role(self) -> str:
+        """student | teacher | ensemble | oracle (kdscale.eval.references); students by default."""
+        return str(self.info.get("role") or "student")
 
     def main_cohorts(self) -> dict:
         """cohort -> head_metrics of the main head (empty when absent)."""
@@ -178,23 +184,83 @@ class Section:
 
 # ----------------------------------------------------------------------------- sections
 
+ROLE_GROUPS = (("students", ("student",)), ("teachers and ensembles", ("teacher", "ensemble")),
+               ("ceilings (oracle, Bayes-optimal scores)", ("oracle",)))
+
+
+def _ordered(runs: Sequence[RunResult]) -> list[RunResult]:
+    """Students, then teachers and ensembles, then ceilings (each in discovery order)."""
+    return [r for _, roles in ROLE_GROUPS for r in runs if r.role in roles] + \
+        [r for r in runs if r.role not in {x for _, roles in ROLE_GROUPS for x in roles}]
+
+
 def _summary(runs: Sequence[RunResult]) -> Section:
-    headers = ["run", "method", "params", "head"]
+    headers = ["run", "role", "method", "params", "head"]
     for cohort in SUMMARY_COHORTS:
-        headers += [f"AUROC {cohort}", f"AUPRC {cohort}"]
+        headers += [f"AUROC {cohort}", f"AUPRC {cohort}", f"AUROC signal {cohort}"]
     rows = []
-    for run in runs:
+    for run in _ordered(runs):
         by_cohort = run.main_cohorts()
-        row = [run.label, str(run.info.get("method", MISSING)), _params(run.info),
+        row = [run.label, run.role, str(run.info.get("method", MISSING)), _params(run.info),
                str(run.main_head or MISSING)]
         for cohort in SUMMARY_COHORTS:
             m = by_cohort.get(cohort) or {}
-            row += [_ci(m.get("auroc_macro")), _ci(m.get("auprc_macro"))]
+            row += [_ci(m.get("auroc_macro")), _ci(m.get("auprc_macro")),
+                    _ci((m.get("signal") or {}).get("auroc_macro"))]
         rows.append(row)
-    headers, rows = _drop_empty_columns(headers, rows, keep=4)
-    caption = ("Main head, macro over labels, [95% CI] from a patient-level bootstrap. "
-               "paired = image and EHR present; partial = EHR present; all = every sample.")
-    return Section("summary", "Summary", [Table(headers, rows, caption)])
+    headers, rows = _drop_empty_columns(headers, rows, keep=5)
+    caption = ("Main head, macro over labels, [95% CI] from a patient-level bootstrap stratified "
+               "per label (docs/eval.md). signal = macro over eval.signal_labels only. "
+               "paired = image and EHR present; partial = EHR present; all = every sample. "
+               "Teachers and ensembles are scored from their soft labels, ceilings from the "
+               "oracle scores, on the samples each one covers.")
+    section = Section("summary", "Summary", [Table(headers, rows, caption)])
+    warned = [(run.label, w) for run in runs for w in (run.evaluation.get("bootstrap_warnings") or [])]
+    if warned:
+        section.blocks.append(Paragraph(
+            f"Warning: {len(warned)} bootstrap interval(s) are unreliable (too many resamples "
+            f"dropped, or widened to reach their estimate): "
+            + "; ".join(f"{label}: {w}" for label, w in warned[:10])
+            + (" …" if len(warned) > 10 else "")))
+    return section
+
+
+def _references(runs: Sequence[RunResult]) -> Section:
+    """Per-label AUROC of every row (students, teachers, ensembles, ceilings) side by side."""
+    section = Section("references", "Students, teachers and ceilings per label (AUROC)")
+    ordered = [r for r in _ordered(runs) if r.main_cohorts()]
+    if len({r.role for r in ordered}) < 2:
+        return section.note_if_empty("No reference rows (teachers, ensembles or oracle ceilings) "
+                                     "were evaluated: eval.teachers, eval.oracle_scores.")
+    for cohort in SUMMARY_COHORTS:
+        shown = [r for r in ordered if cohort in r.main_cohorts()]
+        if not shown:
+            continue
+        names: list[str] = []
+        for r in shown:
+            names += [n for n in r.main_cohorts()[cohort].get("labels", {}) if n not in names]
+        signal = next((r.main_cohorts()[cohort]["signal"]["labels"] for r in shown
+                       if r.main_cohorts()[cohort].get("signal")), [])
+        rows = []
+        for name in names:
+            row = [name + (" *" if name in signal else "")]
+            for r in shown:
+                lab = r.main_cohorts()[cohort].get("labels", {}).get(name, {})
+                row.append(_num((lab.get("auroc") or {}).get("value")))
+            rows.append(row)
+        if signal:
+            rows.append([f"macro, {len(signal)} signal labels"]
+                        + [_ci((r.main_cohorts()[cohort].get("signal") or {}).get("auroc_macro"))
+                           for r in shown])
+        rows.append([f"macro, all labels"] + [_ci(r.main_cohorts()[cohort].get("auroc_macro"))
+                                              for r in shown])
+        rows.append(["n"] + [_num(r.main_cohorts()[cohort].get("n")) for r in shown])
+        section.blocks += [Heading(f"cohort {cohort}"),
+                           Table(["label"] + [f"{r.name} ({r.role})" for r in shown], rows,
+                                 "AUROC per label of each row's main head; * = signal label "
+                                 "(eval.signal_labels); macro rows with [95% CI]. Each row is "
+                                 "scored on the samples of the cohort it covers (n).")]
+    return section.note_if_empty("No reference rows.")
 
 
 def _drop_empty_columns(headers: list[str], rows: list[list[str]], keep: int):
@@ -359,22 +425,45 @@ def _calibration(runs: Sequence[RunResult], figures: FigureMaker) -> Section:
     return section.note_if_empty("No calibration results.")
 
 
+LOCALIZATION_COLUMNS = (("iou", "IoU"), ("fpr_pixel", "FPR (pixels)"), ("fpr_area", "FPR (area)"),
+                        ("pointing_game", "pointing game"), ("detection_auroc", "pixel AUROC"))
+
+
+def _loc_cells(summary: Mapping) -> list[str]:
+    cells = []
+    for key, _ in LOCALIZATION_COLUMNS:
+        v = summary.get(key)
+        cells.append(_ci({"value": v.get("mean", v.get("value")), "low": v.get("low", v.get("ci_low")),
+                          "high": v.get("high", v.get("ci_high"))}) if isinstance(v, Mapping) else MISSING)
+    return cells
+
+
 def _localization(runs: Sequence[RunResult], figures: FigureMaker, eval_dir: Path) -> Section:
     section = Section("localization", "Localization of attention maps")
     for run in runs:
         loc = run.evaluation.get("localization")
         if not isinstance(loc, Mapping):
             continue
-        rows = []
-        for metric, v in loc.items():
-            if isinstance(v, Mapping):
-                value = v.get("value", v.get("mean"))
-                low, high = v.get("ci_low", v.get("low")), v.get("ci_high", v.get("high"))
-                rows.append([metric, _ci({"value": value, "low": low, "high": high}),
-                             _num(v.get("n"))])
+        methods = loc.get("methods") if isinstance(loc.get("methods"), Mapping) else {}
+        if not methods:              # an older evaluation.json: the primary method's metrics only
+            methods = {str(loc.get("primary_method", "map")): loc}
+        rows = [[name, "model", *_loc_cells(m)] for name, m in methods.items()]
+        refs = loc.get("references") if isinstance(loc.get("references"), Mapping) else {}
+        rows += [[name, "reference", *_loc_cells(m)] for name, m in refs.items()]
         n = loc.get("n", loc.get("n_images"))
+        area = loc.get("area_fraction") if isinstance(loc.get("area_fraction"), Mapping) else {}
+        caption = (f"{_num(n)} images; mean [95% CI over images]; threshold "
+                   f"{_num(loc.get('threshold'))} on min-max normalised maps.")
+        if area.get("mean") is not None:
+            caption += (f" The regions cover {100 * area['mean']:.1f}% of the crop on average "
+                        f"(min {100 * area['min']:.1f}%, max {100 * area['max']:.1f}%).")
+        if refs:
+            caption += (" Reference rows, same images and metrics: "
+                        + "; ".join(f"{k}: {v}" for k, v in (loc.get("definitions") or {}).items())
+                        + ". A model row that does not beat them has not localized anything.")
         section.blocks += [Heading(run.label),
-                           Table(["metric", "value [95% CI]", "n"], rows, f"{_num(n)} images.")]
+                           Table(["map", "kind", *[c for _, c in LOCALIZATION_COLUMNS]], rows,
+                                 caption)]
         overlay = loc.get("overlay_png")
         if overlay:
             fig = figures.copy_png(run, eval_dir / overlay, "overlay",
@@ -519,7 +608,7 @@ def _to_markdown(title: str, sections: Sequence[Section], out_dir: Path) -> str:
 def _sections(eval_dir: Path, out_dir: Path) -> list[Section]:
     runs = discover_runs(eval_dir)
     figures = FigureMaker(out_dir)
-    return [_summary(runs), _comparisons_section(_comparisons(eval_dir)),
+    return [_summary(runs), _comparisons_section(_comparisons(eval_dir)), _references(runs),
             _per_label(runs, figures), _cohorts(runs), _robustness(runs, figures),
             _utilization(runs), _subgroups(runs, figures), _calibration(runs, figures),
             _localization(runs, figures, eval_dir), _runs_section(runs)]
@@ -537,11 +626,50 @@ def render_report(eval_dir, out_dir, title: str = "kdscale evaluation report") -
     return {"html": html_path, "markdown": md_path}
 
 
-def results_table(eval_dir) -> str:
-    """The summary table as aligned plain text, for the terminal."""
-    table = _summary(discover_runs(Path(eval_dir))).blocks[0]
-    rows = [table.headers] + table.rows
-    widths = [max(len(r[i]) for r in rows) for i in range(len(table.headers))]
+def results_table(eval_dir, width_cohorts: Sequence[str] = SUMMARY_COHORTS) -> str:
+    """The console results table (plain text): macro AUROC [95% CI] of the students, the
+    teachers and ensembles and the oracle ceilings per cohort, over the signal labels (when
+    eval.signal_labels is set) and over all labels, then the paired comparisons."""
+    eval_dir = Path(eval_dir)
+    runs = [r for r in _ordered(discover_runs(eval_dir)) if r.main_cohorts()]
+    cohorts = [c for c in width_cohorts if any(c in r.main_cohorts() for r in runs)]
+    blocks = []
+    n_signal = max((len(((r.main_cohorts().get(c) or {}).get("signal") or {}).get("labels") or [])
+                    for r in runs for c in cohorts), default=0)
+    n_all = max((len(m.get("labels") or {}) for r in runs for m in r.main_cohorts().values()),
+                default=0)
+    if n_signal:
+        blocks.append((f"macro AUROC over the {n_signal} signal labels",
+                       lambda m: (m.get("signal") or {}).get("auroc_macro")))
+    blocks.append((f"macro AUROC over all {n_all} labels", lambda m: m.get("auroc_macro")))
+    out = []
+    for title, pick in blocks:
+        rows = [[title] + cohorts]
+        for group, roles in ROLE_GROUPS:
+            members = [r for r in runs if r.role in roles]
+            if not members:
+                continue
+            rows.append([group] + [""] * len(cohorts))
+            for r in members:
+                flag = " !" if r.evaluation.get("bootstrap_warnings") else ""
+                rows.append([f"  {r.name}/{r.main_head}{flag}"]
+                            + [_ci(pick(r.main_cohorts().get(c) or {})) for c in cohorts])
+        out.append(_plain(rows))
+    comparisons = _comparisons(eval_dir)
+    if comparisons:
+        rows = [["paired comparison (A − B)", "cohort", "n", "Δ macro AUROC", "p"]]
+        for c in comparisons:
+            rows.append([f"{c.get('run_a', '?')} − {c.get('run_b', '?')}", str(c.get("cohort", "all")),
+                         _num(c.get("n")), *_diff_cells(c.get("auroc_macro"))])
+        out.append(_plain(rows))
+    notes = "[95% CI]: patient-level bootstrap, stratified per label (docs/eval.md)."
+    if any(r.evaluation.get("bootstrap_warnings") for r in runs):
+        notes += " ! = unreliable intervals, see bootstrap_warnings in its evaluation.json."
+    return "\n".join(out) + "\n" + notes + "\n"
+
+
+def _plain(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines) + "\n"

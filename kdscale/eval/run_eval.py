@@ -25,6 +25,8 @@ from typing import Optional
 
 import numpy as np
 
+from kdscale.eval.ci_checks import bootstrap_warnings
+
 log = logging.getLogger(__name__)
 
 STUDENT_MODALITIES = ("image", "ehr")
@@ -116,14 +118,15 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
     import torch
 
     from kdscale.eval.attention import grad_cam, to_image_maps, vit_attention_maps
-    from kdscale.eval.localization import boxes_to_mask, localization_summary, transform_boxes
+    from kdscale.eval.localization import (boxes_to_mask, localization_references, localization_summary,
+                                           transform_boxes)
     from kdscale.eval.plots import attention_overlays
 
     size = loader_cfg.image_size
     kind = info["model_config"].kind
     methods = ["cls_last", "rollout"] if kind == "vit" else ["grad_cam"]
     maps = {m: [] for m in methods}
-    masks, shown, shown_boxes, dropped, used_masks = [], [], [], 0, 0
+    masks, shown, shown_boxes, dropped, used_masks, greys = [], [], [], 0, 0, []
     region_masks = read_region_masks(loader)
     for batch in loader:
         sel = [i for i, (v, rec) in enumerate(zip(batch["valid"].tolist(), batch["meta"]))
@@ -155,8 +158,10 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
                 used_masks += 1
             else:
                 masks.append(boxes_to_mask(moved, (size, size)))
+            seen_image = _denormalize(batch["image"][i], loader_cfg)
+            greys.append(seen_image.mean(axis=2) if seen_image.ndim == 3 else seen_image)
             if len(shown) < max_overlay:
-                shown.append(_denormalize(batch["image"][i], loader_cfg))
+                shown.append(seen_image)
                 shown_boxes.append([tuple(map(float, b)) for b in moved])
     if not masks:
         return None
@@ -168,6 +173,10 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
         m = np.concatenate(maps[method])
         summary = localization_summary(m, gt, rule="fixed", t=threshold, seed=seed, n_resamples=n_boot)
         result["methods"][method] = {k: v for k, v in summary.items() if k != "per_image"}
+    # trivial maps in the same geometry, with the same metrics and bootstrap (docs/eval.md):
+    # an attention map is only readable against these
+    result.update(localization_references(gt, np.stack(greys), rule="fixed", t=threshold, seed=seed,
+                                          n_resamples=n_boot))
     primary = methods[0]
     result.update({k: v for k, v in result["methods"][primary].items() if isinstance(v, dict)})
     result["primary_method"] = primary
@@ -256,6 +265,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
     from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
     from kdscale.eval.analysis import evaluate, robustness, to_jsonable
     from kdscale.eval.predictions import write_predictions
+    from kdscale.eval.references import check_signal_labels, split_samples
 
     ecfg = cfg.eval
     split = split or ecfg.split
@@ -268,7 +278,10 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
                                 f"configured: {[s.name for s in cfg.students]}")
     if missing:
         log.warning("students not trained yet, not evaluated: %s", missing)
+    base, per_shard = split_samples(shards_out_dir(cfg), split)
+    signal = check_signal_labels(ecfg.signal_labels, base.label_names)
     full: dict = {}
+    warnings: dict = {}
     for student in trained:
         model, info = load_student(student_dir(cfg, student) / "student.pt")
         task = build_task(student, info["ensemble_names"], info["task"])
@@ -284,7 +297,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         out.mkdir(parents=True, exist_ok=True)
         write_predictions(out / "predictions.csv", preds["full"])
         result = evaluate(preds["full"], task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
-                          min_group_size=ecfg.min_group_size)
+                          min_group_size=ecfg.min_group_size, signal_labels=signal or None)
         if len(conditions) > 1:
             result["robustness"] = robustness(preds, task.main_head, n_boot=ecfg.bootstrap, seed=ecfg.seed)
         if ecfg.localization and student.image_only:
@@ -295,15 +308,84 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
                     loc["overlay_png"] = str(Path(loc["overlay_png"]).relative_to(eval_dir))
                 result["localization"] = loc
         student_info = json.loads((student_dir(cfg, student) / "student.json").read_text())
-        result["info"] = {"student": student.name, "method": student.method, "kind": student.model.kind,
+        result["info"] = {"role": "student", "student": student.name, "method": student.method,
+                          "kind": student.model.kind,
                           "parameters": student_info.get("parameters"), "seed": cfg.run.seed,
                           "checkpoint": student_info.get("checkpoint"), "split": split,
                           "val_auroc_macro": student_info.get("val_auroc_macro")}
+        result["bootstrap_warnings"] = warnings[student.name] = bootstrap_warnings(result)
         write_json_atomic(out / "evaluation.json", to_jsonable(result))
         full[student.name] = (preds["full"], task.main_head)
+    references = evaluate_references(cfg, split, base, per_shard, signal, warnings, progress)
     comparisons = _comparisons(cfg, full, ecfg)
     write_json_atomic(eval_dir / "comparisons.json", to_jsonable(comparisons))
-    return {"eval_dir": str(eval_dir), "students": list(full), "comparisons": len(comparisons), "split": split}
+    _print_bootstrap_warnings(warnings)
+    return {"eval_dir": str(eval_dir), "students": list(full), "comparisons": len(comparisons), "split": split,
+            "references": references["rows"], "references_skipped": references["skipped"]}
+
+
+def reference_dir_name(row: str) -> str:
+    """``teacher:cxr`` -> ``teacher-cxr``: the folder of a reference row under ``eval/``."""
+    return row.replace(":", "-", 1)
+
+
+def evaluate_references(cfg, split: str, base, per_shard: dict, signal: list, warnings: dict,
+                        progress: bool = True) -> dict:
+    """Teachers, ensembles (eval.teachers) and oracle ceilings (eval.oracle_scores) on the split,
+    each written like a student: ``eval/<teacher-NAME|ensemble-NAME|oracle-VIEW>/<split>/``
+    (evaluation.json + predictions.csv). A source that is not there is a counted skip with its
+    reason (``eval/references.json``), never a silent gap."""
+    from kdscale.data.ingest import DataError
+    from kdscale.data.shards import write_json_atomic
+    from kdscale.distill.teacher_pass import softlabels_dir
+    from kdscale.eval.analysis import to_jsonable
+    from kdscale.eval.predictions import write_predictions
+    from kdscale.eval.references import oracle_predictions, reference_evaluation, teacher_predictions
+
+    ecfg = cfg.eval
+    eval_dir = Path(cfg.run.out_dir) / "eval"
+    rows: dict = {}
+    skipped: list = []
+    evaluated: list = []
+    if ecfg.teachers:
+        if cfg.teachers.task != "multilabel":
+            skipped.append(f"teachers: evaluation of {cfg.teachers.task} teachers is not implemented")
+        elif not (softlabels_dir(cfg) / "index.json").is_file():
+            skipped.append(f"teachers: no soft labels at {softlabels_dir(cfg)} (run `kdscale softlabels`)")
+        else:
+            try:
+                rows.update(teacher_predictions(softlabels_dir(cfg), split, base, per_shard))
+            except DataError as exc:
+                skipped.append(f"teachers: {exc}")
+    if ecfg.oracle_scores:
+        rows.update(oracle_predictions(ecfg.oracle_scores, base))   # bad file: an error, not a skip
+    for name, (preds, info) in rows.items():
+        if progress:
+            print(f"eval {name}: {int(preds.head('score')[1].sum())} {split} samples (reference row)")
+        out = eval_dir / reference_dir_name(name) / split
+        out.mkdir(parents=True, exist_ok=True)
+        write_predictions(out / "predictions.csv", preds)
+        try:
+            result = reference_evaluation(preds, {**info, "row": name, "split": split}, ecfg.bootstrap,
+                                          ecfg.seed, signal or None)
+        except ValueError as exc:
+            skipped.append(f"{name}: {exc}")
+            continue
+        result["bootstrap_warnings"] = warnings[name] = bootstrap_warnings(result)
+        write_json_atomic(out / "evaluation.json", to_jsonable(result))
+        evaluated.append(name)
+    for reason in skipped:
+        log.warning("reference rows skipped: %s", reason)
+    summary = {"split": split, "rows": evaluated, "skipped": skipped, "signal_labels": signal}
+    write_json_atomic(eval_dir / "references.json", summary)
+    return summary
+
+
+def _print_bootstrap_warnings(warnings: dict, shown: int = 3) -> None:
+    for name, lines in warnings.items():
+        if lines:
+            print(f"WARNING {name}: {len(lines)} bootstrap interval(s) unreliable, e.g. "
+                  + "; ".join(lines[:shown]) + " (all in evaluation.json 'bootstrap_warnings')")
 
 
 def _comparisons(cfg, full: dict, ecfg) -> list:
