@@ -23,7 +23,8 @@ def kdscale(*args: str) -> subprocess.CompletedProcess:
 def test_demo_pipeline_end_to_end(tmp_path):
     run = tmp_path / "run"
     result = kdscale("pipeline", "--cfg", "configs/demo.yaml", f"run.out_dir={run}",
-                     f"data.demo.out_dir={run}/demo-data", "data.demo.n=120", "shards.max_samples_per_shard=40",
+                     f"data.demo.out_dir={run}/demo-data", "data.demo.n=120",
+                     f"eval.oracle_scores={run}/demo-data/kdscale-oracle/phenotyping.csv", "shards.max_samples_per_shard=40",
                      "loader.image_size=32", "loader.resize_size=36", "loader.batch_size=8",
                      *[f"teachers.members.{i}.epochs=1" for i in range(5)],
                      *[f"students.{i}.train.epochs=1" for i in range(4)], "eval.bootstrap=50",
