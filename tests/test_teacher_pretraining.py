@@ -29,7 +29,7 @@ def make_cfg(root, teachers=None, students=None):
             "data": {"source": "demo", "demo": {"out_dir": str(root / "demo"), "flavor": "mimic", "n": 40,
                                                "task": "phenotyping", "cohort": "partial"}},
             "shards": {"max_samples_per_shard": 32},
-            "loader": {"image_size": 32, "resize_size": 36, "num_workers": 0, "batch_size": 8},
+            "loader": {"image_size": 32, "resize_size": 36, "num_workers": 0, "batch_size": 4},
             "teachers": teachers or PRETRAIN, "students": students or []}
     return validate(Config, tree)
 
