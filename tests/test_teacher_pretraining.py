@@ -89,6 +89,7 @@ def test_paired_students_read_only_paired_samples(tmp_path):
                 {"name": "j", "method": "joint", "model": {"kind": "joint"}}]
     cfg = make_cfg(tmp_path, students=students)
     assert student_loader_config(cfg, cfg.students[0]).require == ["image", "ehr"]
+    assert student_loader_config(cfg, cfg.students[0], training=False).require == []   # evaluated on all
     assert student_loader_config(cfg, cfg.students[1]).require == []
     with pytest.raises(ValueError, match="samples paired needs a multimodal student"):
         make_cfg(tmp_path, students=[{"name": "u", "method": "supervised", "samples": "paired",

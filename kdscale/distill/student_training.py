@@ -210,10 +210,12 @@ def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_i
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def student_loader_config(cfg, student: StudentRunConfig):
+def student_loader_config(cfg, student: StudentRunConfig, *, training: bool = True):
+    """The student's loader settings; ``samples: paired`` restricts training and model selection,
+    never evaluation (``training=False``: every test sample, for the §1.4 cohorts)."""
     modalities = student.loader_modalities()
     require = [student.head] if student.model.kind in ("vit", "unimodal") else \
-        ["image", "ehr"] if student.samples == "paired" else []
+        ["image", "ehr"] if student.samples == "paired" and training else []
     return dataclasses.replace(cfg.loader, modalities=modalities, require=require,
                                batch_size=student.batch_size or cfg.loader.batch_size)
 
