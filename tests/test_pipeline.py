@@ -74,7 +74,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     label = val.label_names[0]
     (tmp_path / "oracle.csv").write_text("key,both/" + label + "\n" + "".join(
         f"{k},{'' if y != y else int(y)}\n" for k, y in zip(val.keys, val.labels[:, 0])))
-    again = kdscale("eval", "--run", str(run), "--split", "val", "eval.bootstrap=20", "--no-report",
+    again = kdscale("eval", "--run", str(run), "--split", "val", "--no-report", "eval.bootstrap=20",
                     f"eval.oracle_scores={tmp_path / 'oracle.csv'}", f'eval.signal_labels=["{label}"]')
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "eval" / "mind" / "val" / "evaluation.json").is_file()
