@@ -5,7 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kdscale.data.demo.mimic_demo import generate_mimic_demo, mimic_config_for_demo
+from kdscale.data.demo.mimic_demo import (LATE_ONLY_FRACTION, PAIRED_FRACTION, generate_mimic_demo,
+                                         mimic_config_for_demo)
 from kdscale.data.ingest import IngestLog
 from kdscale.data.sources.mimic import MimicSource
 
@@ -65,12 +66,15 @@ def test_ehr_tasks_read_with_zero_skips_and_designed_pairing(clean, task):
     partial, log = read(root, task, "partial")
     assert log.skipped == {} and len(partial) == s["paired"][task]["stays"]
     assert all(r.ehr.shape[1] == 76 for r in partial)
-    fraction = len(paired) / len(partial)
+    for split, design in PAIRED_FRACTION.items():   # exactly the design share per split, up to rounding
+        n_split = sum(r.split == split for r in partial)
+        n_paired = sum(r.split == split for r in paired)
+        if task == "in-hospital-mortality":
+            assert abs(n_paired - design * n_split) <= 0.5, split
+        else:                                        # + films only after 48 h
+            assert design * n_split - 1 <= n_paired <= design * n_split + 1 + LATE_ONLY_FRACTION * len(partial)
     if task == "in-hospital-mortality":
-        assert abs(fraction - 0.25) < 0.03          # exactly 25% by design, up to rounding
         assert all(r.ehr.shape[0] == 48 for r in partial)
-    else:
-        assert 0.25 <= fraction < 0.40              # + films only after 48 h
     assert {r.split for r in partial} == {"train", "val", "test"}
 
 

@@ -23,18 +23,22 @@ def kdscale(*args: str) -> subprocess.CompletedProcess:
 def test_demo_pipeline_end_to_end(tmp_path):
     run = tmp_path / "run"
     result = kdscale("pipeline", "--cfg", "configs/demo.yaml", f"run.out_dir={run}",
-                     f"data.demo.out_dir={run}/demo-data", "data.demo.n=120", "shards.max_samples_per_shard=40",
-                     "loader.image_size=32", "loader.resize_size=36", "loader.batch_size=8", "teachers.train.epochs=1",
-                     "teachers.train.progress=false", "students.0.train.epochs=1", "students.1.train.epochs=1",
-                     "students.0.train.progress=false", "students.1.train.progress=false", "eval.bootstrap=50",
+                     f"data.demo.out_dir={run}/demo-data", "data.demo.n=120",
+                     f"eval.oracle_scores={run}/demo-data/kdscale-oracle/phenotyping.csv", "shards.max_samples_per_shard=40",
+                     "loader.image_size=32", "loader.resize_size=36", "loader.batch_size=8",
+                     *[f"teachers.members.{i}.epochs=1" for i in range(5)],
+                     *[f"students.{i}.train.epochs=1" for i in range(4)], "eval.bootstrap=50",
                      "eval.min_group_size=5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Outputs in {run}" in result.stdout
     outputs = json.loads((run / "pipeline.json").read_text())
     assert outputs["shards"]["verified"] is True
     assert outputs["softlabels"]["verified"] is True
-    assert set(outputs["teachers"]["val_auroc_macro"]) == {"cxr_resnet34", "cxr_resnet18", "cxr_resnet10",
-                                                           "ehr_lstm", "ehr_transformer", "report_bert"}
+    # configs/teachers/demo.yaml: a radiology-pretrained CXR net (a second shard set from the same
+    # tree), its fine-tuned copy, two EHR LSTMs and the report teacher
+    assert set(outputs["teachers"]["val_auroc_macro"]) == {"cxr_radiology", "cxr_resnet10", "ehr_lstm",
+                                                           "ehr_lstm_small", "report_bert"}
+    assert (run / "shards-radiology" / "train" / "index.json").is_file()
     assert kdscale("verify", str(run / "softlabels")).returncode == 0
     summary = json.loads((run / "data" / "data_summary.json").read_text())
     assert summary["ingest"]["read"] == summary["ingest"]["kept"] + summary["ingest"]["skipped"]
@@ -45,7 +49,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert written == summary["ingest"]["kept"]
     assert kdscale("verify", str(run / "shards")).returncode == 0
     # students, evaluation, report: the README's first command ends with the results and the report
-    assert set(outputs["train"]["val_auroc_macro"]) == {"mind", "joint"}
+    assert set(outputs["train"]["val_auroc_macro"]) == {"mind", "joint", "mind_no_kd", "image_resnet10"}
     for name in ("mind", "joint"):
         evaluation = json.loads((run / "eval" / name / "test" / "evaluation.json").read_text())
         assert evaluation["info"]["student"] == name
@@ -70,7 +74,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
     label = val.label_names[0]
     (tmp_path / "oracle.csv").write_text("key,both/" + label + "\n" + "".join(
         f"{k},{'' if y != y else int(y)}\n" for k, y in zip(val.keys, val.labels[:, 0])))
-    again = kdscale("eval", "--run", str(run), "--split", "val", "eval.bootstrap=20", "--no-report",
+    again = kdscale("eval", "--run", str(run), "--split", "val", "--no-report", "eval.bootstrap=20",
                     f"eval.oracle_scores={tmp_path / 'oracle.csv'}", f'eval.signal_labels=["{label}"]')
     assert again.returncode == 0, again.stderr[-3000:]
     assert (run / "eval" / "mind" / "val" / "evaluation.json").is_file()

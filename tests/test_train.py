@@ -52,7 +52,7 @@ def make_cfg(root: Path, students=STUDENTS, **extra):
             "data": {"source": "demo", "demo": {"out_dir": str(root / "demo"), "flavor": "mimic", "n": 60,
                                                "task": "phenotyping", "cohort": "partial"}},
             "shards": {"max_samples_per_shard": 16},
-            "loader": {"image_size": 32, "resize_size": 36, "num_workers": 0, "batch_size": 8},
+            "loader": {"image_size": 32, "resize_size": 36, "num_workers": 0, "batch_size": 4},
             "teachers": TEACHERS, "softlabels": {"batch_size": 16, "num_workers": 0}, "students": students}
     for key, value in extra.items():
         tree[key] = value if key == "students" else {**tree.get(key, {}), **value}

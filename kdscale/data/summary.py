@@ -97,6 +97,10 @@ def format_table(payload: dict) -> str:
         lines.append(format_label_table(counts, ingest.get("label_values")))
     if payload.get("failed"):
         lines.append(f"FAILED: {payload['failed']}")
+    oracle = ((payload.get("source") or {}).get("demo") or {}).get("generation", {}).get("oracle")
+    if oracle and (payload.get("source") or {}).get("task") == oracle.get("task"):
+        from kdscale.data.demo.mimic_oracle import format_ceilings
+        lines.append(format_ceilings(oracle))
     return "\n".join(lines)
 
 

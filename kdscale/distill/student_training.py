@@ -62,6 +62,10 @@ class StudentRunConfig:
     ensemble_for: dict[str, str] = field(default_factory=dict)          # mind: modality -> ensemble name
     teacher_ensemble: str = "report"      # mmpkd: the privileged teacher ensemble (soft-label ensemble name)
     fusion_samples: Literal["", "paired", "defined"] = ""   # joint/medfuse: "" = the method's default
+    # Which samples the student trains and is selected on: "all" = every sample with a modality it
+    # reads (MIND's unimodal heads also learn from unpaired stays); "paired" = only samples with
+    # both image and EHR (MIND's small paired set, method-and-data.md §3.7 paired_ehr_cxr).
+    samples: Literal["all", "paired"] = "all"
     main_head: str = ""                   # model selection head; "" = routed (multimodal) / image
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_size: Optional[int] = None      # overrides loader.batch_size
@@ -81,6 +85,9 @@ class StudentRunConfig:
         if self.online_kd and self.method != "mind":
             raise ValueError(f"student {self.name!r}: online_kd is a MIND measurement mode (an image-only student's "
                              f"loader does not read the report its teacher needs)")
+        if self.samples == "paired" and self.loader_modalities() != ["image", "ehr"]:
+            raise ValueError(f"student {self.name!r}: samples paired needs a multimodal student (image and ehr); "
+                             f"this one reads {self.loader_modalities()}")
         if self.method == "mmpkd" and self.mmpkd.lam > 0 and not self.teacher_ensemble:
             raise ValueError(f"student {self.name!r}: mmpkd with lam {self.mmpkd.lam} needs teacher_ensemble")
         if self.model.kind == "multi":
@@ -282,11 +289,14 @@ def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_i
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def student_loader_config(cfg, student: StudentRunConfig):
+def student_loader_config(cfg, student: StudentRunConfig, *, training: bool = True):
+    """The student's loader settings; ``samples: paired`` restricts training and model selection,
+    never evaluation (``training=False``: every test sample, for the §1.4 cohorts)."""
     modalities = student.loader_modalities()
-    return dataclasses.replace(cfg.loader, modalities=modalities,
-                               require=[student.head] if student.model.kind in ("vit", "unimodal") or (
-                                   student.model.kind == "multi" and len(modalities) == 1) else [],
+    require = [student.head] if student.model.kind in ("vit", "unimodal") or (
+        student.model.kind == "multi" and len(modalities) == 1) else \
+        ["image", "ehr"] if student.samples == "paired" and training else []
+    return dataclasses.replace(cfg.loader, modalities=modalities, require=require,
                                batch_size=student.batch_size or cfg.loader.batch_size)
 
 

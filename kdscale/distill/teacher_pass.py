@@ -66,7 +66,7 @@ def load_teachers(cfg) -> LoadedTeachers:
     from kdscale.distill.teachers import load_teacher, teachers_dir
 
     models, infos, label_names = [], [], None
-    for teacher in cfg.teachers.members:
+    for teacher in cfg.teachers.task_members():   # data radiology teachers are pretraining steps
         folder = teachers_dir(cfg) / teacher.name
         info_path = folder / "teacher.json"
         if not info_path.is_file():
@@ -80,7 +80,7 @@ def load_teachers(cfg) -> LoadedTeachers:
         model, loaded = load_teacher(folder / "teacher.pt")
         if label_names is not None and loaded["label_names"] != label_names:
             raise DataError(f"teacher {teacher.name!r} predicts {loaded['label_names']}, teacher "
-                            f"{cfg.teachers.members[0].name!r} {label_names}: one pass needs one label set",
+                            f"{cfg.teachers.task_members()[0].name!r} {label_names}: one pass needs one label set",
                             file=folder / "teacher.pt")
         label_names = loaded["label_names"]
         models.append(model)

@@ -33,10 +33,22 @@ class TeacherConfig:
     epochs: Optional[int] = None          # overrides teachers.train.epochs
     lr: Optional[float] = None            # overrides teachers.train.optimizer.lr
     batch_size: Optional[int] = None      # overrides loader.batch_size
+    # What the teacher trains on: "task" = the run's data shards (its task's labels); "radiology" =
+    # the CheXpert labels of EVERY film of the same MIMIC tree (MedFuse's CXR pretraining,
+    # method-and-data.md §3.10), read into a second shard set <shards.out_dir>-radiology by the
+    # teachers stage. A radiology teacher is a pretraining step: it is in no ensemble and the
+    # teacher pass skips it.
+    data: Literal["task", "radiology"] = "task"
+    # Start from another teacher's encoder ("teachers/<name>": an earlier member of this run) or a
+    # local checkpoint path (teacher.pt or a state dict); the head is new (label sets may differ).
+    init_from: str = ""
 
     def __post_init__(self) -> None:
         if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
             raise ValueError(f"teacher name {self.name!r} must be non-empty letters, digits, '_' or '-'")
+        if self.data == "radiology" and self.model.modality != "image":
+            raise ValueError(f"teacher {self.name!r}: data radiology trains on films; model.modality must be "
+                             f"image, got {self.model.modality!r}")
 
 
 @dataclass
@@ -67,13 +79,35 @@ class TeachersConfig:
                 raise ValueError(f"teachers.ensembles {ens.name!r}: unknown members {unknown}; teachers: {names}")
             if ens.rule == "fixed" and sorted(ens.weights) != sorted(ens.members):
                 raise ValueError(f"teachers.ensembles {ens.name!r}: rule fixed needs one weight per member")
+            pretrain = [m for m in ens.members if m in self._pretrain_names()]
+            if pretrain:
+                raise ValueError(f"teachers.ensembles {ens.name!r}: {pretrain} train on data radiology (another "
+                                 f"label set); only data task teachers can be ensembled")
+        for i, t in enumerate(self.members):
+            if t.init_from.startswith("teachers/"):
+                source = t.init_from.split("/", 1)[1]
+                if source not in names[:i]:
+                    raise ValueError(f"teachers.members[{i}] ({t.name}).init_from {t.init_from!r}: no earlier "
+                                     f"member named {source!r} (earlier: {names[:i]})")
+                other = self.members[names.index(source)]
+                if (other.model.modality, other.model.arch) != (t.model.modality, t.model.arch):
+                    raise ValueError(f"teachers.members[{i}] ({t.name}).init_from {t.init_from!r}: that teacher is "
+                                     f"{other.model.modality}/{other.model.arch}, this one "
+                                     f"{t.model.modality}/{t.model.arch}")
+
+    def _pretrain_names(self) -> set:
+        return {t.name for t in self.members if t.data != "task"}
+
+    def task_members(self) -> list[TeacherConfig]:
+        """The teachers of the run's task: the ones the teacher pass runs and ensembles combine."""
+        return [t for t in self.members if t.data == "task"]
 
     def resolved_ensembles(self) -> list[EnsembleConfig]:
         """The configured ensembles, or one uniform one per modality, named after the modality."""
         if self.ensembles:
             return list(self.ensembles)
         by_modality: dict[str, list[str]] = {}
-        for t in self.members:
+        for t in self.task_members():
             by_modality.setdefault(t.model.modality, []).append(t.name)
         return [EnsembleConfig(name=m, members=names) for m, names in by_modality.items()]
 
@@ -125,13 +159,44 @@ def teacher_train_config(cfg, teacher: TeacherConfig) -> TrainConfig:
 
 
 def teacher_fingerprint(cfg, teacher: TeacherConfig, data_index: dict) -> str:
-    """What a trained teacher depends on: its config, the training config, the shard set."""
+    """What a trained teacher depends on: its config, the training config, the shard set, and
+    the checkpoint it starts from."""
     from kdscale.config import to_dict
+    from kdscale.data.tario import sha256_file
 
     payload = {"teacher": to_dict(teacher), "train": to_dict(teacher_train_config(cfg, teacher)),
                "loader": to_dict(cfg.loader), "data_config_hash": data_index.get("config_hash"),
                "shards": [s["sha256"] for s in data_index["shards"]]}
+    if teacher.init_from:
+        payload["init_from_sha256"] = sha256_file(init_checkpoint(cfg, teacher))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def init_checkpoint(cfg, teacher: TeacherConfig) -> Path:
+    """The file ``teacher.init_from`` names: teachers/<name> -> that teacher's teacher.pt."""
+    if teacher.init_from.startswith("teachers/"):
+        path = teachers_dir(cfg) / teacher.init_from.split("/", 1)[1] / "teacher.pt"
+        hint = f" (train it first: `kdscale teachers --only {teacher.init_from.split('/', 1)[1]}`)"
+    else:
+        path, hint = Path(teacher.init_from), ""
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher {teacher.name}: init_from {teacher.init_from!r}: {path} not found{hint}")
+    return path
+
+
+def radiology_view(cfg):
+    """``cfg`` reading the radiology task (every film, CheXpert labels) of the same MIMIC tree,
+    with its own shard folder next to the run's: what data radiology teachers train on."""
+    source = cfg.data.source
+    section = getattr(cfg.data, source, None)
+    if source not in ("mimic", "demo") or (source == "demo" and section.flavor != "mimic"):
+        raise ValueError(f"a teacher with data radiology needs a MIMIC source (data.source mimic, or demo with "
+                         f"flavor mimic); data.source is {source!r}")
+    from kdscale.data.shards import shards_out_dir
+
+    data = dataclasses.replace(cfg.data, **{source: dataclasses.replace(section, task="radiology")})
+    shards = dataclasses.replace(cfg.shards, out_dir=str(shards_out_dir(cfg)) + "-radiology")
+    return dataclasses.replace(cfg, data=data, shards=shards)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,7 +314,15 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
     from kdscale.models.registry import build_model, count_parameters
 
     world = detect_world()
-    shard_dir = shards_out_dir(cfg)
+    data_cfg = cfg
+    if teacher.data == "radiology":
+        from kdscale.data.shards import build_shards
+
+        data_cfg = radiology_view(cfg)
+        built = build_shards(data_cfg, workers=1)   # a no-op once complete (same data config)
+        if not built.get("complete", True):
+            raise RuntimeError(f"radiology shards in {shards_out_dir(data_cfg)} are incomplete: {built}")
+    shard_dir = shards_out_dir(data_cfg)
     index = read_index(shard_dir, "train")
     label_names, n_features = index["label_names"], int((index.get("ehr") or {}).get("num_features") or 0)
     out = teachers_dir(cfg) / teacher.name
@@ -260,7 +333,10 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
     if info is not None:
         return info
     seed_everything(cfg.run.seed, world.rank)
-    model = build_model(teacher.model, len(label_names), ehr_features=n_features or 76)
+    model_cfg = teacher.model
+    if teacher.init_from:   # the encoder only: load_encoder_weights takes a teacher.pt's encoder.backbone.*
+        model_cfg = dataclasses.replace(teacher.model, pretrained_path=str(init_checkpoint(cfg, teacher)))
+    model = build_model(model_cfg, len(label_names), ehr_features=n_features or 76)
     loader_cfg = _loader_config(cfg, teacher)
     if getattr(model, "needs_fit", False):
         fit_preprocessing(model, shard_dir, loader_cfg)
@@ -270,7 +346,8 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
     if world.rank == 0:
         print(f"teacher {teacher.name}: {teacher.model.modality} {teacher.model.arch}, {n_params:,} parameters, "
               f"{train_loader.plan.num_samples} train / {val_loader.plan.num_samples} val samples with "
-              f"{teacher.model.modality}")
+              f"{teacher.model.modality} ({teacher.data}: {len(label_names)} labels)"
+              + (f", encoder from {teacher.init_from}" if teacher.init_from else ""))
     task = UnimodalTask(teacher.model.modality, cfg.teachers.task)
     trainer = Trainer(teacher_train_config(cfg, teacher), out, model, task, train_loader, val_loader,
                       label_names=label_names, config_hash=fingerprint)
@@ -284,6 +361,7 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
         best_record = max((r for r in result.history if r.get("auroc_macro") is not None),
                           key=lambda r: r["auroc_macro"], default={})
         info = {"name": teacher.name, "modality": teacher.model.modality, "arch": teacher.model.arch,
+                "data": teacher.data, "init_from": teacher.init_from,
                 "parameters": n_params, "label_names": label_names, "fingerprint": fingerprint,
                 "checkpoint": str((out / "teacher.pt").resolve()), "checkpoint_sha256": sha256_file(out / "teacher.pt"),
                 "val_auroc_macro": best_record.get("auroc_macro"), "val_auprc_macro": best_record.get("auprc_macro"),

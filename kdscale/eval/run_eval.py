@@ -329,7 +329,8 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
     for student in trained:
         model, info = load_student(student_dir(cfg, student) / "student.pt")
         task = build_task(student, info["ensemble_names"], info["task"])
-        loader_cfg = dataclasses.replace(student_loader_config(cfg, student), drop_last=False, num_workers=0)
+        loader_cfg = dataclasses.replace(student_loader_config(cfg, student, training=False), drop_last=False,
+                                         num_workers=0)
         loader = build_loader(shards_out_dir(cfg), split, loader_cfg, train=False, rank=0, world_size=1)
         multimodal = not student.image_only and student.model.kind != "unimodal"
         if student.model.kind == "multi":   # drop each of ITS modalities in turn (kdscale/eval/modality_eval.py)

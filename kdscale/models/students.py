@@ -606,7 +606,9 @@ def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
             wanted = [m for m, e in self.encoders.items() if getattr(e, "needs_fit", False)]
             if not wanted:
                 return
-            kept = [{m: batch_entry(b, m, m) for m in wanted} for b in batches]
+            # the meta travels too: the report tokenizer counts distinct patients per word
+            # (vocab_min_patients, a privacy setting)
+            kept = [{**{m: batch_entry(b, m, m) for m in wanted}, "meta": b.get("meta")} for b in batches]
             for m in wanted:
                 self.encoders[m].fit(kept)
 

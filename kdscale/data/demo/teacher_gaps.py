@@ -1,0 +1,117 @@
+"""Teachers against the demo's oracle ceilings: how far each teacher (and ensemble) got from
+chance (0.5) towards the Bayes-optimal ceiling of its own modality, on the labels that modality
+carries by design, on one split (validation by default: the split designs are chosen on).
+
+    python -m kdscale.data.demo.teacher_gaps RUN_DIR [--split val]
+
+Reads the soft labels the teacher pass wrote (``<softlabels>/<split>/*.tar``: every teacher's
+logits per sample), the recorded labels from the demo tree's listfiles and the oracle CSV the
+generator wrote (kdscale/data/demo/mimic_oracle.py). Both are matched on the sample key.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+
+from kdscale.data.mimic_demo_signal import EHR_DRIVEN, IMAGE_DRIVEN, PHENOTYPES
+
+CARRIED = {"image": IMAGE_DRIVEN, "ehr": EHR_DRIVEN}
+
+
+def _recorded_labels(demo_dir: Path) -> dict:
+    from kdscale.data.record import safe_key
+
+    out = {}
+    root = demo_dir / "mimic4extract" / "phenotyping"
+    for split in ("train", "val", "test"):
+        with open(root / f"{split}_listfile.csv", newline="") as fh:
+            for row in csv.DictReader(fh):
+                subject = row["stay"].split("_")[0]
+                out[safe_key(subject, row["stay_id"])] = np.array([float(row[n]) for n in PHENOTYPES])
+    return out
+
+
+def _oracle(demo_dir: Path) -> dict:
+    from kdscale.data.demo.mimic_demo import ORACLE_CSV
+
+    out = {}
+    with open(demo_dir / ORACLE_CSV, newline="") as fh:
+        for row in csv.DictReader(fh):
+            out[row["key"]] = {v: np.array([float(row[f"{v}/{n}"]) if row[f"{v}/{n}"] else np.nan
+                                            for n in PHENOTYPES]) for v in ("image", "ehr", "both")}
+    return out
+
+
+def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
+    from kdscale.eval.metrics import auroc
+
+    vals = [auroc(y[:, PHENOTYPES.index(n)], p[:, PHENOTYPES.index(n)]) for n in names]
+    vals = [v for v in vals if np.isfinite(v)]
+    return float(np.mean(vals)) if vals else float("nan")
+
+
+def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
+    import yaml
+
+    from kdscale.distill.softlabels import read_soft_index, read_soft_shard
+
+    run = Path(run_dir)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())   # the run's resolved config
+    demo_dir = Path(cfg["data"]["demo"]["out_dir"])
+    soft_dir = Path(cfg.get("softlabels", {}).get("out_dir") or run / "softlabels")
+    index = read_soft_index(soft_dir)
+    teachers, ensembles = list(index["teacher_names"]), list(index["ensemble_names"])
+    keys, logits, seen, ens, ens_seen = [], [], [], [], []
+    for path in sorted((soft_dir / split).glob("shard-*.tar")):
+        shard = read_soft_shard(path)
+        keys += shard.keys
+        logits.append(shard.logits.astype(np.float32))
+        seen.append(shard.seen)
+        ens.append(shard.ensemble.astype(np.float32))
+        ens_seen.append(shard.ensemble_seen)
+    logits, seen, ens, ens_seen = (np.concatenate(a) for a in (logits, seen, ens, ens_seen))
+    labels, oracle = _recorded_labels(demo_dir), _oracle(demo_dir)
+    y = np.stack([labels[k] for k in keys])
+    modality_of = {t["name"]: t["modality"] for t in index.get("teachers", [])}
+    rows = []
+    units = [(n, logits[:, i], seen[:, i], modality_of.get(n)) for i, n in enumerate(teachers)]
+    units += [(f"ensemble {n}", ens[:, g], ens_seen[:, g], n if n in CARRIED else None) for g, n in enumerate(ensembles)]
+    for name, z, has, modality in units:
+        if modality not in CARRIED:
+            continue
+        rows_k = np.nonzero(has)[0]
+        ceiling = np.stack([oracle[keys[i]][modality] for i in rows_k])
+        value = _macro(y[rows_k], z[rows_k], CARRIED[modality])
+        top = _macro(y[rows_k], ceiling, CARRIED[modality])
+        rows.append({"teacher": name, "modality": modality, "split": split, "n": int(len(rows_k)),
+                     "auroc_carried": round(value, 4), "ceiling_carried": round(top, 4),
+                     "fraction_of_way": round((value - 0.5) / (top - 0.5), 3) if top > 0.5 else None,
+                     "auroc_all25": round(_macro(y[rows_k], z[rows_k], PHENOTYPES), 4)})
+    return rows
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir")
+    parser.add_argument("--split", default="val", choices=["train", "val", "test"])
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+    rows = teacher_gaps(args.run_dir, args.split)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'teacher':<22} {'modality':<8} {'n':>5} {'AUROC carried':>14} {'ceiling':>8} {'of the way':>10} "
+          f"{'AUROC all 25':>12}   ({args.split})")
+    for r in rows:
+        print(f"{r['teacher']:<22} {r['modality']:<8} {r['n']:>5} {r['auroc_carried']:>14.3f} "
+              f"{r['ceiling_carried']:>8.3f} {r['fraction_of_way']:>10.2f} {r['auroc_all25']:>12.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
