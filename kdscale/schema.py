@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal, Optional
 
 from kdscale.config import path_field
@@ -65,6 +66,9 @@ class EvalConfig:
     localization_threshold: float = 0.5   # of the min-max normalised map (docs/eval.md)
     teachers: bool = True                 # also evaluate every teacher and ensemble from the soft labels
     oracle_scores: str = path_field("", must_exist=False)  # CSV: key + <view>/<label> Bayes-optimal probabilities
+    # true: oracle_scores = the ceilings the demo generator wrote into data.demo.out_dir (follows
+    # that folder when it is overridden); an explicit oracle_scores wins
+    oracle_from_demo: bool = False
     signal_labels: list[str] = field(default_factory=list)  # macros also over these labels (docs/eval.md)
 
     def __post_init__(self) -> None:
@@ -87,6 +91,14 @@ class Config:
 
     def __post_init__(self) -> None:
         check_students(self.students, self.teachers)
+        if self.eval.oracle_from_demo and not self.eval.oracle_scores:
+            demo = self.data.demo
+            if self.data.source != "demo" or demo.flavor != "mimic" or demo.task != "phenotyping":
+                raise ValueError("eval.oracle_from_demo: the generator writes ceilings for the MIMIC demo's "
+                                 "phenotyping task only (data.source demo, data.demo.flavor mimic, data.demo.task "
+                                 "phenotyping); set eval.oracle_from_demo false or give eval.oracle_scores")
+            from kdscale.data.demo.mimic_demo import ORACLE_CSV   # numpy only; the demo's file layout
+            self.eval.oracle_scores = str(Path(demo.out_dir) / ORACLE_CSV)
 
 
 def load_config(path=None, overrides=(), base_dir=None) -> Config:
