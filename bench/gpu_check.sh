@@ -46,18 +46,20 @@ WORK="$(mktemp -d "${TMPDIR:-/tmp}/kdscale-gpu-check-XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
 if [ "$DEVICE" = cuda ]; then
   log "2/3 Accelerate + DeepSpeed ZeRO-2: train, save, resume"
-  common=(--cfg configs/demo.yaml "run.out_dir=$WORK/run" "data.demo.out_dir=$WORK/demo" data.demo.n=200
-          loader.image_size=128 teachers.train.epochs=1)
-  python -m kdscale.cli pipeline "${common[@]}" --stages data,shards,teachers,softlabels > "$WORK/prep.log" 2>&1 \
-    || { tail -n 30 "$WORK/prep.log"; exit 1; }
-  ds=(--only mind students.0.train.precision=bf16 students.0.train.deepspeed.enabled=true
-      students.0.train.deepspeed.zero_stage=2 students.0.train.steps_per_epoch=8)
+  # the demo as shipped (its teachers, soft labels and the MIND student); options before the
+  # key=value overrides (argparse takes one run of overrides)
+  overrides=("run.out_dir=$WORK/run" "data.demo.out_dir=$WORK/demo")
+  python -m kdscale.cli pipeline --cfg configs/demo.yaml --stages data,shards,teachers,softlabels "${overrides[@]}" \
+    > "$WORK/prep.log" 2>&1 || { tail -n 30 "$WORK/prep.log"; exit 1; }
+  ds=(students.0.train.precision=bf16 students.0.train.deepspeed.enabled=true students.0.train.deepspeed.zero_stage=2
+      students.0.train.steps_per_epoch=4)
   t0=$(date +%s)
-  torchrun --standalone --nproc_per_node 1 -m kdscale.cli train "${common[@]}" "${ds[@]}" \
-    students.0.train.epochs=1 > "$WORK/ds1.log" 2>&1 || { tail -n 40 "$WORK/ds1.log"; exit 1; }
+  torchrun --standalone --nproc_per_node 1 -m kdscale.cli train --cfg configs/demo.yaml --only mind \
+    "${overrides[@]}" "${ds[@]}" students.0.train.epochs=1 > "$WORK/ds1.log" 2>&1 || { tail -n 40 "$WORK/ds1.log"; exit 1; }
   t1=$(date +%s)
-  torchrun --standalone --nproc_per_node 1 -m kdscale.cli train "${common[@]}" "${ds[@]}" \
-    students.0.train.epochs=2 --resume latest --force > "$WORK/ds2.log" 2>&1 || { tail -n 40 "$WORK/ds2.log"; exit 1; }
+  torchrun --standalone --nproc_per_node 1 -m kdscale.cli train --cfg configs/demo.yaml --only mind --resume latest \
+    --force "${overrides[@]}" "${ds[@]}" students.0.train.epochs=2 > "$WORK/ds2.log" 2>&1 \
+    || { tail -n 40 "$WORK/ds2.log"; exit 1; }
   t2=$(date +%s)
   python - "$WORK/run/students/mind" "$OUT/deepspeed.json" "$((t1 - t0))" "$((t2 - t1))" <<'EOF'
 import json, math, sys
