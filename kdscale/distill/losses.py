@@ -458,6 +458,18 @@ def _convex(z: Tensor, labels, s: Tensor, has_t: Tensor, m: Tensor, lam: float, 
 # One distillation method for any student
 # ----------------------------------------------------------------------------------------------
 
+def _general_inputs(outputs: Mapping[str, Tensor], batch: Mapping, cfg: DistillLossConfig):
+    """(labels on the heads' device, batch size, device, head masks) of the general objective;
+    a head named in the config but missing from the student is an error."""
+    unknown = sorted(set(cfg.heads) - set(outputs))
+    if unknown:
+        raise KeyError(f"the loss config names heads {unknown} that the student does not have "
+                       f"(student heads: {sorted(outputs)})")
+    labels = torch.as_tensor(batch["labels"])
+    device = next(iter(outputs.values())).device
+    return labels.to(device), labels.shape[0], device, batch.get("masks") or {}
+
+
 def distill_terms(outputs: Mapping[str, Tensor], batch: Mapping, cfg: DistillLossConfig) -> list[LossTerm]:
     """The weighted terms of the general objective (``combine: sum``): per head h in
     ``outputs``, ``sup_<h>`` (weight heads[h].sup, samples ``batch["masks"][h]``) and, when h has
@@ -466,16 +478,7 @@ def distill_terms(outputs: Mapping[str, Tensor], batch: Mapping, cfg: DistillLos
     {head: (q [B, C] at cfg.temperature, has_target bool [B])}. Terms of weight 0 are left out."""
     if "labels" not in batch:
         raise KeyError("batch has no 'labels'")
-    unknown = sorted(set(cfg.heads) - set(outputs))
-    if unknown:
-        raise KeyError(f"the loss config names heads {unknown} that the student does not have "
-                       f"(student heads: {sorted(outputs)})")
-    labels = torch.as_tensor(batch["labels"])
-    b = labels.shape[0]
-    any_head = next(iter(outputs.values()))
-    device = any_head.device
-    labels = labels.to(device)
-    masks = batch.get("masks") or {}
+    labels, b, device, masks = _general_inputs(outputs, batch, cfg)
     terms: list[LossTerm] = []
     for head in outputs:
         spec = cfg.head(head)
@@ -501,16 +504,7 @@ def distill_loss(outputs: Mapping[str, Tensor], batch: Mapping, cfg: DistillLoss
         return _combine(distill_terms(outputs, batch, cfg), outputs, cfg, weighting)
     if weighting is not None:
         raise ValueError("learnable omega is for combine 'sum'; combine 'convex' has a fixed mixing weight")
-    unknown = sorted(set(cfg.heads) - set(outputs))
-    if unknown:
-        raise KeyError(f"the loss config names heads {unknown} that the student does not have "
-                       f"(student heads: {sorted(outputs)})")
-    labels = torch.as_tensor(batch["labels"])
-    b = labels.shape[0]
-    any_head = next(iter(outputs.values()))
-    device = any_head.device
-    labels = labels.to(device)
-    masks = batch.get("masks") or {}
+    labels, b, device, masks = _general_inputs(outputs, batch, cfg)
     total = sum(torch.where(torch.isfinite(o), o, _zero(o)).sum() * 0.0 for o in outputs.values())
     values: dict[str, Tensor] = {}
     for head, z in outputs.items():

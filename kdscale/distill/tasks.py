@@ -134,6 +134,15 @@ class KdUncertaintyWeighting(nn.Module):
 # MIND
 # ----------------------------------------------------------------------------------------------
 
+def _logged_terms(terms: dict, weighting) -> dict:
+    """The loss terms for logging (detached), plus each learned ω = exp(-s) when ω is learnable."""
+    out = {k: v.detach() for k, v in terms.items()}
+    if weighting is not None:
+        s = weighting.inner._s().detach()
+        out.update({f"omega/{n}": torch.exp(-v) for n, v in zip(weighting.names, s)})
+    return out
+
+
 class MindTask:
     """MIND on a :class:`~kdscale.models.students.MultimodalStudent` with aux heads.
 
@@ -238,11 +247,7 @@ class MindTask:
                 "soft_targets": self.soft_targets(batch, device)}
         weighting = self.weighting(model)
         total, terms = mind_loss(outputs, view, self.loss_cfg, weighting)
-        terms = {k: v.detach() for k, v in terms.items()}
-        if weighting is not None:
-            s = weighting.inner._s().detach()
-            terms.update({f"omega/{n}": torch.exp(-v) for n, v in zip(weighting.names, s)})
-        return total, terms
+        return total, _logged_terms(terms, weighting)
 
     def predict(self, model, batch: dict) -> dict:
         outputs = model(batch)
@@ -323,11 +328,7 @@ class DistillTask:
                 "soft_targets": self.soft_targets(batch, device)}
         weighting = self.weighting(model)
         total, terms = distill_loss(outputs, view, self.loss_cfg, weighting)
-        terms = {k: v.detach() for k, v in terms.items()}
-        if weighting is not None:
-            s = weighting.inner._s().detach()
-            terms.update({f"omega/{n}": torch.exp(-v) for n, v in zip(weighting.names, s)})
-        return total, terms
+        return total, _logged_terms(terms, weighting)
 
     def predict(self, model, batch: dict) -> dict:
         outputs = model(batch)

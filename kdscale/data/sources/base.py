@@ -180,8 +180,6 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, tuple[int, int]]:
 
     Returns the original encoded bytes and (width, height). Raises RecordError with the reason.
     """
-    from PIL import Image, UnidentifiedImageError
-
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -191,17 +189,26 @@ def read_image(path: str | os.PathLike) -> tuple[bytes, tuple[int, int]]:
         raise RecordError(f"image file unreadable: {path}: {exc.strerror or exc}") from None
     if not data:
         raise RecordError(f"image file is empty: {path}")
+    return data, decoded_image_size(data, path)
+
+
+def decoded_image_size(data: bytes, where) -> tuple[int, int]:
+    """(width, height) of encoded image bytes after a FULL decode, so truncated files fail here
+    and not in the training loop. ``where`` (a path, a tar member) names the image in the
+    RecordError raised for an undecodable, oversized or empty image."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # full decode: a truncated JPEG/PNG raises here
             size = img.size
     except Image.DecompressionBombError as exc:  # a subclass of nothing above: catch it first
-        raise RecordError(f"image too large: {path}: {exc}") from None
+        raise RecordError(f"image too large: {where}: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise RecordError(f"corrupt or truncated image: {path}: {exc}") from None
+        raise RecordError(f"corrupt or truncated image: {where}: {exc}") from None
     if size[0] < 1 or size[1] < 1:
-        raise RecordError(f"image has no pixels: {path}")
-    return data, size
+        raise RecordError(f"image has no pixels: {where}")
+    return size
 
 
 # ---------------------------------------------------------------------------------------------
