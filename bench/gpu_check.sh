@@ -15,6 +15,8 @@
 # Prints each figure and saves OUT_DIR/{student,teacher_pass,deepspeed,gpu_check}.json; the
 # figures belong in docs/benchmarks.md ("GPU check").
 #
+# On a GPU image without a package index: KDSCALE_VENV=system bash bench/gpu_check.sh (its own
+# CUDA torch, the missing pure-Python packages installed beside it; launch/env.sh).
 # GPU_CHECK_DEVICE=cpu runs parts 1 and 3 on the CPU at small sizes (a check of this script on a
 # machine without a GPU; DeepSpeed through Accelerate needs a GPU and is skipped there).
 set -euo pipefail
@@ -24,10 +26,12 @@ DEVICE="${GPU_CHECK_DEVICE:-cuda}"
 . "$ROOT/launch/env.sh"
 cd "$ROOT"
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+# the venv's python, or with KDSCALE_VENV=system the interpreter on PATH (a GPU image's CUDA torch)
+PY="${PYTHON:-$(command -v python || command -v python3)}"
 
 if [ "$DEVICE" = cuda ]; then
-  python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
-    echo "[gpu_check] torch sees no CUDA device (torch $(python -c 'import torch; print(torch.__version__)')):" \
+  "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
+    echo "[gpu_check] torch sees no CUDA device (torch $("$PY" -c 'import torch; print(torch.__version__)')):" \
          "a CPU-only torch build, or no GPU. GPU_CHECK_DEVICE=cpu checks the script itself." >&2; exit 3; }
   N=600; SIZE=224; STEPS=20; PASS_N=600; WORKERS=2
 else
@@ -39,7 +43,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > 
 log "device: $DEVICE ($(cat "$OUT/gpu.txt"))"
 
 log "1/3 student throughput (fp32 vs bf16, data wait, peak memory)"
-python bench/bench_student.py --device "$DEVICE" --n "$N" --image-size "$SIZE" --steps "$STEPS" --repeats 2 \
+"$PY" bench/bench_student.py --device "$DEVICE" --n "$N" --image-size "$SIZE" --steps "$STEPS" --repeats 2 \
   --workers "$WORKERS" --out "$OUT/student.json" 2>&1 | tail -n 12
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kdscale-gpu-check-XXXXXX")"
@@ -49,19 +53,19 @@ if [ "$DEVICE" = cuda ]; then
   # the demo as shipped (its teachers, soft labels and the MIND student); options before the
   # key=value overrides (argparse takes one run of overrides)
   overrides=("run.out_dir=$WORK/run" "data.demo.out_dir=$WORK/demo")
-  python -m kdscale.cli pipeline --cfg configs/demo.yaml --stages data,shards,teachers,softlabels "${overrides[@]}" \
+  "$PY" -m kdscale.cli pipeline --cfg configs/demo.yaml --stages data,shards,teachers,softlabels "${overrides[@]}" \
     > "$WORK/prep.log" 2>&1 || { tail -n 30 "$WORK/prep.log"; exit 1; }
   ds=(students.0.train.precision=bf16 students.0.train.deepspeed.enabled=true students.0.train.deepspeed.zero_stage=2
       students.0.train.steps_per_epoch=4)
   t0=$(date +%s)
-  torchrun --standalone --nproc_per_node 1 -m kdscale.cli train --cfg configs/demo.yaml --only mind \
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m kdscale.cli train --cfg configs/demo.yaml --only mind \
     "${overrides[@]}" "${ds[@]}" students.0.train.epochs=1 > "$WORK/ds1.log" 2>&1 || { tail -n 40 "$WORK/ds1.log"; exit 1; }
   t1=$(date +%s)
-  torchrun --standalone --nproc_per_node 1 -m kdscale.cli train --cfg configs/demo.yaml --only mind --resume latest \
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node 1 -m kdscale.cli train --cfg configs/demo.yaml --only mind --resume latest \
     --force "${overrides[@]}" "${ds[@]}" students.0.train.epochs=2 > "$WORK/ds2.log" 2>&1 \
     || { tail -n 40 "$WORK/ds2.log"; exit 1; }
   t2=$(date +%s)
-  python - "$WORK/run/students/mind" "$OUT/deepspeed.json" "$((t1 - t0))" "$((t2 - t1))" <<'EOF'
+  "$PY" - "$WORK/run/students/mind" "$OUT/deepspeed.json" "$((t1 - t0))" "$((t2 - t1))" <<'EOF'
 import json, math, sys
 from pathlib import Path
 run, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -81,10 +85,10 @@ else
 fi
 
 log "3/3 teacher pass"
-python bench/bench_teacher_pass.py --device "$DEVICE" --n "$PASS_N" --image-size "$SIZE" --skip-student \
+"$PY" bench/bench_teacher_pass.py --device "$DEVICE" --n "$PASS_N" --image-size "$SIZE" --skip-student \
   --work "$WORK/pass" --out "$OUT/teacher_pass.json" 2>&1 | tail -n 25
 
-python - "$OUT" "$DEVICE" "$(( $(date +%s) - started ))" <<'EOF'
+"$PY" - "$OUT" "$DEVICE" "$(( $(date +%s) - started ))" <<'EOF'
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])

@@ -2,8 +2,29 @@
 # Create (or reuse) the project's virtual environment with the pinned stack.
 # Idempotent: a stamp file records the hash of setup.cfg; nothing is reinstalled
 # while it matches. Source it (`. launch/env.sh`) to get the venv on PATH.
+#
+# KDSCALE_VENV=system uses the interpreter already on PATH instead (a cluster's module-provided or
+# a GPU image's CUDA torch, where no package index can be reached): nothing is created or
+# installed; the import check below names what is missing, and kdscale runs from this checkout.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [ "${KDSCALE_VENV:-}" = system ]; then
+  PY="${PYTHON:-python3}"
+  missing="$("$PY" - <<'PYEOF'
+import importlib.util
+need = ["torch", "torchvision", "webdataset", "timm", "transformers", "accelerate", "yaml", "numpy", "PIL", "tqdm",
+        "sklearn", "matplotlib"]
+print(" ".join(name for name in need if importlib.util.find_spec(name) is None))
+PYEOF
+)"
+  if [ -n "$missing" ]; then
+    echo "[kdscale] KDSCALE_VENV=system: $PY lacks: $missing (install them, or unset KDSCALE_VENV)" >&2
+    return 1 2>/dev/null || exit 1
+  fi
+  export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+  export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+  return 0 2>/dev/null || exit 0
+fi
 VENV="${KDSCALE_VENV:-$ROOT/.venv}"
 PY="${PYTHON:-python3}"
 STAMP="$VENV/.kdscale-installed"

@@ -84,3 +84,25 @@ def test_deepspeed_kill_after_save_resumes_to_the_uninterrupted_weights(tmp_path
     assert a["params"].keys() == b["params"].keys()
     diffs = {k: float((a["params"][k] - b["params"][k]).abs().max()) for k in a["params"]}
     assert max(diffs.values()) == 0.0, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_the_accelerate_deepspeed_plugin_gets_the_loaders_per_rank_batch_size():
+    """Accelerate fills ``train_micro_batch_size_per_gpu`` only from DataLoaders passed to
+    ``prepare()``; kdscale's loaders stay outside it, and on the first GPU run ``prepare()`` refused
+    to start with the value left on "auto". The trainer now states it from the loader's plan."""
+    from types import SimpleNamespace
+
+    from kdscale.engine.config import DeepSpeedConfig, TrainConfig
+    from kdscale.engine.trainer import deepspeed_plugin, micro_batch_size
+
+    shard_loader = SimpleNamespace(plan=SimpleNamespace(batch_size=24))
+    assert micro_batch_size(shard_loader) == 24
+    assert micro_batch_size(SimpleNamespace(batch_size=8)) == 8           # a torch DataLoader
+    with pytest.raises(ValueError, match="per-rank batch size"):
+        micro_batch_size(SimpleNamespace(batch_size=None))
+
+    cfg = TrainConfig(deepspeed=DeepSpeedConfig(enabled=True, zero_stage=3), grad_accum=2)
+    plugin = deepspeed_plugin(cfg, 24)
+    assert not plugin.is_auto("train_micro_batch_size_per_gpu")             # what prepare() checks
+    assert plugin.get_value("train_micro_batch_size_per_gpu") == 24
+    assert plugin.zero_stage == 3 and plugin.get_value("gradient_accumulation_steps") == 2

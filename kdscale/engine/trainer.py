@@ -75,6 +75,32 @@ def to_device(batch: dict, device) -> dict:
     return out
 
 
+def micro_batch_size(loader) -> int:
+    """Samples per rank and step: kdscale's ShardLoader plans it, a torch DataLoader states it."""
+    size = getattr(getattr(loader, "plan", None), "batch_size", None) or getattr(loader, "batch_size", None)
+    if not isinstance(size, int) or size < 1:
+        raise ValueError(f"DeepSpeed needs the per-rank batch size, and the train loader "
+                         f"({type(loader).__name__}) states none")
+    return size
+
+
+def deepspeed_plugin(cfg: TrainConfig, micro_batch: int):
+    """Accelerate's DeepSpeed settings for one training run.
+
+    Accelerate fills ``train_micro_batch_size_per_gpu`` only from DataLoaders passed to
+    ``prepare()``; kdscale's loaders stay outside it (they plan exact epochs per rank), so the
+    value is set here -- left on "auto", ``prepare()`` refuses to start (seen on the first GPU run).
+    """
+    from accelerate.utils import DeepSpeedPlugin
+
+    # zero3_save_16bit_model: get_state_dict gathers ZeRO-3's partitioned weights for the
+    # model-only checkpoints that best-model selection and student.pt read
+    plugin = DeepSpeedPlugin(zero_stage=cfg.deepspeed.zero_stage, gradient_accumulation_steps=cfg.grad_accum,
+                             gradient_clipping=cfg.clip_grad_norm or None, zero3_save_16bit_model=True)
+    plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = micro_batch
+    return plugin
+
+
 def peak_memory_mb(device) -> float:
     import torch
 
@@ -138,13 +164,7 @@ class Trainer:
             if device != "cuda":
                 raise ValueError("train.deepspeed.enabled needs GPUs: Accelerate drops DeepSpeed on CPU "
                                  "(docs/platform.md); use DDP on CPU")
-            from accelerate.utils import DeepSpeedPlugin
-            # zero3_save_16bit_model: get_state_dict gathers ZeRO-3's partitioned weights for the
-            # model-only checkpoints that best-model selection and student.pt read
-            kwargs["deepspeed_plugin"] = DeepSpeedPlugin(zero_stage=self.cfg.deepspeed.zero_stage,
-                                                         gradient_accumulation_steps=self.cfg.grad_accum,
-                                                         gradient_clipping=self.cfg.clip_grad_norm or None,
-                                                         zero3_save_16bit_model=True)
+            kwargs["deepspeed_plugin"] = deepspeed_plugin(self.cfg, micro_batch_size(self.train_loader))
         # Accelerate keeps ONE process-wide AcceleratorState and refuses a second Accelerator with
         # another precision; one process legitimately trains several models in turn (teachers,
         # then students, each with its own precision). Its process-group state (PartialState)
@@ -265,6 +285,10 @@ class Trainer:
 
     # -- the loop ------------------------------------------------------------------------------
     def fit(self, resume: Optional[str] = None) -> FitResult:
+        if self.device.type == "cuda":
+            # peak memory per run, not per process: one process trains teachers and students in turn
+            import torch
+            torch.cuda.reset_peak_memory_stats(self.device)
         self._prepare()
         self.save_request.install()
         result = FitResult()
