@@ -333,3 +333,37 @@ def test_kdscale_train_on_a_full_disk_ends_in_one_line_and_keeps_the_last_checkp
     assert not [p.name for p in folder.iterdir() if ".tmp." in p.name]
     state, path = CheckpointManager(folder).load("latest")
     assert path.name == "ckpt-e001-s00000003.pt" and state["epoch"] == 1
+
+
+def test_disk_full_while_logging_metrics_names_the_log(tmp_path):
+    """metrics.jsonl and TensorBoard writes that hit a full disk say which run's log failed."""
+    from kdscale.cli import describe_os_error
+    from kdscale.engine.logger import MetricsLogger
+
+    logger = MetricsLogger(tmp_path / "run")
+    logger.step({"step": 1, "epoch": 0, "loss": 0.5})
+    real = logger._jsonl
+
+    class _FullFile:                      # line-buffered text: the write reaches the disk at once
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    logger._jsonl = _FullFile()
+    with pytest.raises(OSError) as info:
+        logger.epoch({"step": 2, "epoch": 0, "auroc_macro": 0.6})
+    assert info.value.errno == errno.ENOSPC
+    assert describe_os_error(info.value) == f"{tmp_path / 'run' / 'metrics.jsonl'}: No space left on device [ENOSPC]"
+    logger._jsonl = real
+
+    class _FullTensorBoard:
+        def add_scalar(self, *args):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    logger._tb = _FullTensorBoard()
+    with pytest.raises(OSError) as info:
+        logger.step({"step": 3, "epoch": 1, "loss": 0.4})
+    assert info.value.filename == str(tmp_path / "run" / "tb")
+    logger._tb = None
+    logger.close()
+    assert [json.loads(line)["kind"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] \
+        == ["step", "step"]

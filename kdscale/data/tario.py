@@ -91,11 +91,11 @@ class TarShardWriter:
         info.size, info.mtime, info.mode = len(data), 0, 0o644
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        with _names_path(self.path):
+        with names_path(self.path):
             self._tar.addfile(info, io.BytesIO(data))
 
     def commit(self) -> dict:
-        with _names_path(self.path):
+        with names_path(self.path):
             self._tar.close()
             self._fh.flush()
             os.fsync(self._fh.fileno())
@@ -111,7 +111,7 @@ class TarShardWriter:
 
 
 @contextlib.contextmanager
-def _names_path(path: Path):
+def names_path(path: Path):
     """A write that fails for the OS (disk full: ``OSError(ENOSPC)`` from ``write``, which names
     no file) is re-raised naming the shard, so the CLI's one line says where."""
     try:

@@ -7,6 +7,8 @@ import logging
 import time
 from pathlib import Path
 
+from kdscale.data.tario import names_path
+
 log = logging.getLogger(__name__)
 
 
@@ -14,37 +16,45 @@ class MetricsLogger:
     def __init__(self, out_dir):
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
+        self._jsonl_path, self._tb_dir = self.out_dir / "metrics.jsonl", self.out_dir / "tb"
+        self._jsonl = open(self._jsonl_path, "a", buffering=1)
         try:
             from torch.utils.tensorboard import SummaryWriter
-            self._tb = SummaryWriter(str(self.out_dir / "tb"))
+            self._tb = SummaryWriter(str(self._tb_dir))
         except ImportError:  # tensorboard is optional at run time; JSONL is always written
             self._tb = None
 
+    # A full disk raises OSError(ENOSPC) from write(), which names no file: re-raised naming the
+    # log, so the CLI's one line says which run's metrics could not be written.
     def _write(self, kind: str, record: dict) -> None:
-        self._jsonl.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **record}) + "\n")
+        with names_path(self._jsonl_path):
+            self._jsonl.write(json.dumps({"kind": kind, "time": round(time.time(), 3), **record}) + "\n")
+
+    def _scalars(self, prefix: str, record: dict) -> None:
+        if self._tb is None:
+            return
+        with names_path(self._tb_dir):
+            for key, value in record.items():
+                if key not in ("step", "epoch") and isinstance(value, (int, float)):
+                    self._tb.add_scalar(f"{prefix}/{key}", value, record["step"])
 
     def step(self, record: dict) -> None:
         self._write("step", record)
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, record["step"])
+        self._scalars("train", record)
 
     def epoch(self, record: dict) -> None:
         self._write("epoch", record)
         printable = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in record.items()
                      if "/" not in k}
         log.info("epoch %s: %s", record.get("epoch"), printable)
-        if self._tb is not None:
-            for key, value in record.items():
-                if key not in ("step", "epoch") and isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"val/{key}", value, record["step"])
+        self._scalars("val", record)
 
     def event(self, record: dict) -> None:
         self._write("event", record)
 
     def close(self) -> None:
-        self._jsonl.close()
+        with names_path(self._jsonl_path):
+            self._jsonl.close()
         if self._tb is not None:
-            self._tb.close()
+            with names_path(self._tb_dir):
+                self._tb.close()
