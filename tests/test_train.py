@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -402,3 +403,25 @@ def test_eval_falls_back_to_the_best_checkpoint_when_student_pt_is_corrupt(prepa
     shutil.rmtree(copy / "checkpoints")
     with pytest.raises(CheckpointError, match="CRC|corrupt"):
         load_student(copy / "student.pt")
+
+
+def test_a_multi_student_trains_with_bf16_autocast(prepared, tmp_path):
+    """The any-modality student (kind multi, attention fusion, learnable ω) under bf16 autocast:
+    finite losses, every head's validation metrics, weights kept in fp32 for the checkpoint."""
+    from kdscale.distill.student_training import StudentRunConfig, load_student, train_student
+
+    root, cfg = prepared
+    spec = validate(StudentRunConfig, {
+        "name": "multi_bf16", "method": "mind", "learnable_omega": "uncertainty",
+        "model": {"kind": "multi", "modalities": ["image", "ehr"], "ehr_arch": "lstm_small", "fusion": "attention",
+                  "token_dim": 16},
+        "train": {**TRAIN, "precision": "bf16"}})
+    info = train_student(cfg, spec)
+    assert info["epochs_done"] == 1 and info["val_auroc_macro"] is not None
+    lines = [json.loads(x) for x in (Path(info["checkpoint"]).parent / "metrics.jsonl").read_text().splitlines()]
+    steps = [x for x in lines if x["kind"] == "step"]
+    assert steps and all(math.isfinite(x["loss"]) for x in steps)
+    assert {"kd_image", "kd_ehr", "omega/kd_image"} <= set(steps[0])
+    assert {"fusion/auroc_macro", "image/auroc_macro", "ehr/auroc_macro"} <= set(info["best_metrics"])
+    model, _ = load_student(info["checkpoint"])
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
