@@ -45,6 +45,13 @@ log "device: $DEVICE ($(cat "$OUT/gpu.txt"))"
 log "1/3 student throughput (fp32 vs bf16, data wait, peak memory)"
 "$PY" bench/bench_student.py --device "$DEVICE" --n "$N" --image-size "$SIZE" --steps "$STEPS" --repeats 2 \
   --workers "$WORKERS" --out "$OUT/student.json" 2>&1 | tail -n 12
+if [ "$DEVICE" = cuda ]; then
+  # the first H100 run waited 16-18% of each step for data with 2 workers: the same at 8 workers
+  # and batch 128 says whether the loader or the step's size is what holds the GPU back
+  log "1b/3 the same with 8 loader workers and batch 128"
+  "$PY" bench/bench_student.py --device "$DEVICE" --n "$N" --image-size "$SIZE" --steps 4 --repeats 2 \
+    --workers 8 --batch-size 128 --out "$OUT/student_w8_b128.json" 2>&1 | tail -n 6
+fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kdscale-gpu-check-XXXXXX")"
 trap 'rm -rf "$WORK"' EXIT
@@ -92,7 +99,8 @@ log "3/3 teacher pass"
 import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
-parts = {name: json.loads((out / f"{name}.json").read_text()) for name in ("student", "deepspeed", "teacher_pass")}
+parts = {name: json.loads((out / f"{name}.json").read_text())
+         for name in ("student", "student_w8_b128", "deepspeed", "teacher_pass") if (out / f"{name}.json").exists()}
 summary = {"device": sys.argv[2], "gpu": (out / "gpu.txt").read_text().strip(), "wall_s": int(sys.argv[3]), **parts}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
 print(f"saved {out / 'gpu_check.json'} ({summary['wall_s']} s)")
