@@ -73,7 +73,9 @@ def one_run(cfg, precision: str, steps: int, device: str, out: Path) -> dict:
     epoch_end = [e for e in events if e.get("event") == "epoch_end"][-1]   # the second epoch: warm
     steps_logged = [e for e in events if e.get("kind") == "step"]
     loader.close()
-    return {"precision": precision, "samples_per_s": epoch_end["samples_per_s_rank0"],
+    # the timed epoch has as many steps as the loader plans (at most --steps): recorded, not assumed
+    timed_steps = sum(1 for e in steps_logged if e.get("epoch") == epoch_end["epoch"])
+    return {"precision": precision, "samples_per_s": epoch_end["samples_per_s_rank0"], "steps_timed": timed_steps,
             "data_wait_fraction": epoch_end["data_wait_fraction"],
             "peak_memory_mb": max(e.get("peak_memory_mb", 0.0) for e in steps_logged), "wall_s": round(wall, 2),
             "final_loss": steps_logged[-1]["loss"]}
@@ -117,12 +119,15 @@ def main() -> int:
     wait = {p: statistics.median(r["data_wait_fraction"] for r in runs if r["precision"] == p) for p in ("fp32", "bf16")}
     summary = {"bench": "student", "device": args.device, "machine": platform.platform(), "cpus": os.cpu_count(),
                "n": args.n, "image_size": args.image_size, "batch_size": args.batch_size, "workers": args.workers,
-               "steps_timed": args.steps, "runs": runs, "median_samples_per_s": med,
+               "steps_requested": args.steps, "steps_timed": min(r["steps_timed"] for r in runs), "runs": runs, "median_samples_per_s": med,
                "median_data_wait_fraction": wait, "bf16_over_fp32": round(med["bf16"] / med["fp32"], 3)}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(summary, indent=2))
     print(f"MIND student ({args.device}): fp32 {med['fp32']:.1f} samples/s (data wait {wait['fp32']:.1%}), "
           f"bf16 {med['bf16']:.1f} samples/s (data wait {wait['bf16']:.1%}); bf16/fp32 = {summary['bf16_over_fp32']}")
+    if summary["steps_timed"] < args.steps:
+        print(f"note: the timed epoch had only {summary['steps_timed']} of the {args.steps} steps asked for "
+              f"(the split's batches per epoch at this --n, --batch-size and --workers)")
     print(f"saved {args.out}")
     return 0
 

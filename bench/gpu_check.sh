@@ -33,7 +33,7 @@ if [ "$DEVICE" = cuda ]; then
   "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 3)" || {
     echo "[gpu_check] torch sees no CUDA device (torch $("$PY" -c 'import torch; print(torch.__version__)')):" \
          "a CPU-only torch build, or no GPU. GPU_CHECK_DEVICE=cpu checks the script itself." >&2; exit 3; }
-  N=600; SIZE=224; STEPS=20; PASS_N=600; WORKERS=2
+  N=2000; SIZE=224; STEPS=20; PASS_N=600; WORKERS=2   # n 2000: 20 whole steps per epoch also at 8 workers
 else
   N=300; SIZE=64; STEPS=4; PASS_N=80; WORKERS=1
 fi
@@ -47,10 +47,10 @@ log "1/3 student throughput (fp32 vs bf16, data wait, peak memory)"
   --workers "$WORKERS" --out "$OUT/student.json" 2>&1 | tail -n 12
 if [ "$DEVICE" = cuda ]; then
   # the first H100 run waited 16-18% of each step for data with 2 workers: the same at 8 workers
-  # and batch 128 says whether the loader or the step's size is what holds the GPU back
-  log "1b/3 the same with 8 loader workers and batch 128"
-  "$PY" bench/bench_student.py --device "$DEVICE" --n "$N" --image-size "$SIZE" --steps 4 --repeats 2 \
-    --workers 8 --batch-size 128 --out "$OUT/student_w8_b128.json" 2>&1 | tail -n 6
+  # (same batch and data) says whether the loader holds the GPU back
+  log "1b/3 the same with 8 loader workers"
+  "$PY" bench/bench_student.py --device "$DEVICE" --n "$N" --image-size "$SIZE" --steps "$STEPS" --repeats 2 \
+    --workers 8 --out "$OUT/student_w8.json" 2>&1 | tail -n 6
 fi
 
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/kdscale-gpu-check-XXXXXX")"
@@ -100,7 +100,7 @@ import json, sys
 from pathlib import Path
 out = Path(sys.argv[1])
 parts = {name: json.loads((out / f"{name}.json").read_text())
-         for name in ("student", "student_w8_b128", "deepspeed", "teacher_pass") if (out / f"{name}.json").exists()}
+         for name in ("student", "student_w8", "deepspeed", "teacher_pass") if (out / f"{name}.json").exists()}
 summary = {"device": sys.argv[2], "gpu": (out / "gpu.txt").read_text().strip(), "wall_s": int(sys.argv[3]), **parts}
 (out / "gpu_check.json").write_text(json.dumps(summary, indent=1))
 print(f"saved {out / 'gpu_check.json'} ({summary['wall_s']} s)")
