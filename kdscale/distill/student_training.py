@@ -39,7 +39,7 @@ from typing import Literal, Optional
 
 from kdscale.distill.loss_config import DistillLossConfig, HeadLossConfig, MindLossConfig, MmpkdLossConfig
 from kdscale.engine.config import TrainConfig
-from kdscale.models.students import StudentConfig
+from kdscale.models.students_config import StudentConfig
 
 log = logging.getLogger(__name__)
 
