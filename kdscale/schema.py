@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from kdscale.config import path_field
-from kdscale.data.loader import LoaderConfig
+from kdscale.data.loader_config import LoaderConfig
 from kdscale.data.shards import ShardsConfig
 from kdscale.data.sources.cbis import CbisConfig
 from kdscale.data.sources.demo import DemoConfig
