@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from kdscale.config import path_field
 from kdscale.data.loader_config import LoaderConfig
-from kdscale.data.shards import ShardsConfig
+from kdscale.data.shards_config import ShardsConfig
 from kdscale.data.sources.cbis import CbisConfig
 from kdscale.data.sources.demo import DemoConfig
 from kdscale.data.sources.iu_xray import IuXrayConfig
