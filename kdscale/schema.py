@@ -14,9 +14,9 @@ from kdscale.data.sources.iu_xray import IuXrayConfig
 from kdscale.data.sources.manifest import ManifestConfig
 from kdscale.data.sources.mimic import MimicConfig
 from kdscale.data.sources.webdataset import WebDatasetConfig
-from kdscale.distill.softlabels import SoftLabelsConfig
-from kdscale.distill.student_training import StudentRunConfig, check_students
-from kdscale.distill.teachers import TeachersConfig
+from kdscale.distill.softlabels_config import SoftLabelsConfig
+from kdscale.distill.student_training_config import StudentRunConfig, check_students
+from kdscale.distill.teachers_config import TeachersConfig
 
 
 @dataclass
