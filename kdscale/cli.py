@@ -186,7 +186,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from kdscale.eval.run_eval import report_run
+    from kdscale.eval.report import report_run
 
     report = report_run(_run_config(args))
     print(report["table"])
