@@ -36,8 +36,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from tqdm import tqdm
 
-from kdscale.config import ConfigError, path_field
+from kdscale import config
+from kdscale.config import ConfigError, apply_overrides, config_hash, load_tree, path_field, to_dict
+from kdscale.data.shards import write_json_atomic
+from kdscale.experiments.aggregate import aggregate, render
+from kdscale.schema import Config
 
 
 DONE = "experiment-done.json"
@@ -161,8 +166,6 @@ def sweep_arms(arms: list[ArmConfig], sweep: SweepConfig) -> list[ArmConfig]:
 def load_experiment(path, overrides=()) -> ExperimentConfig:
     """An experiment config (with ``defaults:`` and key=value overrides, like every config);
     relative paths (base, out_dir) resolve against the working directory."""
-    from kdscale import config
-
     return config.load(ExperimentConfig, path, overrides)
 
 
@@ -194,8 +197,6 @@ def _flow(value: Any) -> str:
 
 
 def _base_tree(exp: ExperimentConfig) -> dict:
-    from kdscale.config import apply_overrides, load_tree
-
     tree = json.loads(json.dumps(load_tree(exp.base, {})))   # no YAML anchor shared between students
     return apply_overrides(tree, exp.overrides, {})
 
@@ -253,9 +254,6 @@ def plan_units(exp: ExperimentConfig, arms: Optional[list[str]] = None,
 def unit_config(exp: ExperimentConfig, unit: Unit):
     """The validated pipeline config of a unit: the base config + the unit's overrides. The tree
     is copied through JSON first, so a YAML anchor shared by two students cannot leak an override."""
-    from kdscale import config
-    from kdscale.schema import Config
-
     origins: dict = {}
     tree = json.loads(json.dumps(config.load_tree(exp.base, origins)))
     config.apply_overrides(tree, unit.overrides, origins)
@@ -264,8 +262,6 @@ def unit_config(exp: ExperimentConfig, unit: Unit):
 
 def check_sharing(exp: ExperimentConfig, units: list[Unit]) -> dict:
     """{unit run_dir: Config}; raises when an arm would change what its seed run shares."""
-    from kdscale.config import to_dict
-
     configs = {u.run_dir: unit_config(exp, u) for u in units}
     seed_cfg = {u.seed: configs[u.run_dir] for u in units if u.kind == "seed"}
     for u in units:
@@ -280,8 +276,6 @@ def check_sharing(exp: ExperimentConfig, units: list[Unit]) -> dict:
 
 
 def _done_hash(cfg) -> str:
-    from kdscale.config import config_hash
-
     return config_hash(cfg)
 
 
@@ -306,7 +300,7 @@ def commands(exp_base: str, unit: Unit) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def run_unit(exp: ExperimentConfig, unit: Unit, cfg) -> dict:
-    from kdscale.data.shards import write_json_atomic
+    # torch and every stage (~3.7 s import, measured): only when units run, not for --dry-run / --aggregate-only
     from kdscale.pipeline import run_pipeline
 
     started = time.time()
@@ -314,6 +308,7 @@ def run_unit(exp: ExperimentConfig, unit: Unit, cfg) -> dict:
     if unit.kind == "arm" and exp.shortcut:
         student = cfg.students[0]
         if student.image_only:
+            # imports torch and the stages (~3.7 s): only for image arms with shortcut evaluation
             from kdscale.eval.shortcut import evaluate_shortcut
 
             evaluate_shortcut(cfg, student)
@@ -338,8 +333,6 @@ def run_experiment(exp: ExperimentConfig, arms: Optional[list[str]] = None, seed
         return {"units": len(units), "dry_run": True}
     timings = {}
     if not aggregate_only:
-        from tqdm import tqdm
-
         out.mkdir(parents=True, exist_ok=True)
         with tqdm(total=len(units), desc=f"experiment {exp.name}", unit="run",
                   disable=not (progress and sys.stderr.isatty())) as bar:
@@ -352,7 +345,6 @@ def run_experiment(exp: ExperimentConfig, arms: Optional[list[str]] = None, seed
                     print(f"experiment {exp.name}: {u.label} -> {u.run_dir}", file=stream)
                     timings[str(u.run_dir)] = run_unit(exp, u, cfg)["seconds"]
                 bar.update(1)
-    from kdscale.experiments.aggregate import aggregate, render
 
     result = aggregate(exp, units, configs)
     paths = render(exp, result, out)
