@@ -8,12 +8,12 @@ from typing import Literal, Optional
 from kdscale.config import path_field
 from kdscale.data.loader_config import LoaderConfig
 from kdscale.data.shards_config import ShardsConfig
-from kdscale.data.sources.cbis import CbisConfig
-from kdscale.data.sources.demo import DemoConfig
-from kdscale.data.sources.iu_xray import IuXrayConfig
-from kdscale.data.sources.manifest import ManifestConfig
-from kdscale.data.sources.mimic import MimicConfig
-from kdscale.data.sources.webdataset import WebDatasetConfig
+from kdscale.data.sources.cbis_config import CbisConfig
+from kdscale.data.sources.demo_config import DemoConfig
+from kdscale.data.sources.iu_xray_config import IuXrayConfig
+from kdscale.data.sources.manifest_config import ManifestConfig
+from kdscale.data.sources.mimic_config import MimicConfig
+from kdscale.data.sources.webdataset_config import WebDatasetConfig
 from kdscale.distill.softlabels_config import SoftLabelsConfig
 from kdscale.distill.student_training_config import StudentRunConfig, check_students
 from kdscale.distill.teachers_config import TeachersConfig
