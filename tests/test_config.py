@@ -220,3 +220,16 @@ def test_config_loading_imports_no_runtime_module(cfg):
                      "assert rc == 0 and 'students:' in out.getvalue(), rc", check])
     for code in (library, cli):
         subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)
+
+
+def test_experiment_config_loads_without_runtime_modules():
+    """An experiment config validates through its own torch-free module, like the pipeline's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from kdscale import config; from kdscale.experiments.runner_config import ExperimentConfig; "
+            "exp = config.load(ExperimentConfig, 'configs/experiments/mind.yaml'); assert exp.arms; "
+            f"loaded = sorted(m for m in {_RUNTIME_MODULES + ('kdscale.experiments.runner', 'kdscale.eval.analysis')!r} "
+            "if m in sys.modules); assert not loaded, f'experiment config loading imported {loaded}'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
