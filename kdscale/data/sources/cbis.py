@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import Box, Record, RecordError, safe_key
@@ -63,8 +64,6 @@ def hash_fraction(*parts: object) -> float:
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """A boolean [H, W] mask as a single-channel PNG (0 / 255)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
     return buf.getvalue()
@@ -72,8 +71,6 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 def mask_to_box(path: Path, image_size: tuple[int, int], threshold: int, label: str) -> Box:
     """Bounding box of a full-image ROI mask's lesion pixels, with the mask cropped to it."""
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise RecordError(f"ROI mask missing: {path}")
     try:

@@ -9,9 +9,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Iterator
 
+from kdscale.data.demo.cbis_demo import cbis_config_for_demo, generate_cbis_demo
+from kdscale.data.demo.icu_tabular_demo import IcuDemoReader, generate_icu_tabular_demo
+from kdscale.data.demo.mimic_demo import generate_mimic_demo, mimic_config_for_demo
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import Record
+from kdscale.data.sources.cbis import CbisSource
 from kdscale.data.sources.demo_config import DemoConfig  # noqa: F401  (re-exported)
+from kdscale.data.sources.mimic import MimicSource
 
 log = logging.getLogger(__name__)
 MARKER = "kdscale_demo.json"
@@ -43,14 +48,11 @@ def generate(out_dir: str | Path, flavor: str, n: int, seed: int, corrupt_fracti
                         file=out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if flavor == "mimic":
-        from kdscale.data.demo.mimic_demo import generate_mimic_demo
         summary = generate_mimic_demo(out_dir, n_stays=n, seed=seed, corrupt_fraction=corrupt_fraction,
                                       label_noise=label_noise)
     elif flavor == "cbis":
-        from kdscale.data.demo.cbis_demo import generate_cbis_demo
         summary = generate_cbis_demo(out_dir, n=n, seed=seed, corrupt_fraction=corrupt_fraction)
     elif flavor in _ICU_FLAVORS:
-        from kdscale.data.demo.icu_tabular_demo import generate_icu_tabular_demo
         if corrupt_fraction:   # the label noise is the outcome's own Bernoulli draw; label_noise is unused
             raise ValueError(f"demo flavor {flavor!r} writes no corrupt files: corrupt_fraction must be 0")
         summary = generate_icu_tabular_demo(out_dir, n=n, seed=seed, **_ICU_FLAVORS[flavor])
@@ -78,14 +80,9 @@ class DemoSource:
     def _reader(self):
         root = Path(self.cfg.out_dir)
         if self.cfg.flavor == "mimic":
-            from kdscale.data.demo.mimic_demo import mimic_config_for_demo
-            from kdscale.data.sources.mimic import MimicSource
             return MimicSource(mimic_config_for_demo(root, self.cfg.task, self.cfg.cohort))
         if self.cfg.flavor in _ICU_FLAVORS:
-            from kdscale.data.demo.icu_tabular_demo import IcuDemoReader
             return IcuDemoReader(root, **_ICU_FLAVORS[self.cfg.flavor])
-        from kdscale.data.demo.cbis_demo import cbis_config_for_demo
-        from kdscale.data.sources.cbis import CbisSource
         return CbisSource(cbis_config_for_demo(root))
 
     def records(self, log: IngestLog) -> Iterator[Record]:

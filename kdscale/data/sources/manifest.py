@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.labels import LabelTally, never_seen, outcome_of
@@ -37,8 +38,8 @@ from kdscale.data.record import SPLITS, Box, Record, RecordError, safe_key
 from kdscale.data.sources.base import OUTSIDE_ROOT, guarded, open_csv, read_image, resolve_under_root
 from kdscale.data.sources.cbis import encode_mask_png, hash_fraction, skip_reason
 from kdscale.data.sources.demographics import Demographics, DemographicsReader
-from kdscale.data.sources.regions import BoxesSpec, Region, read_regions, region_box
 from kdscale.data.sources.manifest_config import LabelSpec, ManifestConfig, _norm  # noqa: F401  (re-exported)
+from kdscale.data.sources.regions import BoxesSpec, Region, read_regions, region_box
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +71,6 @@ def read_cropped_mask(path: Path, width: float, height: float) -> bytes:
 
     Region pixels: alpha > 0 when the alpha channel varies; otherwise any colour channel > 0
     (covid-cxr-seg masks are RGBA with alpha 255 everywhere and the region in colour)."""
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise RecordError(f"unreadable mask: file missing: {path}")
     try:
@@ -379,6 +378,7 @@ class ManifestSource:
     def _discretizer(self):
         if self._disc is None:
             try:
+                # guarded: a missing EHR dependency becomes a DataError naming the setting
                 from kdscale.data import ehr
             except ImportError as exc:
                 raise DataError(f"timeseries_column is set but kdscale.data.ehr cannot be imported: {exc}") from None

@@ -30,7 +30,9 @@ import math
 from pathlib import Path
 from typing import Iterator
 
+import braceexpand
 import numpy as np
+import webdataset as wds
 
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import Record, RecordError, safe_key
@@ -41,8 +43,6 @@ from kdscale.data.sources.webdataset_config import WebDatasetConfig  # noqa: F40
 def expand_pattern(root: Path, pattern: str) -> list[Path]:
     """Shard files of one split, sorted: WebDataset's {000..009} braces, then shell globs. Every
     file must exist and lie under ``root`` (symlinks resolved); anything else is a DataError."""
-    import braceexpand
-
     root = root.resolve()
     paths: list[Path] = []
     for part in braceexpand.braceexpand(pattern):
@@ -84,8 +84,6 @@ class WebDatasetSource:
         return guarded(self._stream(log), log, self.name)
 
     def _stream(self, log: IngestLog) -> Iterator[Record]:
-        import webdataset as wds
-
         for split, paths in self.shards.items():
             for path in paths:
                 dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False,
