@@ -34,9 +34,10 @@ import numpy as np
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
+from kdscale.data.shard_index import read_index
 from kdscale.data.shards import npy_bytes
+from kdscale.data.tario import TarShardWriter, iter_members, sha256_file
 from kdscale.distill.softlabels_config import SoftLabelsConfig  # noqa: F401  (re-exported)
-from kdscale.data.tario import TarShardWriter, sha256_file
 
 FORMAT = "kdscale-softlabels/1"
 ARRAYS = ("logits", "seen", "ensemble", "ensemble_seen")
@@ -152,9 +153,6 @@ def verify_softlabels(soft_dir: str | os.PathLike, data_dir: Optional[str | os.P
     the soft index's data hashes equal the data index's (else: data changed since -> stale); the
     teacher checkpoints on disk still have the recorded hashes (else: teachers changed -> stale);
     each soft shard's sha256 equals the index's."""
-    from kdscale.data.shard_index import read_index
-    from kdscale.data.tario import iter_members
-
     soft_dir = Path(soft_dir)
     try:
         index = read_soft_index(soft_dir)
