@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from kdscale import config
 from kdscale.config import path_field
 from kdscale.data.loader_config import LoaderConfig
 from kdscale.data.shards_config import ShardsConfig
@@ -102,6 +103,4 @@ class Config:
 
 
 def load_config(path=None, overrides=(), base_dir=None) -> Config:
-    from kdscale import config
-
     return config.load(Config, path, overrides, base_dir)
