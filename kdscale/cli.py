@@ -112,7 +112,7 @@ def cmd_shards(args) -> int:
     return 0 if summary.get("reconciles") else 1
 
 
-def _train_each(args, select, root, train, unit_dir, what: str) -> int:
+def _train_each(args, cfg, select, root, train, unit_dir, what: str) -> int:
     """``kdscale teachers`` / ``kdscale train``: the selected units (``--only``/``--index``),
     the resolved config written once beside them, each trained in turn (a rank of a distributed
     job trains its share of each). Rank 0 holds each unit's folder lock while it trains: a second
@@ -120,7 +120,6 @@ def _train_each(args, select, root, train, unit_dir, what: str) -> int:
     # per command: --help starts in 0.07 s, stages pay numpy/torch (~4 s) only when run (measured)
     from kdscale.engine.distributed import detect_world, teardown
 
-    cfg = _load(args)
     chosen = select(cfg, only=args.only, index=args.index)
     rank0 = detect_world().rank == 0
     if rank0:
@@ -133,19 +132,20 @@ def _train_each(args, select, root, train, unit_dir, what: str) -> int:
 
 
 def cmd_teachers(args) -> int:
+    cfg = _load(args)   # first: a config error is reported before the stage imports (torch)
     # per command: --help starts in 0.07 s, stages pay numpy/torch (~4 s) only when run (measured)
     from kdscale.distill.teachers import select_teachers, teachers_dir, train_teacher
 
-    return _train_each(args, select_teachers, teachers_dir, train_teacher,
+    return _train_each(args, cfg, select_teachers, teachers_dir, train_teacher,
                        lambda cfg, teacher: teachers_dir(cfg) / teacher.name, "teacher")
 
 
 def cmd_softlabels(args) -> int:
+    cfg = _load(args)   # first: a config error is reported before the stage imports (torch)
     # per command: --help starts in 0.07 s, stages pay numpy/torch (~4 s) only when run (measured)
     from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
     from kdscale.engine.distributed import detect_world, teardown
 
-    cfg = _load(args)
     with stage_lock(softlabels_dir(cfg), "softlabels", enabled=detect_world().rank == 0):
         teacher_pass(cfg, device=args.device, progress=not args.no_progress)
     teardown()
@@ -153,10 +153,11 @@ def cmd_softlabels(args) -> int:
 
 
 def cmd_train(args) -> int:
+    cfg = _load(args)   # first: a config error is reported before the stage imports (torch)
     # per command: --help starts in 0.07 s, stages pay numpy/torch (~4 s) only when run (measured)
     from kdscale.distill.student_training import select_students, student_dir, students_root, train_student
 
-    return _train_each(args, select_students, students_root, train_student, student_dir, "student")
+    return _train_each(args, cfg, select_students, students_root, train_student, student_dir, "student")
 
 
 def _run_config(args):
@@ -178,10 +179,10 @@ def _run_config(args):
 
 
 def cmd_eval(args) -> int:
+    cfg = _run_config(args)   # first: a config error is reported before the stage imports (torch)
     # per command: --help starts in 0.07 s, stages pay numpy/torch (~4 s) only when run (measured)
     from kdscale.eval.run_eval import evaluate_run, report_run
 
-    cfg = _run_config(args)
     with stage_lock(cfg.run.out_dir, "eval"):
         summary = evaluate_run(cfg, split=args.split, progress=True)
         print(f"evaluation of {summary['students']} on {summary['split']}: {summary['eval_dir']}")
@@ -217,10 +218,11 @@ def cmd_verify(args) -> int:
 
 
 def cmd_pipeline(args) -> int:
+    cfg = _load(args)   # first: a config error is reported before the stage imports (torch)
     # per command: --help starts in 0.07 s, stages pay numpy/torch (~4 s) only when run (measured)
     from kdscale.pipeline import run_pipeline
 
-    return run_pipeline(_load(args), stages=args.stages)
+    return run_pipeline(cfg, stages=args.stages)
 
 
 def cmd_experiment(args) -> int:
