@@ -43,7 +43,8 @@ from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import SPLITS, Record, RecordError, safe_key
 from kdscale.data.sources.base import guarded
 from kdscale.data.sources.cbis import hash_fraction
-from kdscale.data.sources.iu_xray_config import IuLabelSpec, IuXrayConfig, SECTION_NAMES, default_labels  # noqa: F401  (re-exported)
+from kdscale.data.sources.iu_xray_config import (SECTION_NAMES, IuLabelSpec,  # noqa: F401  (re-exported)
+                                                IuXrayConfig, default_labels)
 
 MAX_MEMBER_BYTES = 8 << 20   # a report is a few KiB; a larger member is a counted skip, not a memory spike
 
