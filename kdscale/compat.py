@@ -38,6 +38,7 @@ def _torchvision_extension_loads() -> bool:
     spec = importlib.util.find_spec("torchvision")
     if spec is None or not spec.submodule_search_locations:
         return True  # torchvision absent: nothing to fix
+    # imported by kdscale/__init__: torch only once torchvision is really imported
     import torch
 
     for location in spec.submodule_search_locations:
@@ -58,6 +59,7 @@ def apply() -> bool:
     _APPLIED = True
     if "torchvision" in sys.modules:
         return False  # already imported (successfully, or the caller handles it)
+    # imported by kdscale/__init__: torch only once torchvision is really imported
     import torch
 
     if torch.version.cuda is not None or torch.version.hip is not None:

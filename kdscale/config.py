@@ -18,6 +18,8 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import hashlib
+import json
 import os
 import re
 import types
@@ -364,7 +366,4 @@ def dump(cfg: Any, path: str | os.PathLike) -> None:
 
 
 def config_hash(cfg: Any) -> str:
-    import hashlib
-    import json
-
     return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()[:16]

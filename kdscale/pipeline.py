@@ -11,12 +11,19 @@ from pathlib import Path
 from typing import Callable
 
 from kdscale.config import config_hash, dump
+from kdscale.data.shard_index import verify_shards
+from kdscale.data.shards import build_shards, shards_out_dir
+from kdscale.data.summary import format_table, inspect_source
+from kdscale.distill.softlabels import verify_softlabels
+from kdscale.distill.student_training import student_dir, students_root, train_student
+from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
+from kdscale.distill.teachers import teachers_dir, train_teacher
+from kdscale.eval.run_eval import evaluate_run, report_run
+from kdscale.runlock import stage_lock
 
 
 def stage_data(cfg, run_dir: Path) -> dict:
     """Stream the source once: counts, presence, label prevalence, skips (data_summary.json)."""
-    from kdscale.data.summary import format_table, inspect_source
-
     out = run_dir / "data"
     payload = inspect_source(cfg, out)
     print(format_table(payload))
@@ -28,10 +35,6 @@ def stage_data(cfg, run_dir: Path) -> dict:
 
 
 def stage_shards(cfg, run_dir: Path) -> dict:
-    from kdscale.data.shard_index import verify_shards
-    from kdscale.data.shards import build_shards, shards_out_dir
-    from kdscale.runlock import stage_lock
-
     with stage_lock(shards_out_dir(cfg), "shards task 0"):     # the lock `kdscale shards` takes
         summary = build_shards(cfg, workers=1)
     if summary.get("failed"):
@@ -43,9 +46,6 @@ def stage_shards(cfg, run_dir: Path) -> dict:
 
 
 def stage_teachers(cfg, run_dir: Path) -> dict:
-    from kdscale.distill.teachers import teachers_dir, train_teacher
-    from kdscale.runlock import stage_lock
-
     if not cfg.teachers.members:
         print("no teachers configured (teachers.members): stage skipped")
         return {"skipped": "no teachers configured"}
@@ -58,10 +58,6 @@ def stage_teachers(cfg, run_dir: Path) -> dict:
 
 
 def stage_softlabels(cfg, run_dir: Path) -> dict:
-    from kdscale.distill.softlabels import verify_softlabels
-    from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
-    from kdscale.runlock import stage_lock
-
     if not cfg.teachers.members:
         return {"skipped": "no teachers configured"}
     with stage_lock(softlabels_dir(cfg), "softlabels"):
@@ -73,9 +69,6 @@ def stage_softlabels(cfg, run_dir: Path) -> dict:
 
 
 def stage_train(cfg, run_dir: Path) -> dict:
-    from kdscale.distill.student_training import student_dir, students_root, train_student
-    from kdscale.runlock import stage_lock
-
     if not cfg.students:
         print("no students configured (students): stage skipped")
         return {"skipped": "no students configured"}
@@ -88,9 +81,6 @@ def stage_train(cfg, run_dir: Path) -> dict:
 
 
 def stage_eval(cfg, run_dir: Path) -> dict:
-    from kdscale.eval.run_eval import evaluate_run, report_run
-    from kdscale.runlock import stage_lock
-
     if not cfg.students:
         return {"skipped": "no students configured"}
     with stage_lock(cfg.run.out_dir, "eval"):

@@ -5,18 +5,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from kdscale import config
 from kdscale.config import path_field
-from kdscale.data.loader import LoaderConfig
-from kdscale.data.shards import ShardsConfig
-from kdscale.data.sources.cbis import CbisConfig
-from kdscale.data.sources.demo import DemoConfig
-from kdscale.data.sources.iu_xray import IuXrayConfig
-from kdscale.data.sources.manifest import ManifestConfig
-from kdscale.data.sources.mimic import MimicConfig
-from kdscale.data.sources.webdataset import WebDatasetConfig
-from kdscale.distill.softlabels import SoftLabelsConfig
-from kdscale.distill.student_training import StudentRunConfig, check_students
-from kdscale.distill.teachers import TeachersConfig
+from kdscale.data.loader_config import LoaderConfig
+from kdscale.data.shards_config import ShardsConfig
+from kdscale.data.sources.cbis_config import CbisConfig
+from kdscale.data.sources.demo_config import DemoConfig
+from kdscale.data.sources.iu_xray_config import IuXrayConfig
+from kdscale.data.sources.manifest_config import ManifestConfig
+from kdscale.data.sources.mimic_config import MimicConfig
+from kdscale.data.sources.webdataset_config import WebDatasetConfig
+from kdscale.distill.softlabels_config import SoftLabelsConfig
+from kdscale.distill.student_training_config import StudentRunConfig, check_students
+from kdscale.distill.teachers_config import TeachersConfig
 
 
 @dataclass
@@ -102,6 +103,4 @@ class Config:
 
 
 def load_config(path=None, overrides=(), base_dir=None) -> Config:
-    from kdscale import config
-
     return config.load(Config, path, overrides, base_dir)

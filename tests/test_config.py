@@ -193,3 +193,43 @@ def test_demo_config_students_do_not_share_their_train_block():
     cfg = load_config(CONFIGS_ROOT / "demo.yaml", ["students.0.train.epochs=97"])
     assert cfg.students[0].train.epochs == 97
     assert [s.train.epochs for s in cfg.students[1:]] == [s.train.epochs for s in base.students[1:]]
+
+
+# Modules that config loading must never import: torch and what sits on it, and the stage modules
+# whose config dataclasses live in torch-free *_config.py modules beside them.
+_RUNTIME_MODULES = ("torch", "torchvision", "timm", "accelerate", "transformers", "deepspeed",
+                    "kdscale.data.loader", "kdscale.data.transforms", "kdscale.models.students",
+                    "kdscale.distill.student_training", "kdscale.distill.teachers", "kdscale.distill.teacher_pass",
+                    "kdscale.engine.trainer")
+
+
+@pytest.mark.parametrize("cfg", ["configs/demo.yaml", "configs/mind.yaml"])
+def test_config_loading_imports_no_runtime_module(cfg):
+    """``kdscale config`` and every stage's config validation stay torch-free: the schema imports
+    only the *_config.py modules. Both the library call and the CLI command are checked."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    check = (f"loaded = sorted(m for m in {_RUNTIME_MODULES!r} if m in sys.modules); "
+             "assert not loaded, f'config loading imported {loaded}'")
+    library = f"import sys; from kdscale.schema import load_config; c = load_config({cfg!r}); {check}"
+    cli = "\n".join(["import contextlib, io, sys", "from kdscale.cli import main", "out = io.StringIO()",
+                     "with contextlib.redirect_stdout(out):", f"    rc = main(['config', '--cfg', {cfg!r}])",
+                     "assert rc == 0 and 'students:' in out.getvalue(), rc", check])
+    for code in (library, cli):
+        subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)
+
+
+def test_experiment_config_loads_without_runtime_modules():
+    """An experiment config validates through its own torch-free module, like the pipeline's."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = ("import sys; from kdscale import config; from kdscale.experiments.runner_config import ExperimentConfig; "
+            "exp = config.load(ExperimentConfig, 'configs/experiments/mind.yaml'); assert exp.arms; "
+            f"loaded = sorted(m for m in {_RUNTIME_MODULES + ('kdscale.experiments.runner', 'kdscale.eval.analysis')!r} "
+            "if m in sys.modules); assert not loaded, f'experiment config loading imported {loaded}'")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])

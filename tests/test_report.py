@@ -215,3 +215,15 @@ def test_browser_helper_skips_or_fails_with_the_reason(monkeypatch):
     monkeypatch.setenv("KDSCALE_REQUIRE_BROWSER", "1")
     with pytest.raises(pytest.fail.Exception, match="KDSCALE_REQUIRE_BROWSER=1"):
         browser.chromium_or_skip()
+
+
+def test_report_rendering_imports_no_torch():
+    """``kdscale report`` re-renders from ``<run>/eval`` alone: its module must not pull in torch
+    (or the stage modules that evaluation needs)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from kdscale.eval.report import report_run; "
+            "loaded = sorted(m for m in ('torch', 'kdscale.eval.run_eval', 'kdscale.data.loader') if m in sys.modules); "
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -32,7 +32,7 @@ def mixed_batch(seed: int = 0, b_img=IMG, b_ehr=EHR, t: int = 8, size: int = 32)
 
 
 def test_config_is_validated_without_importing_torch():
-    code = ("import sys; from kdscale.models.students import StudentConfig as S; c = S(); "
+    code = ("import sys; from kdscale.models.students_config import StudentConfig as S; c = S(); "
             "assert (c.image_arch, c.fusion, c.aux_heads, c.impute_missing) == ('resnet10', 'lstm', True, False); "
             "j = S('joint'); assert (j.fusion, j.aux_heads, j.impute_missing) == ('concat', False, True); "
             "assert 'torch' not in sys.modules, 'torch imported'")

@@ -30,83 +30,34 @@ before the iteration starts and each worker reads when it begins its slot of tha
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import hashlib
 import logging
 import math
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+import torch.utils.data
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from kdscale.data.ingest import DataError
-from kdscale.data.record import MODALITIES
+from kdscale.data.loader_config import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig  # noqa: F401  (re-exported)
 from kdscale.data.shard_index import read_index
 from kdscale.data.shards import MODALITY_MEMBERS
 from kdscale.data.tario import iter_samples
-from kdscale.data.transforms import SampleDecoder, collate
+from kdscale.data.transforms import SampleDecoder, _batch_tensor, collate
 
 log = logging.getLogger(__name__)
 
 # Reusable shared-memory batch buffers per worker: prefetch_factor (in flight) + this many (the
 # batch being filled, the one the training loop holds; measured: no fresh allocations with 2).
 BUFFER_SLOTS_EXTRA = 2
-
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
-
-
-@dataclass
-class LoaderConfig:
-    batch_size: int = 64
-    num_workers: int = 2                  # per rank; 0 = read in the training process
-    shuffle_buffer: int = 1000            # train only, raw samples per worker; 0 = no sample shuffle
-    seed: int = 0
-    drop_last: bool = True                # train only (MedFuse trains with drop_last=True)
-    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))  # others are not loaded
-    # only samples that have ALL of these (e.g. [image] for an image teacher); [] = every sample
-    require: list[str] = field(default_factory=list)
-    # letterbox: pad a non-square image to a square (black borders) before Resize, so the crop
-    # keeps the whole film (off = MedFuse: Resize of the shorter side, then centre crop)
-    pad_to_square: bool = False
-    image_size: int = 224                 # CenterCrop
-    resize_size: int = 256                # Resize of the shorter side before the crop
-    # decode JPEGs >= 2x resize_size (shorter side) at a reduced DCT scale (PIL draft): much faster
-    # for large stored images; pixels differ slightly from a full decode + Resize (off = MedFuse)
-    jpeg_draft: bool = False
-    augment: Literal["medfuse", "none"] = "medfuse"
-    hflip: bool = True
-    affine_degrees: float = 45.0
-    affine_translate: float = 0.15
-    affine_scale: list[float] = field(default_factory=lambda: [0.85, 1.15])
-    mean: list[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: list[float] = field(default_factory=lambda: list(IMAGENET_STD))
-    normalize_ehr: bool = True            # with the train-fitted normalizer stored in index.json
-    prefetch_factor: int = 2
-    persistent_workers: bool = True       # keep worker processes (and their batch buffers) between epochs
-    pin_memory: bool = False
-    max_logged_errors: int = 3            # per reason and worker; the counts are always complete
-
-    def __post_init__(self) -> None:
-        for name in ("batch_size", "image_size", "resize_size", "prefetch_factor"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"loader.{name} must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0 or self.shuffle_buffer < 0:
-            raise ValueError("loader.num_workers and loader.shuffle_buffer must be >= 0")
-        unknown = sorted(set(self.modalities) - set(MODALITIES))
-        if unknown:
-            raise ValueError(f"loader.modalities: unknown {unknown}; valid: {list(MODALITIES)}")
-        unknown = sorted(set(self.require) - set(MODALITIES))
-        if unknown:
-            raise ValueError(f"loader.require: unknown {unknown}; valid: {list(MODALITIES)}")
-        unloaded = sorted(set(self.require) - set(self.modalities))
-        if unloaded:
-            raise ValueError(f"loader.require: {unloaded} not in loader.modalities {list(self.modalities)}: a "
-                             f"required modality must be loaded")
-        if len(self.affine_scale) != 2 or len(self.mean) != 3 or len(self.std) != 3:
-            raise ValueError("loader.affine_scale needs 2 numbers, loader.mean and loader.std 3 each")
-
 
 class SoftLabelError(DataError):
     """The soft-label shards are not aligned with the data shards (names the shard and key)."""
@@ -218,8 +169,6 @@ class _EpochState:
     shared memory under any start method."""
 
     def __init__(self, workers: int, pool: int):
-        import torch
-
         self.values = torch.zeros(3, dtype=torch.int64).share_memory_()
         self.slots = torch.zeros(max(1, workers), max(1, pool), dtype=torch.int64).share_memory_()
 
@@ -258,8 +207,6 @@ class _BufferPool:
         return self.current
 
     def alloc(self, name: str, shape: tuple, dtype):
-        from kdscale.data.transforms import _batch_tensor
-
         if self.current is None:
             return _batch_tensor(shape, dtype)
         numel = math.prod(shape)
@@ -276,8 +223,6 @@ class _Held:
         self.state, self.held = state, []   # [(worker, slot, [StorageWeakRef])]
 
     def add(self, where: tuple[int, int], batch: dict) -> None:
-        from torch.multiprocessing.reductions import StorageWeakRef
-
         refs = [StorageWeakRef(t.untyped_storage()) for t in _tensors(batch)]
         self.held.append((where[0], where[1], refs))
 
@@ -309,10 +254,6 @@ class _SlotPipeline:
         self.spec, self.state = spec, state
 
     def __call__(self) -> Iterator[dict]:
-        import dataclasses
-
-        import torch.utils.data
-
         spec, pool = self.spec, None
         info = torch.utils.data.get_worker_info()
         process = info.id if info is not None else 0
@@ -519,6 +460,8 @@ class _RangeReader:
 def iter_soft_rows(path: str) -> Iterator[dict]:
     """The rows of a packed soft-label shard (kdscale.distill.softlabels) as per-sample dicts
     ``{"__key__", "logits.npy", "seen.npy", "ensemble.npy", "ensemble_seen.npy"}`` (arrays)."""
+    # upward import (data -> distill): the soft-label format moves beside the shard format in
+    # issue 14's layering (h-layers), which makes this a top-level import
     from kdscale.distill.softlabels import ARRAYS, read_soft_shard
 
     shard = read_soft_shard(path)
@@ -560,31 +503,14 @@ def _qualifying_counts(index: dict, require: list[str], shard_dir: Path, split: 
     return counts
 
 
-class _SlotDatasetBase:
-    """An IterableDataset over one rank's reader slots (the class is made on first use, so that
-    importing this module does not import torch; ``_SlotDataset`` resolves it for pickling)."""
+class _SlotDataset(torch.utils.data.IterableDataset):
+    """An IterableDataset over one rank's reader slots."""
 
     def __init__(self, pipeline: _SlotPipeline):
         self.pipeline = pipeline
 
     def __iter__(self) -> Iterator[dict]:
         return self.pipeline()
-
-
-def _slot_dataset_class():
-    cls = globals().get("_SlotDatasetClass")
-    if cls is None:
-        import torch.utils.data
-
-        cls = type("_SlotDataset", (_SlotDatasetBase, torch.utils.data.IterableDataset), {"__module__": __name__})
-        globals()["_SlotDatasetClass"] = cls
-    return cls
-
-
-def __getattr__(name: str):   # PEP 562: pickle finds "kdscale.data.loader._SlotDataset" here
-    if name == "_SlotDataset":
-        return _slot_dataset_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _identity(batch):
@@ -598,12 +524,8 @@ def _identity(batch):
 def _world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank(), dist.get_world_size()
-    except ImportError:
-        pass
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
@@ -689,11 +611,8 @@ class ShardLoader:
     def _loader(self, start: int):
         """The DataLoader of this iteration: the persistent one (workers read the epoch and start
         batch from ``self._state``), or with 0 workers a fresh in-process one."""
-        import torch.utils.data
-
-        dataset_cls = _slot_dataset_class()
         if self.cfg.num_workers == 0:
-            return torch.utils.data.DataLoader(dataset_cls(_SlotPipeline(self._spec(start))), batch_size=None,
+            return torch.utils.data.DataLoader(_SlotDataset(_SlotPipeline(self._spec(start))), batch_size=None,
                                                collate_fn=_identity, pin_memory=self.cfg.pin_memory,
                                                generator=_private_generator())
         if self._state is None:
@@ -704,7 +623,7 @@ class ShardLoader:
         cfg_now = repr(self.cfg)   # the workers hold the config of their start: a changed one needs new workers
         if self._dataloader is None or self._dataloader_cfg != cfg_now or not self.cfg.persistent_workers:
             self._dataloader, self._dataloader_cfg = torch.utils.data.DataLoader(
-                dataset_cls(_SlotPipeline(self._spec(0), self._state)), batch_size=None, collate_fn=_identity,
+                _SlotDataset(_SlotPipeline(self._spec(0), self._state)), batch_size=None, collate_fn=_identity,
                 num_workers=self.cfg.num_workers, pin_memory=self.cfg.pin_memory,
                 prefetch_factor=self.cfg.prefetch_factor, persistent_workers=self.cfg.persistent_workers,
                 generator=_private_generator()), cfg_now
@@ -719,7 +638,8 @@ class ShardLoader:
 
     def __iter__(self) -> Iterator[dict]:
         if "image" in self.cfg.modalities:
-            import torchvision.transforms  # noqa: F401  -- once here, not in every forked worker
+            # only when images are loaded: once here, not in every forked worker
+            import torchvision.transforms  # noqa: F401
         start, self._start_batch = self._start_batch, 0
         self.position, self.skipped = start, Counter()
         for batch in self._loader(start):
@@ -771,8 +691,6 @@ def _private_generator():
     stream, so a run resumed mid-epoch (new iterator after restoring the RNG) would diverge from
     an uninterrupted one. Our samples are seeded by (seed, epoch, position) and never use that
     base seed, so a private generator keeps the global stream untouched."""
-    import torch
-
     return torch.Generator().manual_seed(0)
 
 

@@ -19,10 +19,12 @@ from typing import Optional
 
 import numpy as np
 
+import kdscale
+from kdscale.config import config_hash as full_hash, to_dict
+from kdscale.data.ehr import Normalizer
 from kdscale.data.ingest import DataError, kept_failure
 from kdscale.data.labels import prevalence_array
-from kdscale.data.record import SPLITS
-from kdscale.data.record import MODALITIES
+from kdscale.data.record import MODALITIES, SPLITS
 from kdscale.data.shards import BUILD_DIR, FORMAT, MODALITY_MEMBERS, shard_is_done, stats_path, write_json_atomic
 from kdscale.data.tario import iter_samples, iter_selected, sha256_file
 
@@ -72,8 +74,6 @@ def read_index(shard_dir: str | os.PathLike, split: str) -> dict:
 
 def _fit_normalizer(out: Path, feature_names: list[str], train_stats: list[dict]) -> Optional[dict]:
     """Fit on the train shards' raw EHR (the shards keep raw values; the loader applies this)."""
-    from kdscale.data.ehr import Normalizer
-
     norm = Normalizer(feature_names)
     for stats in train_stats:
         for _, data in iter_selected(out / "train" / stats["shard"], "ehr.npy"):
@@ -142,10 +142,6 @@ def finished_summary(out: Path, config_hash: str) -> Optional[dict]:
 
 def finalize_build(out: Path, cfg, config_hash: str) -> dict:
     """Write index.json per split, quarantine.jsonl and build_summary.json; -> the summary."""
-    import kdscale
-    from kdscale.config import config_hash as full_hash
-    from kdscale.config import to_dict
-
     out = Path(out)
     plan = read_plan(out, config_hash)
     stats = {split: [json.loads(stats_path(out / split, k).read_text()) for k in range(n)]

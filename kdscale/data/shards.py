@@ -16,21 +16,28 @@ uninterrupted one. ``index.json`` per split is written by whichever task finds e
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
+import multiprocessing
 import os
 import re
 import time
 from collections import deque
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Optional
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
+from kdscale.config import to_dict
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import MODALITIES, Record, RecordError
+from kdscale.data.shards_config import ShardsConfig
+from kdscale.data.sources import build_source
 from kdscale.data.tario import TarShardWriter
 
 log = logging.getLogger(__name__)
@@ -41,29 +48,6 @@ BUILD_DIR = "_build"
 # read off its member names, without parsing its JSON (the loader's ``require`` filter does).
 MODALITY_MEMBERS = {"image": ("jpg", "png"), "ehr": ("ehr.npy",), "report": ("txt",),
                     "tabular": ("tabular.json",)}
-
-
-@dataclass
-class ShardsConfig:
-    out_dir: str = ""                     # default: <run.out_dir>/shards
-    max_samples_per_shard: int = 1000
-    # 0 = no byte limit. Counted on the source payload (image bytes as read + EHR + report), which
-    # is known before encoding, so the boundaries stay deterministic; with a resize, shards come
-    # out smaller than this.
-    max_bytes_per_shard: int = 0
-    image_resize: Literal["none", "width", "shorter", "longer"] = "none"  # "width" = MedFuse (512)
-    image_resize_to: int = 512            # target pixels of the chosen side; only ever downscales
-    jpeg_quality: int = 90                # when a JPEG is re-encoded after resizing
-
-    def __post_init__(self) -> None:
-        if self.max_samples_per_shard < 1:
-            raise ValueError(f"shards.max_samples_per_shard must be >= 1, got {self.max_samples_per_shard}")
-        if self.max_bytes_per_shard < 0:
-            raise ValueError(f"shards.max_bytes_per_shard must be >= 0, got {self.max_bytes_per_shard}")
-        if self.image_resize_to < 1:
-            raise ValueError(f"shards.image_resize_to must be >= 1, got {self.image_resize_to}")
-        if not 1 <= self.jpeg_quality <= 100:
-            raise ValueError(f"shards.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
 
 def shard_name(index: int) -> str:
@@ -80,10 +64,6 @@ def shards_out_dir(cfg) -> Path:
 
 def shard_config_hash(cfg) -> str:
     """Hash of what decides shard content (data + shards sections, not where they go)."""
-    import hashlib
-
-    from kdscale.config import to_dict
-
     shards = {k: v for k, v in to_dict(cfg.shards).items() if k != "out_dir"}
     # min_kept_fraction decides whether a build passes, not what the shards hold
     data = {k: v for k, v in to_dict(cfg.data).items() if k != "min_kept_fraction"}
@@ -184,8 +164,6 @@ def _target_size(size: tuple[int, int], cfg: ShardsConfig) -> tuple[int, int]:
 def encode_image(data: bytes, cfg: ShardsConfig) -> tuple[bytes, str, tuple[int, int], tuple[int, int]]:
     """-> (stored bytes, extension, stored (w, h), source (w, h)). Unchanged bytes when no resize
     applies and the format is JPEG or PNG; other formats are stored as PNG."""
-    from PIL import Image
-
     fmt = _image_format(data)
     try:
         with Image.open(io.BytesIO(data)) as img:
@@ -208,8 +186,6 @@ def encode_image(data: bytes, cfg: ShardsConfig) -> tuple[bytes, str, tuple[int,
 
 
 def _encode_boxes(record: Record, scale: tuple[float, float]) -> tuple[list[dict], list[tuple[str, bytes]]]:
-    from PIL import Image
-
     boxes, masks = [], []
     sx, sy = scale
     for i, box in enumerate(record.boxes):
@@ -287,9 +263,6 @@ class _Encoder:
         self.args = (cfg, n_labels, n_features)
         self.pool = None
         if workers > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             # spawn: the source may hold threads or open handles that must not be forked.
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
         self.max_inflight = max(4, 8 * workers)
@@ -483,7 +456,7 @@ def build_shards(cfg, workers: int = 1, task_index: int = 0, num_tasks: int = 1,
     ``source`` replaces ``build_source(cfg.data)`` (tests, benchmarks). Returns the build
     summary; ``summary["complete"]`` says whether every shard exists and index.json was written.
     """
-    from kdscale.data import shard_index
+    from kdscale.data import shard_index   # cycle: shard_index imports this module (issue 14 layering, h-layers)
 
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is not in 0..{num_tasks - 1}")
@@ -499,7 +472,6 @@ def build_shards(cfg, workers: int = 1, task_index: int = 0, num_tasks: int = 1,
             return done
         return shard_index.finalize_build(out, cfg, chash)
     if source is None:
-        from kdscale.data.sources import build_source
         source = build_source(cfg.data)
     start = time.time()
     summary = _run_task(cfg, source, out, chash, workers, task_index, num_tasks, progress)
@@ -515,7 +487,7 @@ def build_shards(cfg, workers: int = 1, task_index: int = 0, num_tasks: int = 1,
 
 def _run_task(cfg, source, out: Path, chash: str, workers: int, task_index: int, num_tasks: int,
               progress: bool) -> dict:
-    from kdscale.data import shard_index
+    from kdscale.data import shard_index   # cycle: shard_index imports this module (issue 14 layering, h-layers)
 
     describe, label_names, features = _source_facts(source)
     tmp_quarantine = out / BUILD_DIR / f"source_quarantine.{task_index}.{os.getpid()}.tmp"
@@ -525,7 +497,6 @@ def _run_task(cfg, source, out: Path, chash: str, workers: int, task_index: int,
     encoder = _Encoder(workers, cfg.shards, len(label_names), len(features) if features else None)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(desc=f"shards task {task_index}/{num_tasks}", unit="sample")
     try:
         counts = stream_to_shards(source, ingest, cfg.shards, sink, encoder, bar)

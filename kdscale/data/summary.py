@@ -8,10 +8,13 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
+from tqdm import tqdm
 
-from kdscale.data.ingest import IngestLog, kept_failure
+from kdscale.data.demo.mimic_oracle import format_ceilings
+from kdscale.data.ingest import IngestLog, kept_failure, open_quarantine
 from kdscale.data.labels import format_label_table, label_counts, prevalence
 from kdscale.data.record import MODALITIES, Record
+from kdscale.data.sources import build_source
 
 
 class DataSummary:
@@ -99,7 +102,6 @@ def format_table(payload: dict) -> str:
         lines.append(f"FAILED: {payload['failed']}")
     oracle = ((payload.get("source") or {}).get("demo") or {}).get("generation", {}).get("oracle")
     if oracle and (payload.get("source") or {}).get("task") == oracle.get("task"):
-        from kdscale.data.demo.mimic_oracle import format_ceilings
         lines.append(format_ceilings(oracle))
     return "\n".join(lines)
 
@@ -107,11 +109,6 @@ def format_table(payload: dict) -> str:
 def inspect_source(cfg, out_dir: str | Path, progress: bool = False) -> dict:
     """Stream ``cfg.data``'s source once into ``out_dir``: data_summary.json + quarantine.jsonl.
     Shared by `kdscale inspect` and the pipeline's data stage."""
-    from tqdm import tqdm
-
-    from kdscale.data.ingest import open_quarantine
-    from kdscale.data.sources import build_source
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quarantine.jsonl").unlink(missing_ok=True)  # a re-run reports this run's skips only

@@ -25,7 +25,10 @@ import re
 from typing import Callable, Optional
 
 import numpy as np
+import torch
+from PIL import Image
 
+from kdscale.data.ehr import Normalizer
 from kdscale.data.record import MODALITIES
 
 
@@ -38,8 +41,6 @@ def to_rgb(img):
 
 def decode_image(data: bytes):
     """Encoded bytes -> fully decoded RGB PIL image (raises on corrupt or truncated data)."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         img.load()
         return to_rgb(img)
@@ -56,8 +57,6 @@ def _gray_or_rgb(img):
 
 def _to_l8(img):
     """16/32-bit grayscale -> 8-bit "L", scaled by the image's max (not clipped)."""
-    from PIL import Image
-
     arr = np.asarray(img, dtype=np.float32)
     top = float(arr.max()) or 1.0
     return Image.fromarray((arr * (255.0 / top)).clip(0, 255).astype(np.uint8), mode="L")
@@ -69,8 +68,6 @@ def decode_for_transform(data: bytes, draft_shorter: int = 0):
     least twice that size on its shorter side is decoded at a reduced DCT scale (PIL ``draft``),
     keeping the shorter side >= ``draft_shorter``: much cheaper for large stored images, and the
     Resize that follows sees a slightly different (box-filtered) input."""
-    from PIL import Image
-
     with Image.open(io.BytesIO(data)) as img:
         if draft_shorter and img.format == "JPEG" and min(img.size) >= 2 * draft_shorter:
             scale = draft_shorter / min(img.size)
@@ -86,8 +83,6 @@ class ToNormalizedTensor:
     ``pixels`` + ``into`` split it: uint8 [1|3, H, W], then normalized into a given [3, H, W]."""
 
     def __init__(self, mean, std):
-        import torch
-
         self.mean = torch.as_tensor(list(mean), dtype=torch.float32).view(-1, 1, 1)
         self.std = torch.as_tensor(list(std), dtype=torch.float32).view(-1, 1, 1)
         if self.mean.shape != (3, 1, 1) or self.std.shape != (3, 1, 1) or (self.std == 0).any():
@@ -96,8 +91,6 @@ class ToNormalizedTensor:
     @staticmethod
     def pixels(pic):
         """PIL image -> uint8 tensor [1, H, W] ("L") or [3, H, W] (any other mode, as RGB)."""
-        import torch
-
         if pic.mode not in ("L", "RGB"):
             pic = pic.convert("RGB")
         pixels = torch.from_numpy(np.array(pic, dtype=np.uint8, copy=True))
@@ -109,8 +102,6 @@ class ToNormalizedTensor:
         return out.div_(255).sub_(self.mean).div_(self.std)
 
     def __call__(self, pic):
-        import torch
-
         pixels = self.pixels(pic)
         return self.into(pixels, torch.empty((3, *pixels.shape[1:]), dtype=torch.float32))
 
@@ -135,8 +126,6 @@ class PadToSquare:
         self.fill = int(fill)
 
     def __call__(self, img):
-        from PIL import Image
-
         side, left, top = letterbox_geometry(*img.size)
         if (left, top) == (0, 0) and img.size == (side, side):
             return img
@@ -155,6 +144,7 @@ def build_image_transform(cfg, train: bool, to_tensor: bool = True) -> Callable:
     augment, hflip, affine_degrees, affine_translate, affine_scale, mean, std). Takes a PIL image in mode
     "L" or "RGB" (other modes are converted to RGB at the tensor step); returns float [3, S, S],
     or with ``to_tensor=False`` the cropped PIL image (the loader normalizes into the batch)."""
+    # torchvision only for images: its import costs ~3.6 s here (measured), which EHR-only runs skip
     from torchvision import transforms as T
 
     steps = [PadToSquare()] if getattr(cfg, "pad_to_square", False) else []
@@ -209,7 +199,6 @@ class SampleDecoder:
         self.draft = spec.cfg.resize_size if getattr(spec.cfg, "jpeg_draft", False) else 0
         self.normalizer = None
         if spec.normalizer is not None and spec.cfg.normalize_ehr and "ehr" in self.want:
-            from kdscale.data.ehr import Normalizer
             self.normalizer = Normalizer.from_json(spec.normalizer)
 
     def __call__(self, raw: dict) -> Optional[dict]:
@@ -249,8 +238,6 @@ class SampleDecoder:
 
     def _image(self, data: bytes, position: int):
         """-> uint8 [1|3, S, S] after the geometric transform steps."""
-        import torch
-
         img = decode_for_transform(data, self.draft)
         if not self.spec.train:
             return ToNormalizedTensor.pixels(self.transform(img))
@@ -296,8 +283,6 @@ def _decode_soft(ext: str, data):
 def _batch_tensor(shape: tuple, dtype=None):
     """An uninitialised tensor; in a DataLoader worker, in shared memory, so sending the batch to
     the training process does not copy it again (what torch's default_collate does)."""
-    import torch
-
     dtype = dtype or torch.float32
     if torch.utils.data.get_worker_info() is not None:
         try:
@@ -322,8 +307,6 @@ def _normalizer(cfg) -> ToNormalizedTensor:
 def collate(samples: list[dict], cfg, n_features: int, alloc: Optional[Callable] = None) -> dict:
     """Samples -> the batch dict documented in shards/README.md. ``alloc(name, shape, dtype)``
     gives the (uninitialised) image and EHR batch tensors; default: ``_batch_tensor``."""
-    import torch
-
     if alloc is None:
         def alloc(name, shape, dtype):
             return _batch_tensor(shape, dtype)
@@ -362,8 +345,6 @@ def collate(samples: list[dict], cfg, n_features: int, alloc: Optional[Callable]
 
 def _collate_soft(samples: list[dict]) -> dict:
     """``<key>.NAME.npy`` members -> ``soft[NAME]`` tensor [B, ...]; ``.json`` ones -> lists."""
-    import torch
-
     out = {}
     for ext in samples[0]["soft"]:
         values = [s["soft"][ext] for s in samples]

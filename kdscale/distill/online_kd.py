@@ -15,12 +15,12 @@ import dataclasses
 
 import torch
 
+from kdscale.distill.teacher_pass import combine_ensembles, load_teachers, run_teachers
+
 
 def load_online_teachers(cfg, ensemble_names: list[str]):
     """The teachers of the named ensembles (others, e.g. a report teacher the student's loader
     does not read, are left out) as a LoadedTeachers."""
-    from kdscale.distill.teacher_pass import load_teachers
-
     teachers = load_teachers(cfg)
     ensembles = [e for e in teachers.ensembles if e["name"] in ensemble_names]
     missing = sorted(set(ensemble_names) - {e["name"] for e in ensembles})
@@ -48,8 +48,6 @@ class OnlineSoftLabels:
         return len(self.loader)
 
     def __iter__(self):
-        from kdscale.distill.teacher_pass import combine_ensembles, run_teachers
-
         for batch in self.loader:
             logits, seen = run_teachers(self.teachers, batch, torch.device("cpu"))
             ensemble, has = combine_ensembles(self.teachers, logits, seen, task=self.task)

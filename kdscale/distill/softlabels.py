@@ -21,7 +21,6 @@ Logits are stored raw so the distillation temperature can change at training tim
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import io
 import json
@@ -35,30 +34,14 @@ import numpy as np
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
+from kdscale.data.shard_index import read_index
 from kdscale.data.shards import npy_bytes
-from kdscale.data.tario import TarShardWriter, sha256_file
+from kdscale.data.tario import TarShardWriter, iter_members, sha256_file
+from kdscale.distill.softlabels_config import SoftLabelsConfig  # noqa: F401  (re-exported)
 
 FORMAT = "kdscale-softlabels/1"
 ARRAYS = ("logits", "seen", "ensemble", "ensemble_seen")
 MEMBERS = ("meta.json", "keys.json") + tuple(f"{a}.npy" for a in ARRAYS)
-
-
-@dataclass
-class SoftLabelsConfig:
-    out_dir: str = ""                 # default: <run.out_dir>/softlabels
-    batch_size: int = 256             # inference batch: no activations are kept, so go large
-    num_workers: int = -1             # decoding workers per rank; -1 = auto: 2 on GPU, 0 on CPU (see below)
-    precision: str = "fp32"           # fp32 | bf16 (autocast for the teachers' forward)
-    splits: list[str] = dataclasses.field(default_factory=lambda: list(SPLITS))
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.num_workers < -1:
-            raise ValueError("softlabels.batch_size must be >= 1 and softlabels.num_workers >= -1 (auto)")
-        if self.precision not in ("fp32", "bf16"):
-            raise ValueError(f"softlabels.precision must be fp32 or bf16, got {self.precision!r}")
-        unknown = sorted(set(self.splits) - set(SPLITS))
-        if unknown:
-            raise ValueError(f"softlabels.splits: unknown {unknown}; valid: {list(SPLITS)}")
 
 
 class StaleSoftLabels(DataError):
@@ -170,9 +153,6 @@ def verify_softlabels(soft_dir: str | os.PathLike, data_dir: Optional[str | os.P
     the soft index's data hashes equal the data index's (else: data changed since -> stale); the
     teacher checkpoints on disk still have the recorded hashes (else: teachers changed -> stale);
     each soft shard's sha256 equals the index's."""
-    from kdscale.data.shard_index import read_index
-    from kdscale.data.tario import iter_members
-
     soft_dir = Path(soft_dir)
     try:
         index = read_soft_index(soft_dir)

@@ -1,4 +1,4 @@
-"""Students: configuration, and training one student from the shards and the soft labels.
+"""Students: training one student from the shards and the soft labels.
 
 A run declares its students in ``students:`` (a list; each one a name, a ``method`` and a
 ``model``). ``kdscale train --cfg FILE`` trains all of them, ``--only NAME`` / ``--index I`` one
@@ -33,160 +33,32 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
-from kdscale.distill.loss_config import DistillLossConfig, HeadLossConfig, MindLossConfig, MmpkdLossConfig
-from kdscale.engine.config import TrainConfig
-from kdscale.models.students import StudentConfig
+from kdscale.config import to_dict, validate
+from kdscale.data.ingest import DataError
+from kdscale.data.loader import build_loader
+from kdscale.data.shard_index import read_index
+from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.data.tario import sha256_file
+from kdscale.distill import tasks
+from kdscale.distill.online_kd import OnlineSoftLabels, load_online_teachers
+from kdscale.distill.softlabels import read_soft_index
+from kdscale.distill.student_training_config import (METHODS, StudentRunConfig,  # noqa: F401  (re-exported)
+                                                     check_students)
+from kdscale.distill.tasks import mind_metrics, multi_metrics_for
+from kdscale.distill.teacher_pass import softlabels_dir
+from kdscale.distill.teachers import already_trained, fit_preprocessing, select_named
+from kdscale.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_atomic
+from kdscale.engine.distributed import barrier, detect_world
+from kdscale.engine.rng import seed_everything
+from kdscale.engine.trainer import Trainer, default_metrics
+from kdscale.models.registry import count_parameters
+from kdscale.models.students import build_student, unwrap_model
+from kdscale.models.students_config import StudentConfig
 
 log = logging.getLogger(__name__)
-
-METHODS = ("mind", "joint", "medfuse", "mmpkd", "supervised", "distill")
-# which model kinds each method can train
-_METHOD_KINDS = {"mind": ("mind", "multi"), "joint": ("joint", "mind", "medfuse"), "medfuse": ("medfuse",),
-                 "mmpkd": ("vit", "unimodal", "multi"), "supervised": ("vit", "unimodal", "multi"),
-                 "distill": ("multi",)}
-
-
-@dataclass
-class StudentRunConfig:
-    name: str
-    method: Literal["mind", "joint", "medfuse", "mmpkd", "supervised", "distill"] = "mind"
-    model: StudentConfig = field(default_factory=StudentConfig)
-    mind: MindLossConfig = field(default_factory=MindLossConfig)        # method mind
-    mmpkd: MmpkdLossConfig = field(default_factory=MmpkdLossConfig)     # method mmpkd
-    distill: DistillLossConfig = field(default_factory=DistillLossConfig)  # method distill (kind multi)
-    learnable_omega: Literal["none", "uncertainty"] = "none"            # mind: adapt ω (docs/losses.md)
-    ensemble_for: dict[str, str] = field(default_factory=dict)          # mind: modality -> ensemble name
-    teacher_ensemble: str = "report"      # mmpkd: the privileged teacher ensemble (soft-label ensemble name)
-    fusion_samples: Literal["", "paired", "defined"] = ""   # joint/medfuse: "" = the method's default
-    # Which samples the student trains and is selected on: "all" = every sample with a modality it
-    # reads (MIND's unimodal heads also learn from unpaired stays); "paired" = only samples with
-    # both image and EHR (MIND's small paired set, method-and-data.md §3.7 paired_ehr_cxr).
-    samples: Literal["all", "paired"] = "all"
-    main_head: str = ""                   # model selection head; "" = routed (multimodal) / image
-    train: TrainConfig = field(default_factory=TrainConfig)
-    batch_size: Optional[int] = None      # overrides loader.batch_size
-    online_kd: bool = False               # measurement mode: teachers forward each augmented batch (online_kd.py)
-    out_dir: str = ""                     # default: <run.out_dir>/students/<name>
-
-    def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
-            raise ValueError(f"student name {self.name!r} must be non-empty letters, digits, '_' or '-'")
-        kinds = _METHOD_KINDS[self.method]
-        if self.model.kind not in kinds:
-            raise ValueError(f"student {self.name!r}: method {self.method!r} trains model.kind {list(kinds)}, "
-                             f"got {self.model.kind!r}")
-        if self.method == "mmpkd" and self.model.kind == "unimodal" and self.model.modality != "image":
-            raise ValueError(f"student {self.name!r}: method mmpkd is an image student; a unimodal model "
-                             f"needs model.modality image")
-        if self.online_kd and self.method != "mind":
-            raise ValueError(f"student {self.name!r}: online_kd is a MIND measurement mode (an image-only student's "
-                             f"loader does not read the report its teacher needs)")
-        if self.samples == "paired" and self.loader_modalities() != ["image", "ehr"]:
-            raise ValueError(f"student {self.name!r}: samples paired needs a multimodal student (image and ehr); "
-                             f"this one reads {self.loader_modalities()}")
-        if self.method == "mmpkd" and self.mmpkd.lam > 0 and not self.teacher_ensemble:
-            raise ValueError(f"student {self.name!r}: mmpkd with lam {self.mmpkd.lam} needs teacher_ensemble")
-        if self.model.kind == "multi":
-            if self.method == "mind" and (self.mind.variant != "V1" or set(self.mind.modalities) != set(
-                    self.model.modalities)):
-                raise ValueError(f"student {self.name!r}: method mind on a multi student is the V1 objective over "
-                                 f"the student's modalities {self.model.modalities} (mind.modalities "
-                                 f"{list(self.mind.modalities)}, variant {self.mind.variant}); use method distill "
-                                 f"for other forms")
-            if self.method == "mmpkd" and len(self.model.modalities) != 1:
-                raise ValueError(f"student {self.name!r}: method mmpkd on a multi student needs one modality; use "
-                                 f"method distill with combine convex for several")
-            heads = set(self.model.modalities) | ({"fusion"} if len(self.model.modalities) > 1 else set())
-            unknown = sorted(set(self.distill_config().heads) - heads)
-            if unknown:
-                raise ValueError(f"student {self.name!r}: distill.heads names {unknown}, but the student's heads "
-                                 f"are {sorted(heads)}")
-
-    def distill_config(self) -> DistillLossConfig:
-        """The general objective of a kind-multi student; methods mind / mmpkd / supervised are
-        presets of it (docs/losses.md, "Presets")."""
-        if self.method == "distill":
-            return self.distill
-        if self.method == "mind":
-            c = self.mind
-            heads = {"fusion": HeadLossConfig(omega=0.0, sup=c.fusion_weight)} if len(self.model.modalities) > 1 else {}
-            for m in self.model.modalities:
-                om = c.omega.get(m, 0.0)
-                heads[m] = HeadLossConfig(teacher=self.ensemble_for.get(m, m) if om > 0 else "", omega=om,
-                                          sup=c.aux_weight)
-            return DistillLossConfig(task=c.task, temperature=c.temperature, heads=heads, combine="sum",
-                                     fusion_samples="multimodal", t_squared=c.t_squared,
-                                     student_temperature=c.student_temperature, kd_form=c.kd_form,
-                                     normalize=c.normalize)
-        if self.method == "mmpkd":
-            c, (m,) = self.mmpkd, self.model.modalities
-            head = HeadLossConfig(teacher=self.teacher_ensemble if c.lam > 0 else "", omega=c.lam, sup=1.0)
-            return DistillLossConfig(task=c.task, temperature=c.temperature, heads={m: head}, combine="convex",
-                                     t_squared=c.t_squared, student_temperature=c.student_temperature,
-                                     kd_form=c.kd_form)
-        if self.method == "supervised":
-            return DistillLossConfig(task=self.distill.task)
-        raise ValueError(f"method {self.method!r} has no general form")
-    @property
-    def needs_soft_labels(self) -> bool:
-        if self.model.kind == "multi":
-            return bool(self.distill_config().teachers())
-        if self.method == "mind":
-            return any(self.mind.weights_for(m)[1] > 0 for m in self.mind.modalities)
-        return self.method == "mmpkd" and self.mmpkd.lam > 0
-
-    @property
-    def image_only(self) -> bool:
-        return self.model.kind == "vit" or (self.model.kind == "unimodal" and self.model.modality == "image")
-
-    @property
-    def head(self) -> str:
-        """The single head of a unimodal / ViT student (its modality)."""
-        if self.model.kind == "multi" and len(self.model.modalities) == 1:
-            return self.model.modalities[0]
-        return self.model.modality if self.model.kind == "unimodal" else "image"
-
-    def loader_modalities(self) -> list[str]:
-        if self.model.kind == "multi":
-            return list(self.model.modalities)
-        if self.image_only:
-            return ["image"]
-        if self.model.kind == "unimodal":
-            return [self.model.modality]
-        return ["image", "ehr"]
-
-
-def check_students(students: list, teachers_cfg) -> None:
-    """Cross-section checks at load: unique names, the label task and the teacher ensembles the
-    students distil from agree with the teachers section."""
-    names = [s.name for s in students]
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"students: duplicate names {dupes}")
-    ensembles = [e.name for e in teachers_cfg.resolved_ensembles()]
-    for s in students:
-        loss = s.mind if s.method == "mind" else s.mmpkd if s.method == "mmpkd" else None
-        if s.model.kind == "multi" and s.method != "supervised":
-            loss = s.distill_config()
-        if loss is not None and loss.task != teachers_cfg.task:
-            raise ValueError(f"students[{s.name}].{s.method}.task is {loss.task!r} but teachers.task is "
-                             f"{teachers_cfg.task!r}: they must match")
-        if not s.needs_soft_labels or not teachers_cfg.members:
-            continue
-        if s.model.kind == "multi":
-            wanted = sorted(set(s.distill_config().teachers().values()))
-        elif s.method == "mmpkd":
-            wanted = [s.teacher_ensemble]
-        else:
-            wanted = [s.ensemble_for.get(m, m) for m in s.mind.modalities if s.mind.weights_for(m)[1] > 0]
-        unknown = [w for w in wanted if w not in ensembles]
-        if unknown:
-            raise ValueError(f"students[{s.name}] distils from teacher ensemble(s) {unknown}, which "
-                             f"teachers.ensembles does not define (defined: {ensembles})")
 
 
 def online_ensembles(student: StudentRunConfig) -> set:
@@ -205,8 +77,6 @@ def student_dir(cfg, student: StudentRunConfig) -> Path:
 
 
 def select_students(cfg, only: str = "", index: Optional[int] = None) -> list[StudentRunConfig]:
-    from kdscale.distill.teachers import select_named
-
     if not cfg.students:
         raise ValueError("students is empty: the config declares no student to train (see configs/mind.yaml)")
     return select_named(cfg.students, "student", only, index)
@@ -217,8 +87,6 @@ def select_students(cfg, only: str = "", index: Optional[int] = None) -> list[St
 # ---------------------------------------------------------------------------------------------
 
 def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
-    from kdscale.distill import tasks
-
     main = student.main_head or None
     if student.model.kind == "multi":
         loss_cfg = student.distill_config()
@@ -241,9 +109,6 @@ def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
 
 
 def metric_fn_for(student: StudentRunConfig):
-    from kdscale.distill.tasks import mind_metrics, multi_metrics_for
-    from kdscale.engine.trainer import default_metrics
-
     if student.model.kind == "multi":
         mods = student.model.modalities
         return multi_metrics_for(mods) if len(mods) > 1 and student.model.aux_heads else default_metrics
@@ -257,9 +122,6 @@ def metric_fn_for(student: StudentRunConfig):
 def check_soft_labels(soft_dir: Path, data_index: dict, split: str, label_names: list[str]) -> dict:
     """The soft-label set in ``soft_dir`` covers ``split`` of the current data shards: every shard
     present, computed from the same data shard bytes, same labels. Errors name the shard."""
-    from kdscale.data.ingest import DataError
-    from kdscale.distill.softlabels import read_soft_index
-
     index = read_soft_index(soft_dir)
     if list(index.get("label_names") or []) != list(label_names):
         raise DataError(f"soft labels have labels {index.get('label_names')}, the data shards {label_names}",
@@ -281,8 +143,6 @@ def check_soft_labels(soft_dir: Path, data_index: dict, split: str, label_names:
 # ---------------------------------------------------------------------------------------------
 
 def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_index: Optional[dict]) -> str:
-    from kdscale.config import to_dict
-
     payload = {"student": to_dict(student), "loader": to_dict(cfg.loader), "seed": cfg.run.seed,
                "shards": [s["sha256"] for s in data_index["shards"]],
                "soft": soft_index.get("fingerprint") if soft_index else None}
@@ -304,7 +164,6 @@ def resolve_resume(out: Path, resume: Optional[str]) -> Optional[str]:
     """``auto``: the latest checkpoint when there is one, else a fresh start (requeued jobs)."""
     if resume != "auto":
         return resume
-    from kdscale.engine.checkpoint import CheckpointManager
 
     try:
         return "latest" if CheckpointManager(out / "checkpoints").latest() else None
@@ -314,18 +173,6 @@ def resolve_resume(out: Path, resume: Optional[str]) -> Optional[str]:
 
 
 def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = None, force: bool = False) -> dict:
-    from kdscale.data.loader import build_loader
-    from kdscale.data.shard_index import read_index
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
-    from kdscale.distill.teacher_pass import softlabels_dir
-    from kdscale.distill.teachers import already_trained
-    from kdscale.engine.checkpoint import load_checkpoint, save_atomic
-    from kdscale.engine.distributed import barrier, detect_world
-    from kdscale.engine.rng import seed_everything
-    from kdscale.engine.trainer import Trainer
-    from kdscale.models.registry import count_parameters
-    from kdscale.models.students import build_student, unwrap_model
-
     world = detect_world()
     shard_dir = shards_out_dir(cfg)
     index = read_index(shard_dir, "train")
@@ -333,8 +180,6 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     n_features = int((index.get("ehr") or {}).get("num_features") or 76)
     soft_dir, soft_index, ensemble_names, online = None, None, [], None
     if student.needs_soft_labels and student.online_kd:
-        from kdscale.distill.online_kd import load_online_teachers
-
         ensemble_names = [e.name for e in cfg.teachers.resolved_ensembles() if e.name in online_ensembles(student)]
         online = load_online_teachers(cfg, ensemble_names)
         soft_index = {"fingerprint": "online:" + online.fingerprint}
@@ -356,15 +201,12 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     task = build_task(student, ensemble_names, cfg.teachers.task)
     loader_cfg = student_loader_config(cfg, student)
     if getattr(model, "needs_fit", False):   # report tokenizer / tabular encoding, from train only
-        from kdscale.distill.teachers import fit_preprocessing
 
         fit_preprocessing(model, shard_dir, loader_cfg)
     if hasattr(task, "attach"):
         task.attach(model)   # learnable ω becomes part of the model before the optimizer exists
     train_loader = build_loader(shard_dir, "train", loader_cfg, train=True, soft_dir=soft_dir)
     if online is not None:
-        from kdscale.distill.online_kd import OnlineSoftLabels
-
         train_loader = OnlineSoftLabels(train_loader, online, cfg.teachers.task)
     val_loader = build_loader(shard_dir, "val", dataclasses.replace(loader_cfg, drop_last=False), train=False)
     n_params = count_parameters(unwrap_model(model))
@@ -391,7 +233,6 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     if trainer.is_main:
         best = load_checkpoint(result.best_checkpoint)
         save_atomic({"model": best["model"], **student_meta}, out / "student.pt")
-        from kdscale.data.tario import sha256_file
         best_record = max((r for r in result.history if r.get(student.train.select_metric) is not None),
                           key=lambda r: r[student.train.select_metric], default={})
         info = {"name": student.name, "method": student.method, "kind": student.model.kind,
@@ -420,10 +261,6 @@ def load_student(path: str | Path):
     student.pt is unreadable (bit rot, truncation, a refused global), the best checkpoint of the
     run (``checkpoints/``, the weights student.pt was copied from) is used instead, with a warning
     naming both; without a usable one the original error stands."""
-    from kdscale.config import validate
-    from kdscale.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint
-    from kdscale.models.students import build_student
-
     path = Path(path)
     try:
         state = load_checkpoint(path)

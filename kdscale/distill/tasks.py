@@ -39,12 +39,14 @@ from __future__ import annotations
 
 from typing import Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from kdscale.distill.losses import (DistillLossConfig, MindLossConfig, MmpkdLossConfig, UncertaintyWeighting, _kind,
                                     distill_loss, mind_loss, mmpkd_loss, supervised_loss, utilization_gap,
                                     utilization_spread)
+from kdscale.engine.trainer import default_metrics
 from kdscale.models.students import unwrap_model
 
 __all__ = ["EXTRA_MODULE_NAME", "LEARNABLE_OMEGA", "KdUncertaintyWeighting", "MindTask", "DistillTask", "JointTask",
@@ -468,8 +470,7 @@ class SupervisedImageTask:
 # ----------------------------------------------------------------------------------------------
 
 def _macro_auroc(y, p) -> float:
-    import numpy as np
-
+    # upward import (distill -> eval): h-layers moves the metrics below distill
     from kdscale.eval.metrics import label_metrics, multiclass_metrics
 
     y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
@@ -487,8 +488,6 @@ def utilization(preds: Mapping, *, baseline: float = 0.0, prefix: str = "util/")
     ehr aux head; u(B|A), u(A|B), d_util = u(A|B) - u(B|A) by ``utilization_gap`` (``baseline``
     0.5 measures AUROC above chance). Values are NaN when a metric is undefined (no paired
     sample, a label without both classes everywhere)."""
-    import numpy as np
-
     for head in ("fusion", "image", "ehr"):
         if head not in preds:
             raise KeyError(f"utilization needs the {head!r} head in the predictions (MindTask.predict); "
@@ -515,8 +514,6 @@ def utilization_n(preds: Mapping, modalities: Sequence[str], *, baseline: float 
     modalities present), M_all = the fusion head, M_m = modality m's head. For two modalities
     the signed two-modality gap (:func:`utilization`'s d_util, A = first, B = second modality in
     the student's order) is added as ``d_util_signed``."""
-    import numpy as np
-
     heads = ["fusion", *modalities]
     missing = [h for h in heads if h not in preds]
     if missing:
@@ -544,8 +541,6 @@ def utilization_n(preds: Mapping, modalities: Sequence[str], *, baseline: float 
 def multi_metrics_for(modalities: Sequence[str]):
     """``Trainer(metric_fn=)`` for a multi student with aux heads: default metrics + d_util."""
     def metric_fn(preds: Mapping, main_head: str, label_names: Sequence[str]) -> dict:
-        from kdscale.engine.trainer import default_metrics
-
         out = default_metrics(preds, main_head, list(label_names))
         out.update(utilization_n(preds, list(modalities)))
         return out
@@ -554,8 +549,6 @@ def multi_metrics_for(modalities: Sequence[str]):
 
 def mind_metrics(preds: Mapping, main_head: str, label_names: Sequence[str]) -> dict:
     """The engine's default metrics plus :func:`utilization`: pass as ``Trainer(metric_fn=)``."""
-    from kdscale.engine.trainer import default_metrics
-
     out = default_metrics(preds, main_head, list(label_names))
     out.update(utilization(preds))
     return out

@@ -27,11 +27,22 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 import torch.utils.data
+from tqdm import tqdm
 
+from kdscale import __version__
+from kdscale.config import config_hash
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
+from kdscale.data.shard_index import read_index
+from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.data.tario import iter_samples, sha256_file
+from kdscale.data.transforms import SampleDecoder, collate
+from kdscale.distill.ensemble import combine, ensemble_weights
 from kdscale.distill.softlabels import (FORMAT, SoftLabelsConfig, SoftShard, read_soft_shard,
                                         soft_shard_is_current, teachers_fingerprint, write_soft_shard)
+from kdscale.distill.teachers import load_teacher, teachers_dir
+from kdscale.engine.distributed import all_gather_objects, barrier, detect_world, init_distributed
+from kdscale.engine.trainer import to_device
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +72,6 @@ class LoadedTeachers:
 
 
 def load_teachers(cfg) -> LoadedTeachers:
-    from kdscale.data.tario import sha256_file
-    from kdscale.distill.ensemble import ensemble_weights
-    from kdscale.distill.teachers import load_teacher, teachers_dir
-
     models, infos, label_names = [], [], None
     for teacher in cfg.teachers.task_members():   # data radiology teachers are pretraining steps
         folder = teachers_dir(cfg) / teacher.name
@@ -128,11 +135,6 @@ class _ShardStream(torch.utils.data.IterableDataset):
         self.jobs, self.specs, self.batch_size = jobs, specs, batch_size
 
     def __iter__(self) -> Iterator[dict]:
-        import torch.utils.data
-
-        from kdscale.data.tario import iter_samples
-        from kdscale.data.transforms import SampleDecoder, collate
-
         info = torch.utils.data.get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         for j in range(worker, len(self.jobs), workers):
@@ -167,8 +169,6 @@ def _identity(x):
 
 def subset_batch(batch: dict, idx) -> dict:
     """The rows ``idx`` (a LongTensor) of every per-sample entry of a batch."""
-    import torch
-
     rows = idx.tolist()
     out = {}
     for key, value in batch.items():
@@ -185,10 +185,6 @@ def subset_batch(batch: dict, idx) -> dict:
 
 def run_teachers(teachers: LoadedTeachers, batch: dict, device, precision: str = "fp32"):
     """-> (logits [B, K, C] float32 with zeros where unseen, seen [B, K] bool)."""
-    import torch
-
-    from kdscale.engine.trainer import to_device
-
     b, k, c = len(batch["key"]), len(teachers.models), len(teachers.label_names)
     logits = torch.zeros(b, k, c)
     seen = torch.zeros(b, k, dtype=torch.bool)
@@ -208,10 +204,6 @@ def run_teachers(teachers: LoadedTeachers, batch: dict, device, precision: str =
 
 def combine_ensembles(teachers: LoadedTeachers, logits, seen, task: str = "multilabel"):
     """-> (ensemble logits [B, G, C], ensemble_seen [B, G])."""
-    import torch
-
-    from kdscale.distill.ensemble import combine
-
     names = [i["name"] for i in teachers.infos]
     out, has = [], []
     for ens in teachers.ensembles:
@@ -229,8 +221,6 @@ def combine_ensembles(teachers: LoadedTeachers, logits, seen, task: str = "multi
 # ---------------------------------------------------------------------------------------------
 
 def _jobs(data_dir: Path, splits: list[str]) -> tuple[list[_ShardJob], dict]:
-    from kdscale.data.shard_index import read_index
-
     jobs, indexes = [], {}
     for split in splits:
         if not (data_dir / split).is_dir():
@@ -246,11 +236,6 @@ def _jobs(data_dir: Path, splits: list[str]) -> tuple[list[_ShardJob], dict]:
 
 def teacher_pass(cfg, *, device: Optional[str] = None, progress: bool = True) -> dict:
     """Run the pass on this rank (world from torchrun/SLURM env); rank 0 writes index.json."""
-    import torch
-
-    from kdscale.data.shards import shards_out_dir
-    from kdscale.engine.distributed import all_gather_objects, barrier, detect_world, init_distributed
-
     world = detect_world()
     init_distributed(world)
     started = time.time()
@@ -306,9 +291,6 @@ def teacher_pass(cfg, *, device: Optional[str] = None, progress: bool = True) ->
 
 
 def _run_jobs(todo, specs, teachers, dev, sl, fingerprint, out: Path, task: str, show: bool) -> dict:
-    import torch.utils.data
-    from tqdm import tqdm
-
     stats = {"written": 0, "samples": 0, "undecodable": 0, "forward_s": 0.0, "write_s": 0.0, "wall_s": 0.0}
     if not todo:
         return stats
@@ -351,8 +333,6 @@ def _run_jobs(todo, specs, teachers, dev, sl, fingerprint, out: Path, task: str,
 
 
 def _write_job(job: _ShardJob, acc: dict, teachers: LoadedTeachers, fingerprint: str, out: Path, task: str) -> int:
-    import torch
-
     n, k, c = len(acc["keys"]), len(teachers.models), len(teachers.label_names)
     if n != job.count:
         raise DataError(f"read {n} samples from {job.split}/{job.name}, its index says {job.count}: the data "
@@ -374,11 +354,6 @@ def _write_job(job: _ShardJob, acc: dict, teachers: LoadedTeachers, fingerprint:
 
 def write_index(out: Path, data_dir: Path, indexes: dict, teachers: LoadedTeachers, cfg, all_stats: list) -> dict:
     """index.json from the soft shards on disk (so shards written by earlier, killed runs count)."""
-    from kdscale import __version__
-    from kdscale.config import config_hash
-    from kdscale.data.shards import write_json_atomic
-    from kdscale.data.tario import sha256_file
-
     splits, total, shards, bad = {}, 0, 0, 0
     for split, index in indexes.items():
         entries = []

@@ -1,4 +1,4 @@
-"""Teacher ensembles: configuration, and training one teacher on its own modality's data.
+"""Teacher ensembles: training one teacher on its own modality's data.
 
 Each teacher is a separate, addressable unit of work (``kdscale teachers --only NAME`` or
 ``--index I``, one SLURM array task each). A teacher trains on ALL samples of the shard set that
@@ -16,100 +16,30 @@ import dataclasses
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from kdscale.config import to_dict, validate
+from kdscale.data.loader import build_loader
+from kdscale.data.shard_index import read_index
+from kdscale.data.shards import build_shards, shards_out_dir, write_json_atomic
+from kdscale.data.tario import sha256_file
+from kdscale.distill import leakage
+from kdscale.distill.losses import supervised_loss
+from kdscale.distill.teachers_config import EnsembleConfig, TeacherConfig, TeachersConfig  # noqa: F401  (re-exported)
+from kdscale.engine.checkpoint import load_checkpoint, save_atomic
 from kdscale.engine.config import TrainConfig
+from kdscale.engine.distributed import barrier, broadcast_object, detect_world, init_distributed
+from kdscale.engine.rng import seed_everything
+from kdscale.engine.trainer import Trainer
 from kdscale.models.config import ModelConfig
+from kdscale.models.registry import build_model, count_parameters
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TeacherConfig:
-    name: str
-    model: ModelConfig
-    epochs: Optional[int] = None          # overrides teachers.train.epochs
-    lr: Optional[float] = None            # overrides teachers.train.optimizer.lr
-    batch_size: Optional[int] = None      # overrides loader.batch_size
-    # What the teacher trains on: "task" = the run's data shards (its task's labels); "radiology" =
-    # the CheXpert labels of EVERY film of the same MIMIC tree (MedFuse's CXR pretraining,
-    # method-and-data.md §3.10), read into a second shard set <shards.out_dir>-radiology by the
-    # teachers stage. A radiology teacher is a pretraining step: it is in no ensemble and the
-    # teacher pass skips it.
-    data: Literal["task", "radiology"] = "task"
-    # Start from another teacher's encoder ("teachers/<name>": an earlier member of this run) or a
-    # local checkpoint path (teacher.pt or a state dict); the head is new (label sets may differ).
-    init_from: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
-            raise ValueError(f"teacher name {self.name!r} must be non-empty letters, digits, '_' or '-'")
-        if self.data == "radiology" and self.model.modality != "image":
-            raise ValueError(f"teacher {self.name!r}: data radiology trains on films; model.modality must be "
-                             f"image, got {self.model.modality!r}")
-
-
-@dataclass
-class EnsembleConfig:
-    name: str
-    members: list[str]
-    rule: Literal["uniform", "fixed", "val_auroc"] = "uniform"
-    weights: dict[str, float] = field(default_factory=dict)   # rule fixed
-    space: Literal["logit", "prob"] = "prob"                   # where the weighted average is taken
-
-
-@dataclass
-class TeachersConfig:
-    out_dir: str = ""                     # default: <run.out_dir>/teachers
-    task: Literal["multilabel", "multiclass"] = "multilabel"
-    members: list[TeacherConfig] = field(default_factory=list)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    ensembles: list[EnsembleConfig] = field(default_factory=list)   # default: one per modality
-
-    def __post_init__(self) -> None:
-        names = [t.name for t in self.members]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"teachers.members: duplicate names {dupes}")
-        for ens in self.ensembles:
-            unknown = [m for m in ens.members if m not in names]
-            if unknown:
-                raise ValueError(f"teachers.ensembles {ens.name!r}: unknown members {unknown}; teachers: {names}")
-            if ens.rule == "fixed" and sorted(ens.weights) != sorted(ens.members):
-                raise ValueError(f"teachers.ensembles {ens.name!r}: rule fixed needs one weight per member")
-            pretrain = [m for m in ens.members if m in self._pretrain_names()]
-            if pretrain:
-                raise ValueError(f"teachers.ensembles {ens.name!r}: {pretrain} train on data radiology (another "
-                                 f"label set); only data task teachers can be ensembled")
-        for i, t in enumerate(self.members):
-            if t.init_from.startswith("teachers/"):
-                source = t.init_from.split("/", 1)[1]
-                if source not in names[:i]:
-                    raise ValueError(f"teachers.members[{i}] ({t.name}).init_from {t.init_from!r}: no earlier "
-                                     f"member named {source!r} (earlier: {names[:i]})")
-                other = self.members[names.index(source)]
-                if (other.model.modality, other.model.arch) != (t.model.modality, t.model.arch):
-                    raise ValueError(f"teachers.members[{i}] ({t.name}).init_from {t.init_from!r}: that teacher is "
-                                     f"{other.model.modality}/{other.model.arch}, this one "
-                                     f"{t.model.modality}/{t.model.arch}")
-
-    def _pretrain_names(self) -> set:
-        return {t.name for t in self.members if t.data != "task"}
-
-    def task_members(self) -> list[TeacherConfig]:
-        """The teachers of the run's task: the ones the teacher pass runs and ensembles combine."""
-        return [t for t in self.members if t.data == "task"]
-
-    def resolved_ensembles(self) -> list[EnsembleConfig]:
-        """The configured ensembles, or one uniform one per modality, named after the modality."""
-        if self.ensembles:
-            return list(self.ensembles)
-        by_modality: dict[str, list[str]] = {}
-        for t in self.task_members():
-            by_modality.setdefault(t.model.modality, []).append(t.name)
-        return [EnsembleConfig(name=m, members=names) for m, names in by_modality.items()]
 
 
 def teachers_dir(cfg) -> Path:
@@ -161,9 +91,6 @@ def teacher_train_config(cfg, teacher: TeacherConfig) -> TrainConfig:
 def teacher_fingerprint(cfg, teacher: TeacherConfig, data_index: dict) -> str:
     """What a trained teacher depends on: its config, the training config, the shard set, and
     the checkpoint it starts from."""
-    from kdscale.config import to_dict
-    from kdscale.data.tario import sha256_file
-
     payload = {"teacher": to_dict(teacher), "train": to_dict(teacher_train_config(cfg, teacher)),
                "loader": to_dict(cfg.loader), "data_config_hash": data_index.get("config_hash"),
                "shards": [s["sha256"] for s in data_index["shards"]]}
@@ -192,7 +119,6 @@ def radiology_view(cfg):
     if source not in ("mimic", "demo") or (source == "demo" and section.flavor != "mimic"):
         raise ValueError(f"a teacher with data radiology needs a MIMIC source (data.source mimic, or demo with "
                          f"flavor mimic); data.source is {source!r}")
-    from kdscale.data.shards import shards_out_dir
 
     data = dataclasses.replace(cfg.data, **{source: dataclasses.replace(section, task="radiology")})
     shards = dataclasses.replace(cfg.shards, out_dir=str(shards_out_dir(cfg)) + "-radiology")
@@ -212,14 +138,10 @@ class UnimodalTask:
         self.modality, self.task = modality, task
 
     def loss(self, model, batch: dict):
-        from kdscale.distill.losses import supervised_loss
-
         logits = model(batch)
         return supervised_loss(logits.float(), batch["labels"], self.task, mask=batch["present"][self.modality]), {}
 
     def predict(self, model, batch: dict) -> dict:
-        import torch
-
         logits = model(batch).float()
         probs = torch.softmax(logits, -1) if self.task == "multiclass" else torch.sigmoid(logits)
         return {self.main_head: (probs, batch["present"][self.modality])}
@@ -239,9 +161,6 @@ def _loader_config(cfg, teacher: TeacherConfig, workers: Optional[int] = None):
 def fit_preprocessing(model, shard_dir: Path, loader_cfg) -> None:
     """Learn a model's preprocessing (tokenizer, tabular encoding) from the TRAIN split only, on
     rank 0, and share the fitted state with every rank (so all ranks tokenize alike)."""
-    from kdscale.data.loader import build_loader
-    from kdscale.engine.distributed import broadcast_object, detect_world
-
     world = detect_world()
     state = None
     if world.rank == 0:
@@ -250,9 +169,7 @@ def fit_preprocessing(model, shard_dir: Path, loader_cfg) -> None:
         model.fit(_valid_rows(loader))
         state = model.state_dict() if world.distributed else None
     if world.distributed:
-        import torch.distributed as dist
         if not dist.is_initialized():
-            from kdscale.engine.distributed import init_distributed
             init_distributed(world)
         state = broadcast_object(state)
         if world.rank != 0:
@@ -261,8 +178,7 @@ def fit_preprocessing(model, shard_dir: Path, loader_cfg) -> None:
 
 def _valid_rows(loader):
     """Eval loaders pad the last slots with repeats flagged valid=False: fit on real rows only."""
-    import torch
-
+    # cycle: teacher_pass imports this module (h-layers moves subset_batch out of it)
     from kdscale.distill.teacher_pass import subset_batch
 
     for batch in loader:
@@ -277,11 +193,6 @@ def leakage_check(cfg, teacher: TeacherConfig, shard_dir: Path, loader_cfg, labe
     """Possible label leakage of a trained teacher (kdscale.distill.leakage): for a privileged
     input (tabular, report) the columns / tokens that determine a label on the TRAINING split,
     and for every teacher a validation AUROC >= 0.99. Each finding is logged as a warning."""
-    import numpy as np
-
-    from kdscale.data.loader import build_loader
-    from kdscale.distill import leakage
-
     modality = teacher.model.modality
     findings = []
     if modality in ("tabular", "report"):
@@ -302,22 +213,9 @@ def leakage_check(cfg, teacher: TeacherConfig, shard_dir: Path, loader_cfg, labe
 
 
 def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, force: bool = False) -> dict:
-    import torch
-
-    from kdscale.data.loader import build_loader
-    from kdscale.data.shard_index import read_index
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
-    from kdscale.engine.checkpoint import load_checkpoint, save_atomic
-    from kdscale.engine.distributed import barrier, detect_world
-    from kdscale.engine.rng import seed_everything
-    from kdscale.engine.trainer import Trainer
-    from kdscale.models.registry import build_model, count_parameters
-
     world = detect_world()
     data_cfg = cfg
     if teacher.data == "radiology":
-        from kdscale.data.shards import build_shards
-
         data_cfg = radiology_view(cfg)
         built = build_shards(data_cfg, workers=1)   # a no-op once complete (same data config)
         if not built.get("complete", True):
@@ -357,7 +255,6 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
         best = load_checkpoint(result.best_checkpoint)
         save_atomic({"model": best["model"], "model_config": dataclasses.asdict(teacher.model),
                      "label_names": label_names, "name": teacher.name}, out / "teacher.pt")
-        from kdscale.data.tario import sha256_file
         best_record = max((r for r in result.history if r.get("auroc_macro") is not None),
                           key=lambda r: r["auroc_macro"], default={})
         info = {"name": teacher.name, "modality": teacher.model.modality, "arch": teacher.model.arch,
@@ -381,10 +278,6 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
 
 def load_teacher(path: str | Path):
     """teacher.pt -> (model in eval mode, info dict). Weights only, no pickle."""
-    from kdscale.config import validate
-    from kdscale.engine.checkpoint import load_checkpoint
-    from kdscale.models.registry import build_model
-
     state = load_checkpoint(path)
     model_cfg = validate(ModelConfig, state["model_config"])
     model = build_model(model_cfg, len(state["label_names"]), ehr_features=_ehr_features(state["model"]))

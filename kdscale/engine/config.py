@@ -72,6 +72,7 @@ class TrainConfig:
 
 
 def build_optimizer(cfg: OptimConfig, params):
+    # a config module: validated at load without torch; torch only to build the optimizer / scheduler
     import torch
 
     params = [p for p in params if p.requires_grad]
@@ -95,6 +96,7 @@ def lr_factor(cfg: ScheduleConfig, step: int, total_steps: int, steps_per_epoch:
 
 
 def build_scheduler(cfg: ScheduleConfig, optimizer, total_steps: int, steps_per_epoch: int):
+    # a config module: validated at load without torch; torch only to build the optimizer / scheduler
     import torch
 
     return torch.optim.lr_scheduler.LambdaLR(

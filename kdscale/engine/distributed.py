@@ -7,6 +7,7 @@ the torchrun variables, so Accelerate and ``torch.distributed`` agree on one wor
 """
 from __future__ import annotations
 
+import datetime
 import gc
 import logging
 import os
@@ -101,8 +102,7 @@ def export_env(world: World) -> None:
 
 def init_distributed(world: World, backend: str = "gloo", timeout_s: float = 600.0) -> None:
     """init_process_group for a multi-process world (no-op for one process or if already up)."""
-    import datetime
-
+    # launch/ (submission side, no torch) imports this module: torch only in the collectives
     import torch.distributed as dist
 
     if not world.distributed or dist.is_initialized():
@@ -116,6 +116,7 @@ def teardown(*objects) -> None:
     """End a distributed run cleanly. torch 2.13 + gloo often aborts at interpreter exit
     ("terminate called without an active exception") unless every reference to communicating
     objects is gone and the process group is destroyed first (platform-notes.md)."""
+    # launch/ (submission side, no torch) imports this module: torch only in the collectives
     import torch.distributed as dist
 
     del objects
@@ -129,6 +130,7 @@ def teardown(*objects) -> None:
 
 def all_gather_objects(obj) -> list:
     """[obj of rank 0, obj of rank 1, ...]; [obj] without a process group."""
+    # launch/ (submission side, no torch) imports this module: torch only in the collectives
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -139,6 +141,7 @@ def all_gather_objects(obj) -> list:
 
 
 def broadcast_object(obj, src: int = 0):
+    # launch/ (submission side, no torch) imports this module: torch only in the collectives
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()):
@@ -149,6 +152,7 @@ def broadcast_object(obj, src: int = 0):
 
 
 def barrier() -> None:
+    # launch/ (submission side, no torch) imports this module: torch only in the collectives
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

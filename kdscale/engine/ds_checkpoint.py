@@ -28,9 +28,12 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+import torch.distributed as dist
+
 from kdscale.engine.checkpoint import (CheckpointError, CheckpointNotFoundError, _write_json_atomic,
                                        load_checkpoint, save_atomic)
 from kdscale.engine.distributed import all_gather_objects
+from kdscale.engine.rng import capture_rng_state, restore_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +43,6 @@ LATEST = "latest.json"
 
 
 def _dist():
-    import torch.distributed as dist
-
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
@@ -96,8 +97,6 @@ class DeepSpeedCheckpoints:
     def save(self, engine, tag: str, run_state: dict[str, Any], step: int) -> Path:
         """Every rank: the engine's sharded save, then rank 0 writes the run state (with every
         rank's RNG state gathered into ``run_state["rng"]``), the marker and ``latest.json``."""
-        from kdscale.engine.rng import capture_rng_state
-
         if "/" in tag or tag in ("", ".", ".."):
             raise ValueError(f"checkpoint tag must be a plain name, got {tag!r}")
         run_state = {**run_state, "rng": all_gather_objects(capture_rng_state()), "tag": tag, "step": step}
@@ -131,8 +130,6 @@ class DeepSpeedCheckpoints:
         """Load the named tag (``spec``) or the newest complete one (``latest``) into ``engine`` and
         restore this rank's RNG state; -> (tag, run state). Falls back to older complete tags while
         the engine cannot read one (on every rank alike)."""
-        from kdscale.engine.rng import restore_rng_state
-
         tags = self.complete_tags()
         if spec not in ("latest", "auto"):
             if spec not in tags:

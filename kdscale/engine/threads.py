@@ -19,6 +19,8 @@ import logging
 import os
 from typing import Mapping
 
+import torch
+
 log = logging.getLogger(__name__)
 
 ENV_OVERRIDE = "KDSCALE_THREADS"
@@ -78,8 +80,6 @@ def choose_threads(configured: int = 0, loader_workers: int = 0, env: Mapping[st
 def cap_threads(configured: int = 0, loader_workers: int = 0, env: Mapping[str, str] | None = None) -> int:
     """Set this process's intra-op threads (torch) and the OpenMP/MKL variables its child
     processes inherit; returns the number."""
-    import torch
-
     threads, why = choose_threads(configured, loader_workers, env)
     torch.set_num_threads(threads)
     for name in THREAD_ENV_VARS:

@@ -29,10 +29,19 @@ from pathlib import Path
 from typing import Callable, Optional, Protocol
 
 import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DeepSpeedPlugin
+from tqdm import tqdm
 
+from kdscale.engine.checkpoint import CheckpointManager, step_checkpoint_name
 from kdscale.engine.config import TrainConfig, build_optimizer, build_scheduler
 from kdscale.engine.distributed import all_gather_objects, detect_world, export_env
+from kdscale.engine.ds_checkpoint import DeepSpeedCheckpoints
+from kdscale.engine.logger import MetricsLogger
 from kdscale.engine.precision import accelerate_precision
+from kdscale.engine.rng import capture_rng_state, restore_rng_state
 from kdscale.engine.signals import Preempted  # noqa: F401  (re-exported: kdscale.engine.trainer.Preempted)
 
 log = logging.getLogger(__name__)
@@ -62,8 +71,6 @@ class FitResult:
 
 
 def to_device(batch: dict, device) -> dict:
-    import torch
-
     out = {}
     for key, value in batch.items():
         if isinstance(value, torch.Tensor):
@@ -91,8 +98,6 @@ def deepspeed_plugin(cfg: TrainConfig, micro_batch: int):
     ``prepare()``; kdscale's loaders stay outside it (they plan exact epochs per rank), so the
     value is set here -- left on "auto", ``prepare()`` refuses to start (seen on the first GPU run).
     """
-    from accelerate.utils import DeepSpeedPlugin
-
     # zero3_save_16bit_model: get_state_dict gathers ZeRO-3's partitioned weights for the
     # model-only checkpoints that best-model selection and student.pt read
     plugin = DeepSpeedPlugin(zero_stage=cfg.deepspeed.zero_stage, gradient_accumulation_steps=cfg.grad_accum,
@@ -102,8 +107,6 @@ def deepspeed_plugin(cfg: TrainConfig, micro_batch: int):
 
 
 def peak_memory_mb(device) -> float:
-    import torch
-
     if getattr(device, "type", str(device)) == "cuda":
         return torch.cuda.max_memory_allocated() / 2 ** 20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -151,9 +154,6 @@ class Trainer:
 
     # -- setup ---------------------------------------------------------------------------------
     def _accelerator(self):
-        import torch
-        from accelerate import Accelerator
-
         device = self.cfg.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -169,7 +169,6 @@ class Trainer:
         # another precision; one process legitimately trains several models in turn (teachers,
         # then students, each with its own precision). Its process-group state (PartialState)
         # is kept: only the per-training settings are reset.
-        from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
         return Accelerator(**kwargs)
 
@@ -180,8 +179,6 @@ class Trainer:
         return batches // self.cfg.grad_accum
 
     def _prepare(self):
-        from kdscale.engine.checkpoint import CheckpointManager
-
         total = self.steps_per_epoch() * self.cfg.epochs
         if self.steps_per_epoch() < 1:
             raise ValueError(f"the train loader yields {len(self.train_loader)} batches per epoch, fewer than "
@@ -194,19 +191,15 @@ class Trainer:
         if self.cfg.deepspeed.enabled:
             # under ZeRO each rank holds a partition of the optimizer state (and at stage 3 of the
             # weights): resume goes through the engine's own sharded checkpoints
-            from kdscale.engine.ds_checkpoint import DeepSpeedCheckpoints
             self.ds_ckpt = DeepSpeedCheckpoints(self.out_dir / "checkpoints" / "deepspeed",
                                                 keep_last=max(1, self.cfg.keep_last))
         if self.is_main:
-            from kdscale.engine.logger import MetricsLogger
             self.logger = MetricsLogger(self.out_dir)
         else:
             self.logger = None
 
     # -- checkpoint state ----------------------------------------------------------------------
     def state_dict(self, epoch: int, batch: int, step: int, history: list, skipped: int) -> dict:
-        from kdscale.engine.rng import capture_rng_state
-
         scaler = getattr(self.accelerator, "scaler", None)
         run = self._run_state(epoch, batch, step, history, skipped)
         if self.ds_ckpt is not None:
@@ -227,8 +220,6 @@ class Trainer:
 
     def _save(self, epoch: int, batch: int, step: int, history: list, skipped: int,
               metric: Optional[float] = None) -> str:
-        from kdscale.engine.checkpoint import step_checkpoint_name
-
         if self.ds_ckpt is not None:   # every rank writes its partition first: the resumable part
             tag = Path(step_checkpoint_name(epoch, step)).stem
             self.ds_ckpt.save(self.model, tag, self._run_state(epoch, batch, step, history, skipped), step)
@@ -240,8 +231,6 @@ class Trainer:
         return path
 
     def _load(self, spec: str) -> tuple[dict, Path]:
-        from kdscale.engine.rng import restore_rng_state
-
         if self.ds_ckpt is not None:
             return self._load_deepspeed(spec)
         # the manager verifies (CRC) and, for "latest", falls back to the newest checkpoint that
@@ -287,7 +276,6 @@ class Trainer:
     def fit(self, resume: Optional[str] = None) -> FitResult:
         if self.device.type == "cuda":
             # peak memory per run, not per process: one process trains teachers and students in turn
-            import torch
             torch.cuda.reset_peak_memory_stats(self.device)
         self._prepare()
         self.save_request.install()
@@ -344,8 +332,6 @@ class Trainer:
         return best, stale
 
     def _train_epoch(self, epoch: int, start_batch: int, step: int, skipped: int, history: list):
-        import torch
-
         cfg, accum = self.cfg, self.cfg.grad_accum
         n_batches = self.steps_per_epoch() * accum
         self.model.train()
@@ -413,8 +399,6 @@ class Trainer:
     def _finite_step(self, loss) -> bool:
         """Unscale, clip, and decide on every rank alike whether this step is finite (loss and
         gradient norm; gradients are all-reduced, so their norm is the same on every rank)."""
-        import torch
-
         if self.cfg.deepspeed.enabled:  # DeepSpeed clips and checks overflow itself
             return bool(torch.isfinite(loss.detach().float()).all())
         if self.cfg.clip_grad_norm:
@@ -440,8 +424,6 @@ class Trainer:
                                 f"{self.cfg.max_skipped_steps}): the run diverged; lower the LR or check the data")
 
     def _save_requested(self) -> bool:
-        import torch
-
         if not self.world.distributed:
             return self.save_request.requested
         flag = torch.tensor([float(self.save_request.requested)], device=self.device)
@@ -452,7 +434,6 @@ class Trainer:
         # (the per-epoch metrics line and metrics.jsonl carry the same figures)
         if not (self.is_main and self.cfg.progress and sys.stderr.isatty()):
             return None
-        from tqdm import tqdm
         return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
                     dynamic_ncols=True, leave=False)
 
@@ -460,8 +441,6 @@ class Trainer:
     def predict(self, loader) -> dict:
         """{head: (probs [N, C], mask [N]), "labels": [N, C], "keys": [...]} gathered over ranks;
         padding samples (valid=False) are dropped, so each sample appears exactly once."""
-        import torch
-
         model = self.model
         model.eval()
         heads: dict[str, list] = {}
@@ -496,6 +475,7 @@ class Trainer:
 def default_metrics(preds: dict, main_head: str, label_names: list) -> dict:
     """Macro AUROC/AUPRC per head on the samples each head covers; the main head's are also
     reported unprefixed (``auroc_macro``) for model selection."""
+    # upward import (engine -> eval): h-layers moves the metrics below engine
     from kdscale.eval.metrics import label_metrics
 
     out = {}

@@ -32,7 +32,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
+import torch.nn.functional as F
 
+from kdscale.data.transforms import letterbox_geometry
 from kdscale.eval.metrics import _auroc_rows
 
 __all__ = [
@@ -125,8 +128,6 @@ def transform_boxes(boxes, orig_size: tuple[int, int], resize_shorter: int | Non
     """
     W0, H0 = int(orig_size[0]), int(orig_size[1])
     if pad_to_square:
-        from kdscale.data.transforms import letterbox_geometry
-
         side, left, top = letterbox_geometry(W0, H0)
         boxes = _boxes_array(boxes).copy()
         boxes[:, 0] += left
@@ -174,9 +175,6 @@ def normalize_map(m) -> np.ndarray:
 def upsample(m, size: int | tuple[int, int]) -> np.ndarray:
     """Bilinear resize (``torch.nn.functional.interpolate``, align_corners=False) of [h, w] or
     [B, h, w] maps (numpy or torch) to ``size`` = (H, W) or H = W = size. Returns numpy float32."""
-    import torch
-    import torch.nn.functional as F
-
     t = m.detach().float().cpu() if isinstance(m, torch.Tensor) else torch.as_tensor(
         np.asarray(m, dtype=np.float32))
     single = t.dim() == 2

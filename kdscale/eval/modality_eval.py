@@ -17,6 +17,9 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from kdscale.eval.analysis import head_metrics
+from kdscale.eval.report import Heading, Section, Table, _ci, _num
+
 __all__ = ["class_indices", "modality_subsets", "subset_cohort_metrics", "removal_conditions",
            "utilization_from_predictions", "confusion_matrix"]
 
@@ -59,8 +62,6 @@ def subset_cohort_metrics(preds, modalities: Sequence[str], heads: Sequence[str]
     """{cohort: {"n": int, "heads": {head: head_metrics}}} for every modality subset in the data;
     a head is left out of a cohort it does not cover, a cohort smaller than ``min_group_size``
     is reported with its size only (``"skipped"``)."""
-    from kdscale.eval.analysis import head_metrics
-
     out = {}
     for name, mask in modality_subsets(preds.present, modalities).items():
         entry: dict = {"n": int(mask.sum()), "heads": {}}
@@ -90,6 +91,7 @@ def removal_conditions(modalities: Sequence[str], random_rates: Sequence[float])
 def utilization_from_predictions(preds, modalities: Sequence[str], *, baseline: float = 0.5) -> dict:
     """d_util over N >= 2 modalities (``kdscale.distill.tasks.utilization_n``) on ``Predictions``
     (multilabel or multiclass), with AUROC above chance (baseline 0.5)."""
+    # distill.tasks imports torch: local until h-layers moves utilization below eval
     from kdscale.distill.tasks import utilization_n
 
     gathered = {h: (np.asarray(p), np.asarray(m, bool)) for h, (p, m) in preds.heads.items()}
@@ -105,8 +107,6 @@ def report_section(runs):
     """The report's "Modalities and classes" section (kdscale.eval.report): per kind-multi run,
     its parameters by module, the metrics per modality subset, N-modality d_util, and for a
     multiclass task the confusion matrix of the routed head."""
-    from kdscale.eval.report import Heading, Section, Table, _ci, _num
-
     section = Section("modalities", "Modalities, parameters and classes")
     for run in runs:
         ev = run.evaluation

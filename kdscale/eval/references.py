@@ -24,6 +24,11 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from kdscale.data.ingest import DataError
+from kdscale.data.shard_index import read_index
+from kdscale.data.tario import iter_selected
+from kdscale.distill.softlabels import read_soft_index, read_soft_shard
+from kdscale.eval.analysis import COHORT_DEFINITIONS, _selection, cohorts, head_metrics, to_jsonable
 from kdscale.eval.predictions import MODALITIES, Predictions
 
 log = logging.getLogger(__name__)
@@ -42,10 +47,6 @@ HEAD = "score"          # the one head of a reference row
 def split_samples(shard_dir, split: str) -> tuple[Predictions, dict]:
     """All samples of ``split`` as a head-less :class:`Predictions` (shard order), and
     ``{shard name: [keys]}`` for aligning soft-label shards."""
-    from kdscale.data.ingest import DataError
-    from kdscale.data.shard_index import read_index
-    from kdscale.data.tario import iter_selected
-
     shard_dir = Path(shard_dir)
     index = read_index(shard_dir, split)
     names = list(index["label_names"])
@@ -98,9 +99,6 @@ def _with_head(base: Predictions, probs: np.ndarray, mask: np.ndarray) -> Predic
 def teacher_predictions(soft_dir, split: str, base: Predictions, per_shard: dict) -> dict:
     """``{row name: (Predictions with head "score", info)}`` for every teacher
     (``teacher:<name>``) and ensemble (``ensemble:<name>``) of the soft-label set."""
-    from kdscale.data.ingest import DataError
-    from kdscale.distill.softlabels import read_soft_index, read_soft_shard
-
     soft_dir = Path(soft_dir)
     index = read_soft_index(soft_dir)
     if split not in index.get("splits", {}):
@@ -243,8 +241,6 @@ def reference_evaluation(preds: Predictions, info: dict, n_boot: int, seed: int,
                          signal_labels: Optional[Sequence[str]] = None) -> dict:
     """``evaluation.json`` of a reference row: head "score" on every cohort it covers, with the
     students' metrics and bootstrap (kdscale.eval.analysis.head_metrics)."""
-    from kdscale.eval.analysis import COHORT_DEFINITIONS, _selection, cohorts, head_metrics, to_jsonable
-
     masks = cohorts(preds)
     heads = {name: head_metrics(preds, HEAD, mask, n_boot, seed, signal_labels=signal_labels)
              for name, mask in masks.items() if _selection(preds, HEAD, mask).any()}

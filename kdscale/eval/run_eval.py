@@ -18,14 +18,35 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import logging
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
+from PIL import Image
 
+from kdscale.data.ingest import DataError
+from kdscale.data.loader import build_loader
+from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.data.tario import iter_members
+from kdscale.data.transforms import letterbox_geometry
+from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
+from kdscale.distill.teacher_pass import softlabels_dir
+from kdscale.distill.teachers import teachers_dir
+from kdscale.eval.analysis import compare, evaluate, robustness, subgroup_counts_line, to_jsonable
+from kdscale.eval.attention import grad_cam, to_image_maps, vit_attention_maps
 from kdscale.eval.ci_checks import bootstrap_warnings
+from kdscale.eval.localization import (_crop_offset, _resized_size, boxes_to_mask, localization_references,
+                                       localization_summary, transform_boxes)
+from kdscale.eval.modality_eval import (class_indices, confusion_matrix, removal_conditions, subset_cohort_metrics,
+                                        utilization_from_predictions)
+from kdscale.eval.predictions import Predictions, demographics, write_predictions
+from kdscale.eval.references import (check_signal_labels, oracle_predictions, reference_evaluation, split_samples,
+                                     teacher_predictions)
+from kdscale.eval.report import report_run  # noqa: F401  (re-exported: pipeline, cli)
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +70,6 @@ def _keep_mask(keys: list[str], modality: str, condition: str, seed: int) -> np.
 
 def _flags_under(keys: list[str], present: dict, condition: str, seed: int) -> dict:
     """The batch's presence flags (bool tensors) under ``condition``."""
-    import torch
-
     if condition == "full":
         return present
     return {m: torch.as_tensor(flag).bool() & torch.from_numpy(_keep_mask(keys, m, condition, seed))
@@ -66,8 +85,6 @@ def _stored_presence(batch: dict) -> dict:
     """What each sample of the batch holds, from its stored record: the loader flags only the
     modalities it decoded (a student never loads the report or tabular data its teachers read),
     so those are taken from the record's own ``present`` (issue 16)."""
-    import torch
-
     records = batch["meta"]
     return {m: torch.as_tensor(flag).bool() | torch.tensor([bool((r.get("present") or {}).get(m)) for r in records],
                                                           dtype=torch.bool)
@@ -78,10 +95,6 @@ def predict_split(model, task, loader, conditions: list[str], seed: int, label_t
     """{condition: Predictions} for every valid sample of ``loader``, one pass over the data. The
     model sees the loader's presence flags under each condition; each condition's recorded
     ``present`` is what the sample holds (its stored record) less what the condition removed."""
-    import torch
-
-    from kdscale.eval.predictions import Predictions, demographics
-
     acc = {c: {"heads": {}, "present": {}} for c in conditions}
     keys, patients, labels, meta = [], [], [], {"sex": [], "age": [], "ethnicity": []}
     model.eval()
@@ -109,7 +122,6 @@ def predict_split(model, task, loader, conditions: list[str], seed: int, label_t
         raise ValueError("the evaluation split has no samples for this student")
     label_array = np.concatenate(labels).astype(np.float64)
     if label_task == "multiclass":   # one-hot in the shards -> class index column
-        from kdscale.eval.modality_eval import class_indices
         label_array = class_indices(label_array)
     out = {}
     for c in conditions:
@@ -124,8 +136,6 @@ def predict_split(model, task, loader, conditions: list[str], seed: int, label_t
 def _multi_sections(preds, student, model, ecfg) -> dict:
     """Kind multi: metrics per head on every modality subset in the data, N-modality d_util,
     the parameter breakdown, and (multiclass) the routed head's confusion matrix."""
-    from kdscale.eval.modality_eval import confusion_matrix, subset_cohort_metrics, utilization_from_predictions
-
     mods = list(student.model.modalities)
     out = {"modality_cohorts": subset_cohort_metrics(preds, mods, [h for h in preds.heads], n_boot=ecfg.bootstrap,
                                                      seed=ecfg.seed, min_group_size=ecfg.min_group_size),
@@ -148,11 +158,7 @@ def localization(model, info: dict, loader, loader_cfg, out_png: Path, threshold
                  seed: int, max_overlay: int = 8) -> Optional[dict]:
     """ViT: last-layer CLS attention and attention rollout; CNN: Grad-CAM. Against the union of
     each test image's boxes after the loader's resize + crop. None when no test image has a box."""
-    import torch
-
-    from kdscale.eval.attention import grad_cam, to_image_maps, vit_attention_maps
-    from kdscale.eval.localization import (boxes_to_mask, localization_references, localization_summary,
-                                           transform_boxes)
+    # matplotlib (eval.plots): ~1.2 s import (measured), paid only when figures are drawn
     from kdscale.eval.plots import attention_overlays
 
     size = loader_cfg.image_size
@@ -224,8 +230,6 @@ def read_region_masks(loader) -> Optional[dict]:
     """{key: {member name: PNG bytes}} of the region masks stored in the split's shards (e.g.
     covid-cxr-seg's ground-glass / consolidation masks, CBIS-DDSM ROI masks); None when the split
     has none. The loader does not decode these members, so they are read here, once."""
-    from kdscale.data.tario import iter_members
-
     found: dict = {}
     for shard, _ in loader.shards:
         for name, data in iter_members(shard):
@@ -240,12 +244,6 @@ def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: 
     """The union of an image's regions as a bool [crop, crop] mask after the loader's
     (letterbox +) resize + centre crop: a box with a stored mask contributes the mask's pixels
     (pasted at the box, the mask being cropped to the box), a box without one its rectangle."""
-    import io
-
-    from PIL import Image
-
-    from kdscale.eval.localization import _crop_offset, _resized_size
-
     w, h = (int(v) for v in rec["image_size"])
     canvas = np.zeros((h, w), dtype=bool)
     for box in rec["boxes"]:
@@ -258,7 +256,6 @@ def ground_truth_from_masks(rec: dict, region: dict, resize_shorter: int, crop: 
         ys, xs = slice(max(0, y0), min(h, y0 + m.shape[0])), slice(max(0, x0), min(w, x0 + m.shape[1]))
         canvas[ys, xs] |= m[ys.start - y0: ys.stop - y0, xs.start - x0: xs.stop - x0]
     if pad_to_square:   # the same letterbox as the image (kdscale.data.transforms.PadToSquare)
-        from kdscale.data.transforms import letterbox_geometry
 
         side, left, top = letterbox_geometry(w, h)
         square = np.zeros((side, side), dtype=bool)
@@ -283,8 +280,6 @@ class _ImageLogits:
         return getattr(self.model, name)
 
     def __call__(self, images):
-        import torch
-
         present = {"image": torch.ones(images.shape[0], dtype=torch.bool)}
         return self.model({"image": images, "present": present})["image"]
 
@@ -302,13 +297,6 @@ def _denormalize(image, loader_cfg) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dict:
-    from kdscale.data.loader import build_loader
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
-    from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
-    from kdscale.eval.analysis import evaluate, robustness, to_jsonable
-    from kdscale.eval.predictions import write_predictions
-    from kdscale.eval.references import check_signal_labels, oracle_predictions, split_samples
-
     ecfg = cfg.eval
     split = split or ecfg.split
     run_dir = Path(cfg.run.out_dir)
@@ -334,7 +322,6 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
         loader = build_loader(shards_out_dir(cfg), split, loader_cfg, train=False, rank=0, world_size=1)
         multimodal = not student.image_only and student.model.kind != "unimodal"
         if student.model.kind == "multi":   # drop each of ITS modalities in turn (kdscale/eval/modality_eval.py)
-            from kdscale.eval.modality_eval import removal_conditions
             conditions = ["full"] + removal_conditions(student.model.modalities, ecfg.random_removal)
         else:
             conditions = ["full"] + ([f"drop:{m}" for m in ("image", "ehr")] +
@@ -388,13 +375,6 @@ def evaluate_references(cfg, split: str, base, per_shard: dict, signal: list, wa
     each written like a student: ``eval/<teacher-NAME|ensemble-NAME|oracle-VIEW>/<split>/``
     (evaluation.json + predictions.csv). A source that is not there is a counted skip with its
     reason (``eval/references.json``), never a silent gap."""
-    from kdscale.data.ingest import DataError
-    from kdscale.data.shards import write_json_atomic
-    from kdscale.distill.teacher_pass import softlabels_dir
-    from kdscale.eval.analysis import to_jsonable
-    from kdscale.eval.predictions import write_predictions
-    from kdscale.eval.references import oracle_predictions, reference_evaluation, teacher_predictions
-
     ecfg = cfg.eval
     eval_dir = Path(cfg.run.out_dir) / "eval"
     rows: dict = {}
@@ -446,8 +426,6 @@ def teacher_leakage(cfg) -> list:
     """The label-leakage warnings of the run's trained teachers (their teacher.json, written by
     kdscale.distill.teachers), for the report: [{"teacher", "warning"}]. Each is repeated on the
     console, as the students distilled from those teachers are being evaluated."""
-    from kdscale.distill.teachers import teachers_dir
-
     out = []
     for teacher in cfg.teachers.members:
         path = teachers_dir(cfg) / teacher.name / "teacher.json"
@@ -462,8 +440,6 @@ def teacher_leakage(cfg) -> list:
 def _say_subgroups(name: str, section: dict, progress: bool) -> None:
     """Per attribute, how many samples had it; every subgroup warning (empty analysis, an
     attribute unknown for all) on the console, never only in evaluation.json."""
-    from kdscale.eval.analysis import subgroup_counts_line
-
     if progress:
         print(f"eval {name}: {subgroup_counts_line(section)}")
     for warning in section.get("warnings", []):
@@ -471,8 +447,6 @@ def _say_subgroups(name: str, section: dict, progress: bool) -> None:
 
 
 def _comparisons(cfg, full: dict, ecfg) -> list:
-    from kdscale.eval.analysis import compare
-
     if len(full) < 2:
         return []
     reference = ecfg.compare_to or next(iter(full))
@@ -490,11 +464,3 @@ def _comparisons(cfg, full: dict, ecfg) -> list:
             except ValueError as exc:   # e.g. a data set without EHR has no paired cohort
                 log.info("comparison %s vs %s (%s) not possible: %s", reference, name, cohort, exc)
     return out
-
-
-def report_run(cfg) -> dict:
-    from kdscale.eval.report import render_report, results_table
-
-    run_dir = Path(cfg.run.out_dir)
-    paths = render_report(run_dir / "eval", run_dir / "report")
-    return {"html": str(paths["html"]), "markdown": str(paths["markdown"]), "table": results_table(run_dir / "eval")}

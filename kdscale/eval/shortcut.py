@@ -22,8 +22,15 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+import torch
 
+from kdscale.data.loader import build_loader
 from kdscale.data.mimic_demo_images import HEIGHT, WIDTH
+from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
+from kdscale.eval.attention import grad_cam, vit_attention_maps
+from kdscale.eval.localization import boxes_to_mask, transform_boxes, upsample
+from kdscale.eval.run_eval import _ImageLogits, _denormalize
 
 # draw_film: _marker(img, "P", WIDTH - 20, 8, 255.0), a 10 x 14 block letter: (x, y, w, h) in
 # film pixels. tests/test_shortcut.py draws films with and without it and checks the difference
@@ -56,8 +63,6 @@ def attention_share(maps, region) -> np.ndarray:
 def marker_region(resize_size: Optional[int], image_size: int) -> np.ndarray:
     """The marker box as a bool [image_size, image_size] mask after the loader's eval transform
     (Resize(resize_size) + CenterCrop(image_size)); all False when the crop cuts it away."""
-    from kdscale.eval.localization import boxes_to_mask, transform_boxes
-
     moved, _ = transform_boxes(np.array([MARKER_BOX]), FILM_SIZE, resize_size, image_size)
     return boxes_to_mask(moved, (image_size, image_size))
 
@@ -92,15 +97,6 @@ def summarize(shares: np.ndarray, marked: np.ndarray, probs: np.ndarray, area_sh
 def evaluate_shortcut(cfg, student, split: Optional[str] = None) -> dict:
     """Attention share on the marker, and the marked - unmarked prediction gap, of an image
     student (ViT: last-layer CLS attention; CNN: Grad-CAM) on every test film with an image."""
-    import torch
-
-    from kdscale.data.loader import build_loader
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
-    from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
-    from kdscale.eval.attention import grad_cam, vit_attention_maps
-    from kdscale.eval.localization import upsample
-    from kdscale.eval.run_eval import _denormalize, _ImageLogits
-
     split = split or cfg.eval.split
     model, info = load_student(student_dir(cfg, student) / "student.pt")
     task = build_task(student, info["ensemble_names"], info["task"])

@@ -18,6 +18,12 @@ from typing import Optional
 
 import numpy as np
 
+from kdscale.data.shards import write_json_atomic
+from kdscale.eval.analysis import _patient_groups, _selection, _targets, to_jsonable
+from kdscale.eval.metrics import label_metrics, paired_bootstrap_diff
+from kdscale.eval.predictions import align, read_predictions
+from kdscale.eval.report import Figure, Paragraph, Section, Table, _to_html, _to_markdown
+
 COHORTS = ("all", "paired")
 LOCALIZATION_KEYS = ("iou", "fpr_pixel", "fpr_area", "pointing_game", "detection_auroc")
 
@@ -72,10 +78,6 @@ def pooled_paired_bootstrap(preds_ref: list, preds_arm: list, cohort: str, n_boo
                             metric: str = "auroc_macro") -> dict:
     """Paired bootstrap of the reference minus the arm (lists of (Predictions, head), one pair per
     seed, in the same seed order), pooled over seeds as the module docstring describes."""
-    from kdscale.eval.analysis import _patient_groups, _selection, _targets
-    from kdscale.eval.metrics import label_metrics, paired_bootstrap_diff
-    from kdscale.eval.predictions import align
-
     per_seed = []
     for (pa, ha), (pb, hb) in zip(preds_ref, preds_arm):
         a, b = align(pa, pb)
@@ -107,8 +109,6 @@ def pooled_paired_bootstrap(preds_ref: list, preds_arm: list, cohort: str, n_boo
 def aggregate(exp, units: list, configs: dict) -> dict:
     """Per arm: per-seed metrics, mean ± sd; per non-reference arm and cohort: the pooled paired
     bootstrap vs the reference arm. Runs not evaluated yet are listed as missing."""
-    from kdscale.eval.predictions import read_predictions
-
     arm_units = [u for u in units if u.kind == "arm"]
     per_run, preds, missing = {}, {}, []
     for u in arm_units:
@@ -178,8 +178,6 @@ def _fmt(v, digits: int = 3) -> str:
 
 
 def _arm_table(result: dict):
-    from kdscale.eval.report import Table
-
     present = [k for k in HEADLINE if any(k in a["metrics"] for a in result["arms"].values())]
     headers = ["arm", "seeds"] + present
     rows = []
@@ -195,8 +193,6 @@ def _arm_table(result: dict):
 
 
 def _seed_table(result: dict):
-    from kdscale.eval.report import Table
-
     key = "auroc_macro/paired" if any("auroc_macro/paired" in a["metrics"] for a in result["arms"].values()) \
         else "auroc_macro/all"
     seeds = result["seeds"]
@@ -206,8 +202,6 @@ def _seed_table(result: dict):
 
 
 def _comparison_table(result: dict):
-    from kdscale.eval.report import Table
-
     rows = []
     for c in result["comparisons"]:
         if "skipped" in c:
@@ -225,8 +219,8 @@ def _comparison_table(result: dict):
 
 def _sweep_figure(result: dict, out_dir: Path):
     """d_util vs fusion AUROC (paired) for the sweep arms: MIND's utilization sensitivity."""
+    # matplotlib (eval.plots): ~1.2 s import (measured), paid only when figures are drawn
     from kdscale.eval.plots import _save, plt
-    from kdscale.eval.report import Figure
 
     points = []
     for name in result["sweep"]:
@@ -261,10 +255,6 @@ def results_dir(out, name: str) -> Path:
 
 
 def render(exp, result: dict, out: Path) -> dict:
-    from kdscale.data.shards import write_json_atomic
-    from kdscale.eval.analysis import to_jsonable
-    from kdscale.eval.report import Paragraph, Section, _to_html, _to_markdown
-
     report_dir = results_dir(out, exp.name)
     report_dir.mkdir(parents=True, exist_ok=True)
     json_path = report_dir / "aggregate.json"

@@ -31,13 +31,19 @@ import json
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import yaml
+from tqdm import tqdm
 
-from kdscale.config import ConfigError, path_field
+from kdscale import config
+from kdscale.config import ConfigError, apply_overrides, config_hash, load_tree, to_dict
+from kdscale.data.shards import write_json_atomic
+from kdscale.experiments.aggregate import aggregate, render
+from kdscale.experiments.runner_config import ArmConfig, ExperimentConfig, SweepConfig  # noqa: F401  (re-exported)
+from kdscale.schema import Config
 
 
 DONE = "experiment-done.json"
@@ -48,121 +54,9 @@ ARM_STAGES = "train,eval"
 ARM_SECTIONS = ("run", "students", "eval")
 
 
-# ---------------------------------------------------------------------------------------------
-# Config
-# ---------------------------------------------------------------------------------------------
-
-@dataclass
-class ArmConfig:
-    name: str                                   # also the student's name
-    student: dict[str, Any] = field(default_factory=dict)  # one entry of the pipeline's students: list
-    from_base: str = ""                         # start from this student of the base config, then
-                                                # merge ``student`` into it (so base changes carry over)
-    overrides: list[str] = field(default_factory=list)   # extra key=value (students/eval only)
-    label: str = ""                             # shown in the report (default: the name)
-
-    def __post_init__(self) -> None:
-        if not self.name or not all(c.isalnum() or c in "_-" for c in self.name):
-            raise ValueError(f"arm name {self.name!r} must be non-empty letters, digits, '_' or '-'")
-        if self.student.get("name", self.name) != self.name:
-            raise ValueError(f"arm {self.name!r}: student.name {self.student['name']!r} differs from the arm name "
-                             f"(leave it out: the arm name is used)")
-
-
-@dataclass
-class SweepConfig:
-    """Arms generated from one arm by setting ``key`` (a dotted key inside its student) to each
-    of ``values``; named ``<name>-<i>``."""
-    from_arm: str
-    key: str
-    values: list[Any]
-    name: str = "sweep"
-
-    def __post_init__(self) -> None:
-        if not self.values:
-            raise ValueError("sweep.values is empty")
-        if not self.key or any(not p for p in self.key.split(".")):
-            raise ValueError(f"sweep.key {self.key!r} must be a dotted key inside the student, e.g. mind.omega")
-
-
-@dataclass
-class ExperimentConfig:
-    name: str
-    base: str = path_field()                    # the pipeline config every run extends
-    out_dir: str = path_field("runs/experiment", must_exist=False)
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    overrides: list[str] = field(default_factory=list)   # applied to every run (e.g. smaller data)
-    arms: list[ArmConfig] = field(default_factory=list)
-    sweep: Optional[SweepConfig] = None
-    reference: str = ""                         # arm every other arm is compared with (default: first)
-    bootstrap: int = 1000                       # resamples of the pooled paired bootstrap
-    shortcut: bool = False                      # image students: attention share on the shortcut marker
-    description: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be a non-empty list of distinct integers, got {self.seeds}")
-        if self.bootstrap < 1:
-            raise ValueError("bootstrap must be >= 1")
-        if self.sweep is not None:
-            self.arms = self.arms + sweep_arms(self.arms, self.sweep)
-        names = [a.name for a in self.arms]
-        if not names:
-            raise ValueError("arms is empty: an experiment needs at least one arm")
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"arms: duplicate names {dupes}")
-        if self.reference and self.reference not in names:
-            raise ValueError(f"reference {self.reference!r} is not an arm: {names}")
-        if not self.reference:
-            self.reference = names[0]
-
-    def arm(self, name: str) -> ArmConfig:
-        return next(a for a in self.arms if a.name == name)
-
-    @property
-    def sweep_arm_names(self) -> list[str]:
-        if self.sweep is None:
-            return []
-        return [self.sweep.from_arm] + [a.name for a in self.arms if a.name.startswith(f"{self.sweep.name}-")]
-
-
-def _set_dotted(tree: dict, key: str, value: Any) -> None:
-    node = tree
-    parts = key.split(".")
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"sweep.key {key!r}: {part!r} is a value, not a section")
-    node[parts[-1]] = copy.deepcopy(value)
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
-
-
-def sweep_arms(arms: list[ArmConfig], sweep: SweepConfig) -> list[ArmConfig]:
-    source = next((a for a in arms if a.name == sweep.from_arm), None)
-    if source is None:
-        raise ValueError(f"sweep.from_arm {sweep.from_arm!r} is not an arm: {[a.name for a in arms]}")
-    out = []
-    for i, value in enumerate(sweep.values):
-        student = copy.deepcopy(source.student)
-        _set_dotted(student, sweep.key, value)
-        name = f"{sweep.name}-{i}"
-        student.pop("name", None)
-        out.append(ArmConfig(name=name, student=student, from_base=source.from_base, overrides=list(source.overrides),
-                             label=f"{source.label or source.name}: {sweep.key.split('.')[-1]} {_describe(value)}"))
-    return out
-
-
 def load_experiment(path, overrides=()) -> ExperimentConfig:
     """An experiment config (with ``defaults:`` and key=value overrides, like every config);
     relative paths (base, out_dir) resolve against the working directory."""
-    from kdscale import config
-
     return config.load(ExperimentConfig, path, overrides)
 
 
@@ -194,8 +88,6 @@ def _flow(value: Any) -> str:
 
 
 def _base_tree(exp: ExperimentConfig) -> dict:
-    from kdscale.config import apply_overrides, load_tree
-
     tree = json.loads(json.dumps(load_tree(exp.base, {})))   # no YAML anchor shared between students
     return apply_overrides(tree, exp.overrides, {})
 
@@ -253,9 +145,6 @@ def plan_units(exp: ExperimentConfig, arms: Optional[list[str]] = None,
 def unit_config(exp: ExperimentConfig, unit: Unit):
     """The validated pipeline config of a unit: the base config + the unit's overrides. The tree
     is copied through JSON first, so a YAML anchor shared by two students cannot leak an override."""
-    from kdscale import config
-    from kdscale.schema import Config
-
     origins: dict = {}
     tree = json.loads(json.dumps(config.load_tree(exp.base, origins)))
     config.apply_overrides(tree, unit.overrides, origins)
@@ -264,8 +153,6 @@ def unit_config(exp: ExperimentConfig, unit: Unit):
 
 def check_sharing(exp: ExperimentConfig, units: list[Unit]) -> dict:
     """{unit run_dir: Config}; raises when an arm would change what its seed run shares."""
-    from kdscale.config import to_dict
-
     configs = {u.run_dir: unit_config(exp, u) for u in units}
     seed_cfg = {u.seed: configs[u.run_dir] for u in units if u.kind == "seed"}
     for u in units:
@@ -280,8 +167,6 @@ def check_sharing(exp: ExperimentConfig, units: list[Unit]) -> dict:
 
 
 def _done_hash(cfg) -> str:
-    from kdscale.config import config_hash
-
     return config_hash(cfg)
 
 
@@ -306,7 +191,7 @@ def commands(exp_base: str, unit: Unit) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def run_unit(exp: ExperimentConfig, unit: Unit, cfg) -> dict:
-    from kdscale.data.shards import write_json_atomic
+    # torch and every stage (~3.7 s import, measured): only when units run, not for --dry-run / --aggregate-only
     from kdscale.pipeline import run_pipeline
 
     started = time.time()
@@ -314,6 +199,7 @@ def run_unit(exp: ExperimentConfig, unit: Unit, cfg) -> dict:
     if unit.kind == "arm" and exp.shortcut:
         student = cfg.students[0]
         if student.image_only:
+            # imports torch and the stages (~3.7 s): only for image arms with shortcut evaluation
             from kdscale.eval.shortcut import evaluate_shortcut
 
             evaluate_shortcut(cfg, student)
@@ -338,8 +224,6 @@ def run_experiment(exp: ExperimentConfig, arms: Optional[list[str]] = None, seed
         return {"units": len(units), "dry_run": True}
     timings = {}
     if not aggregate_only:
-        from tqdm import tqdm
-
         out.mkdir(parents=True, exist_ok=True)
         with tqdm(total=len(units), desc=f"experiment {exp.name}", unit="run",
                   disable=not (progress and sys.stderr.isatty())) as bar:
@@ -352,7 +236,6 @@ def run_experiment(exp: ExperimentConfig, arms: Optional[list[str]] = None, seed
                     print(f"experiment {exp.name}: {u.label} -> {u.run_dir}", file=stream)
                     timings[str(u.run_dir)] = run_unit(exp, u, cfg)["seconds"]
                 bar.update(1)
-    from kdscale.experiments.aggregate import aggregate, render
 
     result = aggregate(exp, units, configs)
     paths = render(exp, result, out)

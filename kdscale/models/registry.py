@@ -19,6 +19,10 @@ from the local Hugging Face cache (kdscale.models.weights, docs/pretrained.md).
 from __future__ import annotations
 
 from kdscale.models.config import MODALITY_ARCHS, ModelConfig
+from kdscale.models.ehr import build_ehr_encoder
+from kdscale.models.image import build_image_encoder
+from kdscale.models.tabular import TabularEncoder, load_tabular_weights
+from kdscale.models.text import TextEncoder
 from kdscale.models.unimodal import (EHREncoder, ImageEncoder, UnimodalModel, count_parameters, describe,
                                      load_encoder_weights)
 
@@ -32,15 +36,11 @@ def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = 76) -
     if isinstance(num_outputs, bool) or not isinstance(num_outputs, int) or num_outputs < 1:
         raise ValueError(f"num_outputs must be a positive integer, got {num_outputs!r}")
     if cfg.modality == "image":
-        from kdscale.models.image import build_image_encoder
-
         backbone, dim = build_image_encoder(cfg.arch, img_size=cfg.img_size)
         if cfg.weights:
             load_encoder_weights(backbone, cfg.weights)
         encoder = ImageEncoder(backbone, dim)
     elif cfg.modality == "ehr":
-        from kdscale.models.ehr import build_ehr_encoder
-
         if isinstance(ehr_features, bool) or not isinstance(ehr_features, int) or ehr_features < 1:
             raise ValueError(f"ehr_features must be a positive integer, got {ehr_features!r}")
         backbone, dim = build_ehr_encoder(cfg.arch, ehr_features)
@@ -48,12 +48,8 @@ def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = 76) -
             load_encoder_weights(backbone, cfg.weights)
         encoder = EHREncoder(backbone, dim, ehr_features)
     elif cfg.modality == "report":
-        from kdscale.models.text import TextEncoder
-
         encoder = TextEncoder(cfg)
     else:
-        from kdscale.models.tabular import TabularEncoder, load_tabular_weights
-
         encoder = TabularEncoder(cfg.hidden, cfg.max_categories, cfg.dropout)
         if cfg.weights:
             load_tabular_weights(encoder, cfg.weights)

@@ -29,200 +29,35 @@ concat fusion of an unpaired one) are NaN, so any accidental use is loud; ``head
 which samples each head covers and every kdscale loss masks them out with ``torch.where``
 (exactly zero value and gradient).
 
-:class:`StudentConfig` is importable and validated without importing torch (like
-``ModelConfig``); the torch modules are defined on first access (PEP 562 module
-``__getattr__``), so ``from kdscale.models.students import MultimodalStudent`` works as usual.
+:class:`StudentConfig` (the config section) lives in ``kdscale.models.students_config``, which
+config loading imports without torch; it is re-exported here.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Optional
 
-from kdscale.config import path_field
-from kdscale.models.config import MODALITIES, MODALITY_ARCHS, ModelConfig, _check_arch, check_pretrained
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from kdscale.models.config import ModelConfig
+from kdscale.models.ehr import build_ehr_encoder
+from kdscale.models.fusion import build_fusion
+from kdscale.models.image import build_image_encoder
+from kdscale.models.registry import build_model
+from kdscale.models.students_config import FUSIONS, KINDS, MODALITY_ORDER, MULTIMODAL_KINDS, StudentConfig
+from kdscale.models.tabular import TabularEncoder, load_tabular_weights
+from kdscale.models.text import TextEncoder
+from kdscale.models.unimodal import EHREncoder, ImageEncoder, batch_entry, count_parameters, load_encoder_weights
 
 __all__ = ["KINDS", "MULTIMODAL_KINDS", "FUSIONS", "ROUTE_HEADS", "MODALITY_ORDER", "StudentConfig",
            "build_student", "MultimodalStudent", "UnimodalStudent", "ViTStudent", "ModularStudent", "unwrap_model"]
 
-KINDS = ("mind", "joint", "medfuse", "vit", "unimodal", "multi")
-MULTIMODAL_KINDS = ("mind", "joint", "medfuse")
-FUSIONS = ("concat", "lstm", "attention")
-#: Token order of kind ``multi`` (MedFuse puts the EHR token first: [v_B, phi(v_A)]).
-MODALITY_ORDER = ("ehr", "image", "report", "tabular")
 #: Route codes of :meth:`MultimodalStudent.route_sources`: index into this tuple, -1 = no route.
 ROUTE_HEADS = ("fusion", "image", "ehr")
 
-# Defaults per multimodal kind, applied to the fields left at "" / None.
-_KIND_DEFAULTS = {
-    "mind": {"image_arch": "resnet10", "fusion": "lstm", "aux_heads": True},      # §1.2: 7.5M
-    "joint": {"image_arch": "resnet10", "fusion": "concat", "aux_heads": False},  # vanilla joint fusion
-    "medfuse": {"image_arch": "resnet34", "fusion": "lstm", "aux_heads": False},  # §3.10: 23.9M
-}
-
-
-@dataclass
-class StudentConfig:
-    """Which student to build. Fields left at ``""`` / ``None`` are resolved per ``kind`` in
-    ``__post_init__`` (the resolved values are what a dumped config shows):
-
-    * ``image_arch``: ``resnet10`` (mind, joint, unimodal), ``resnet34`` (medfuse); any name
-      ``ModelConfig`` accepts for images.
-    * ``fusion``: ``lstm`` (mind, medfuse: MedFuse's LSTM over [v_B, phi(v_A)]), ``concat`` (joint).
-    * ``aux_heads``: True for mind (required: the MIND objective trains them), else False.
-    * ``impute_missing``: concat fusion only. False: the fused logits exist for paired samples
-      only. True: a missing modality's features are replaced by zeros (MedFuse's
-      ``--missing_token zeros``), i.e. IMPUTATION; never allowed for kind mind. The LSTM fusion
-      drops a missing modality's token natively (sequence of length 1) and needs no setting.
-
-    Kind ``multi`` (:class:`ModularStudent`): ``modalities`` (non-empty subset of image, ehr,
-    report, tabular; token order ehr, image, report, tabular), ``fusion`` concat / lstm (default)
-    / attention with 2+ modalities (none with one), ``token_dim``, ``attention_heads``,
-    ``aux_heads`` (default True), ``report_model`` / ``tabular_model`` (``ModelConfig`` of the text
-    and tabular encoders), ``image_arch`` (default resnet10) and ``ehr_arch`` as above. Never
-    imputes.
-    """
-    kind: Literal["mind", "joint", "medfuse", "vit", "unimodal", "multi"] = "mind"
-    image_arch: str = ""
-    ehr_arch: str = "lstm"
-    fusion: Literal["", "concat", "lstm", "attention"] = ""
-    fusion_dim: int = 512                   # hidden size of the fusion LSTM (MedFuse: 512)
-    aux_heads: Optional[bool] = None
-    impute_missing: Optional[bool] = None
-    dropout: float = 0.0                    # before every head (the EHR LSTM has its own 0.3)
-    img_size: int = 224                     # ViT position grid
-    vit_arch: str = "vit_tiny_patch16_224"
-    modality: Literal["", "image", "ehr"] = ""   # kind unimodal
-    # image encoder (or ViT) weights: a local file or timm folder, or a hub name read from the
-    # local Hugging Face cache (kdscale.models.weights, docs/pretrained.md)
-    image_pretrained: str = ""
-    ehr_pretrained: str = path_field("")    # EHR encoder weights, local file
-    # kind multi: the modalities to build (any non-empty subset of image, ehr, report, tabular)
-    modalities: list[str] = field(default_factory=list)
-    token_dim: int = 0                      # multi: fusion token size; 0 = the first modality's feature size
-    attention_heads: int = 4                # multi, fusion attention
-    report_model: ModelConfig = field(default_factory=lambda: ModelConfig("report", "bert"))    # multi: text encoder
-    tabular_model: ModelConfig = field(default_factory=lambda: ModelConfig("tabular", "mlp"))  # multi: tabular encoder
-
-    def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
-        if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
-        for name in ("fusion_dim", "img_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if self.image_pretrained:
-            self.image_pretrained = check_pretrained(self.image_pretrained, "image_pretrained")
-        if self.fusion not in ("",) + FUSIONS:
-            raise ValueError(f"fusion must be one of {FUSIONS}, got {self.fusion!r}")
-        for name in ("token_dim",):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0 (0 = automatic), got {value!r}")
-        if isinstance(self.attention_heads, bool) or not isinstance(self.attention_heads, int) \
-                or self.attention_heads < 1:
-            raise ValueError(f"attention_heads must be a positive integer, got {self.attention_heads!r}")
-        if self.kind == "multi":
-            self._resolve_multi()
-            return
-        if self.modalities:
-            raise ValueError(f"modalities is only for kind multi (kind is {self.kind!r})")
-        if self.fusion == "attention":
-            raise ValueError(f"fusion attention is only for kind multi (kind is {self.kind!r})")
-        if self.kind in MULTIMODAL_KINDS:
-            self._resolve_multimodal()
-        else:
-            for name, value in (("fusion", self.fusion), ("aux_heads", self.aux_heads),
-                                ("impute_missing", self.impute_missing)):
-                if value not in ("", None):
-                    raise ValueError(f"{name} is only for the multimodal kinds {MULTIMODAL_KINDS}, "
-                                     f"not kind {self.kind!r}")
-            if self.ehr_pretrained and not (self.kind == "unimodal" and self.modality == "ehr"):
-                raise ValueError(f"ehr_pretrained is not used by kind {self.kind!r}"
-                                 + (f" with modality {self.modality!r}" if self.kind == "unimodal" else ""))
-        if self.kind == "vit":
-            if self.modality not in ("", "image"):
-                raise ValueError(f"kind vit is an image student; modality must be '' or 'image', got {self.modality!r}")
-            _check_arch("image", self.vit_arch)
-            if not self.vit_arch.startswith(("vit", "deit")):
-                raise ValueError(f"vit_arch must be a timm Vision Transformer (vit_*/deit_*), got {self.vit_arch!r}")
-        elif self.kind == "unimodal":
-            if self.modality not in ("image", "ehr"):
-                raise ValueError(f"kind unimodal needs modality 'image' or 'ehr', got {self.modality!r}")
-            if self.modality == "image":
-                self.image_arch = self.image_arch or "resnet10"
-                _check_arch("image", self.image_arch)
-            elif self.image_pretrained:
-                raise ValueError("image_pretrained is not used by a unimodal ehr student")
-            _check_ehr(self.ehr_arch)
-        elif self.modality:
-            raise ValueError(f"modality is only for kind unimodal (kind is {self.kind!r})")
-
-    def _resolve_multi(self) -> None:
-        mods = list(self.modalities)
-        if not mods:
-            raise ValueError(f"kind multi needs modalities: a non-empty list of {list(MODALITY_ORDER)}")
-        unknown = [m for m in mods if m not in MODALITIES]
-        if unknown or len(set(mods)) != len(mods):
-            raise ValueError(f"modalities must be distinct names from {list(MODALITY_ORDER)}, got {mods}")
-        self.modalities = [m for m in MODALITY_ORDER if m in mods]   # token order: canonical
-        if self.modality:
-            raise ValueError("modality is only for kind unimodal; kind multi uses modalities")
-        if self.impute_missing:
-            raise ValueError("kind multi never imputes an absent modality: impute_missing must be false or unset")
-        self.impute_missing = False
-        if len(self.modalities) == 1:
-            if self.fusion:
-                raise ValueError(f"fusion {self.fusion!r} needs 2+ modalities; modalities is {self.modalities}")
-            self.aux_heads = True     # the one modality head IS the model
-        else:
-            self.fusion = self.fusion or "lstm"
-            if self.aux_heads is None:
-                self.aux_heads = True
-        if "image" in self.modalities:
-            self.image_arch = self.image_arch or "resnet10"
-            _check_arch("image", self.image_arch)
-        elif self.image_arch or self.image_pretrained:
-            raise ValueError("image_arch / image_pretrained are set but modalities has no image")
-        if "ehr" in self.modalities:
-            _check_ehr(self.ehr_arch)
-        elif self.ehr_pretrained:
-            raise ValueError("ehr_pretrained is set but modalities has no ehr")
-        for name, modality in (("report_model", "report"), ("tabular_model", "tabular")):
-            value = getattr(self, name)
-            if not isinstance(value, ModelConfig) or value.modality != modality:
-                raise ValueError(f"{name} must be a model config with modality {modality!r}")
-
-    def _resolve_multimodal(self) -> None:
-        defaults = _KIND_DEFAULTS[self.kind]
-        self.image_arch = self.image_arch or defaults["image_arch"]
-        self.fusion = self.fusion or defaults["fusion"]
-        if self.aux_heads is None:
-            self.aux_heads = defaults["aux_heads"]
-        if self.impute_missing is None:
-            self.impute_missing = self.kind == "joint" and self.fusion == "concat"
-        if self.modality:
-            raise ValueError(f"modality is only for kind unimodal (kind is {self.kind!r})")
-        _check_arch("image", self.image_arch)
-        _check_ehr(self.ehr_arch)
-        if self.kind == "mind":
-            if not self.aux_heads:
-                raise ValueError("kind mind needs aux_heads true (the MIND objective trains the unimodal heads "
-                                 "and routes unimodal samples to them); use kind joint for a single-head model")
-            if self.impute_missing:
-                raise ValueError("kind mind never imputes an absent modality (method-and-data.md §1.5): "
-                                 "impute_missing must be false")
-        if self.kind == "medfuse" and self.fusion != "lstm":
-            raise ValueError("kind medfuse is MedFuse's LSTM fusion: fusion must be 'lstm' (use kind joint for concat)")
-        if self.impute_missing and self.fusion == "lstm":
-            raise ValueError("impute_missing is for concat fusion only: the LSTM fusion drops a missing "
-                             "modality's token natively (sequence of length 1)")
-
-
-def _check_ehr(arch: str) -> None:
-    if arch not in MODALITY_ARCHS["ehr"]:
-        raise ValueError(f"ehr_arch must be one of {MODALITY_ARCHS['ehr']}, got {arch!r}")
+# Keys that only a batch dict has (a ``present`` dict is keyed by modality names only).
+_BATCH_KEYS = ("present", "labels", "key", "valid", "ehr_len", "soft", "meta")
 
 
 def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
@@ -234,533 +69,495 @@ def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
     if isinstance(ehr_features, bool) or not isinstance(ehr_features, int) or ehr_features < 1:
         raise ValueError(f"ehr_features must be a positive integer, got {ehr_features!r}")
     if cfg.kind in MULTIMODAL_KINDS:
-        return __getattr__("MultimodalStudent")(cfg, num_outputs, ehr_features)
+        return MultimodalStudent(cfg, num_outputs, ehr_features)
     if cfg.kind == "multi":
-        return __getattr__("ModularStudent")(cfg, num_outputs, ehr_features)
+        return ModularStudent(cfg, num_outputs, ehr_features)
     if cfg.kind == "vit":
-        return __getattr__("ViTStudent")(cfg, num_outputs)
-    return __getattr__("UnimodalStudent")(cfg, num_outputs, ehr_features)
+        return ViTStudent(cfg, num_outputs)
+    return UnimodalStudent(cfg, num_outputs, ehr_features)
 
 
-# ----------------------------------------------------------------------------------------------
-# torch section: defined on first access of one of these names
-# ----------------------------------------------------------------------------------------------
-
-# Keys that only a batch dict has (a ``present`` dict is keyed by modality names only).
-_BATCH_KEYS = ("present", "labels", "key", "valid", "ehr_len", "soft", "meta")
-_LAZY = ("MultimodalStudent", "UnimodalStudent", "ViTStudent", "ModularStudent", "unwrap_model")
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        if name not in globals():
-            globals().update(_torch_section())
-        return globals()[name]
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _torch_section() -> dict:  # noqa: C901  (one namespace of classes)
-    import torch
-    from torch import nn
-    from torch.nn.utils.rnn import pack_padded_sequence
-
-    from kdscale.models.config import ModelConfig
-    from kdscale.models.ehr import build_ehr_encoder
-    from kdscale.models.image import build_image_encoder
-    from kdscale.models.registry import build_model
-    from kdscale.models.unimodal import EHREncoder, ImageEncoder, batch_entry, count_parameters, load_encoder_weights
-
-    def unwrap_model(model: nn.Module) -> nn.Module:
-        """The student inside DDP / DataParallel / DeepSpeed / torch.compile wrappers."""
-        while True:
-            if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-                model = model.module
-            elif type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), nn.Module):
-                model = model.module
-            elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-                model = model._orig_mod
-            else:
-                return model
-
-    def _device(module: nn.Module) -> torch.device:
-        for p in module.parameters():
-            return p.device
-        return torch.device("cpu")
-
-    def _ghost(module: nn.Module) -> torch.Tensor:
-        """0 * (one element of every parameter): puts an encoder that ran on no sample in this
-        step into the graph with an exact zero gradient, so DDP (find_unused_parameters=False)
-        sees every parameter used in every step."""
-        return sum(p.reshape(-1)[:1].sum() for p in module.parameters()) * 0.0
-
-    def _run_encoder(encoder: nn.Module, inputs: dict, n: int) -> torch.Tensor:
-        """The encoder on ``n`` samples. In a partial cohort a batch can hold ONE sample of a
-        modality; batch norm cannot compute batch statistics from one sample in training, so
-        then its BN layers use (and do not update) their running statistics for this call."""
-        bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
-        if n > 1 or not bns:
-            return encoder(inputs)
-        for m in bns:
-            m.eval()
-        try:
-            return encoder(inputs)
-        finally:
-            for m in bns:
-                m.train()
-
-    def _nan_outside(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return torch.where(mask[:, None], z, torch.full_like(z, float("nan")))
-
-    class MultimodalStudent(nn.Module):
-        """Image encoder f_A + EHR encoder f_B + projection phi + fusion + heads
-        (method-and-data.md §1.2; the MIND student, MedFuse, and vanilla joint fusion).
-
-        Absent modalities (``batch["present"]``; a missing entry means "all present"):
-
-        * each encoder runs only on the samples that have its modality (so BatchNorm statistics
-          never see the zero images of image-absent samples, and an absent sample's input is not
-          in the graph at all); an encoder with no such sample in the batch is attached with an
-          exact zero gradient (``_ghost``), so DDP sees every parameter in every step;
-        * aux heads (``image``/``ehr``) are defined on the samples with that modality;
-        * ``fusion``: LSTM fusion runs over the present tokens in MedFuse's order [v_B, phi(v_A)]
-          (length 2 if paired, 1 otherwise; no imputation) and is defined for every sample with
-          at least one modality; concat fusion is defined for paired samples only, or, with
-          ``impute_missing``, for every sample with the missing modality's features set to 0.
-        Undefined entries are NaN (see :meth:`head_masks`).
-        """
-
-        def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
-            super().__init__()
-            if cfg.kind not in MULTIMODAL_KINDS:
-                raise ValueError(f"MultimodalStudent is for kinds {MULTIMODAL_KINDS}, got {cfg.kind!r}")
-            self.cfg = cfg
-            self.kind, self.fusion, self.num_outputs = cfg.kind, cfg.fusion, int(num_outputs)
-            self.aux_heads, self.impute_missing = bool(cfg.aux_heads), bool(cfg.impute_missing)
-            image_backbone, d_a = build_image_encoder(cfg.image_arch, img_size=cfg.img_size)
-            if cfg.image_pretrained:
-                load_encoder_weights(image_backbone, cfg.image_pretrained)
-            ehr_backbone, d_b = build_ehr_encoder(cfg.ehr_arch, ehr_features)
-            if cfg.ehr_pretrained:
-                load_encoder_weights(ehr_backbone, cfg.ehr_pretrained)
-            self.image_encoder = ImageEncoder(image_backbone, d_a)
-            self.ehr_encoder = EHREncoder(ehr_backbone, d_b, ehr_features)
-            self.projection = nn.Linear(d_a, d_b)                      # phi: v_A -> token size of v_B
-            if self.fusion == "lstm":
-                self.fusion_lstm = nn.LSTM(d_b, cfg.fusion_dim, batch_first=True)
-                fused_dim = cfg.fusion_dim
-            else:
-                self.fusion_lstm = None
-                fused_dim = 2 * d_b                                    # concat(v_B, phi(v_A))
-            self.dropout = nn.Dropout(cfg.dropout)
-            self.fusion_head = nn.Linear(fused_dim, self.num_outputs)  # g_AB
-            self.image_head = nn.Linear(d_a, self.num_outputs) if self.aux_heads else None  # g_A
-            self.ehr_head = nn.Linear(d_b, self.num_outputs) if self.aux_heads else None    # g_B
-            self.image_dim, self.ehr_dim, self.fused_dim = d_a, d_b, fused_dim
-
-        # -- presence ---------------------------------------------------------------------------
-        def presence(self, source, batch_size: Optional[int] = None) -> tuple:
-            """(image present, ehr present), bool [B] on the model's device, from a batch dict or
-            its ``present`` dict (a missing entry, or ``source=None``, means all present)."""
-            device = _device(self)
-            present, batch_size = _present_of(source, batch_size)
-            out = []
-            for m in ("image", "ehr"):
-                flag = present.get(m)
-                if flag is None:
-                    out.append(torch.ones(batch_size, dtype=torch.bool, device=device))
-                else:
-                    flag = torch.as_tensor(flag, device=device).bool()
-                    if flag.shape != (batch_size,):
-                        raise ValueError(f"present[{m!r}] has shape {tuple(flag.shape)}, expected [{batch_size}]")
-                    out.append(flag)
-            return tuple(out)
-
-        def fusion_mask(self, image_present, ehr_present):
-            if self.fusion == "lstm" or self.impute_missing:
-                return image_present | ehr_present
-            return image_present & ehr_present
-
-        def head_masks(self, source, batch_size: Optional[int] = None) -> dict:
-            """{head: bool [B]}: which samples each head of ``forward`` defines."""
-            img_p, ehr_p = self.presence(source, batch_size)
-            masks = {"fusion": self.fusion_mask(img_p, ehr_p)}
-            if self.aux_heads:
-                masks["image"], masks["ehr"] = img_p, ehr_p
-            return masks
-
-        # -- forward ----------------------------------------------------------------------------
-        def _encode(self, encoder: nn.Module, mask: torch.Tensor, sub_batch, dim: int, ghosts: list):
-            b = mask.shape[0]
-            if bool(mask.all()):
-                return _run_encoder(encoder, sub_batch(None), b)
-            idx = torch.nonzero(mask).squeeze(1)
-            if idx.numel() == 0:
-                ghosts.append(_ghost(encoder))
-                dtype = next(encoder.parameters()).dtype   # bf16 under DeepSpeed's bf16 engine
-                return torch.zeros(b, dim, device=mask.device, dtype=dtype)
-            sub = _run_encoder(encoder, sub_batch(idx), idx.numel())
-            return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
-
-        def forward(self, batch: dict) -> dict:
-            img_p, ehr_p = self.presence(batch)
-            ghosts: list = []
-
-            def image_rows(idx):
-                image = batch_entry(batch, "image", "image")
-                return {"image": image if idx is None else image[idx.to(image.device)]}
-
-            def ehr_rows(idx):
-                x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
-                if idx is None:
-                    return {"ehr": x, "ehr_len": lengths}
-                return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
-
-            v_a = self._encode(self.image_encoder, img_p, image_rows, self.image_dim, ghosts)   # [B, 512]
-            v_b = self._encode(self.ehr_encoder, ehr_p, ehr_rows, self.ehr_dim, ghosts)         # [B, 256]
-            phi = self.projection(v_a)
-            img_tok = torch.where(img_p[:, None], phi, torch.zeros_like(phi))
-            v_b = v_b.to(img_tok.dtype)
-            if self.fusion == "lstm":
-                first = torch.where(ehr_p[:, None], v_b, img_tok)       # [v_B, phi(v_A)] or [phi(v_A)]
-                seq = torch.stack([first, img_tok], dim=1)
-                lengths = (img_p.long() + ehr_p.long()).clamp(min=1).cpu()
-                packed = pack_padded_sequence(seq, lengths, batch_first=True, enforce_sorted=False)
-                _, (h, _) = self.fusion_lstm(packed)
-                fused = h[-1]
-            else:
-                fused = torch.cat([v_b, img_tok], dim=1)
-            outputs = {"fusion": _nan_outside(self.fusion_head(self.dropout(fused)), self.fusion_mask(img_p, ehr_p))}
-            if self.aux_heads:
-                outputs["image"] = _nan_outside(self.image_head(self.dropout(v_a)), img_p)
-                outputs["ehr"] = _nan_outside(self.ehr_head(self.dropout(v_b)), ehr_p)
-            if ghosts:
-                ghost = sum(ghosts)
-                outputs = {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
-            return outputs
-
-        # -- inference routing (§1.5) -----------------------------------------------------------
-        def route_sources(self, present, use_aux: Optional[bool] = None,
-                          batch_size: Optional[int] = None) -> torch.Tensor:
-            """Per sample, the index into ``ROUTE_HEADS`` of the head that predicts it, -1 if
-            none. With aux heads: both present -> fusion, image only -> image, EHR only -> ehr.
-            Without (or ``use_aux=False``): every sample the fusion head defines -> fusion."""
-            img_p, ehr_p = self.presence(present, batch_size)
-            use_aux = self.aux_heads if use_aux is None else bool(use_aux)
-            if use_aux and not self.aux_heads:
-                raise ValueError("use_aux=True but this student has no auxiliary heads")
-            none = torch.full(img_p.shape, -1, dtype=torch.long, device=img_p.device)
-            if not use_aux:
-                return torch.where(self.fusion_mask(img_p, ehr_p), torch.zeros_like(none), none)
-            src = torch.where(img_p & ehr_p, 0, none)
-            src = torch.where(img_p & ~ehr_p, 1, src)
-            return torch.where(ehr_p & ~img_p, 2, src)
-
-        def route(self, outputs: dict, present, use_aux: Optional[bool] = None) -> tuple:
-            """Routed logits [B, C] (NaN where no route) and ``covered`` bool [B] (§1.5)."""
-            fusion = outputs["fusion"]
-            src = self.route_sources(present, use_aux, batch_size=fusion.shape[0])
-            routed = torch.full_like(fusion, float("nan"))
-            for code, head in enumerate(ROUTE_HEADS):
-                if head in outputs:
-                    routed = torch.where((src == code)[:, None], outputs[head], routed)
-            return routed, src >= 0
-
-        def parameter_breakdown(self) -> dict:
-            parts = {"image_encoder": self.image_encoder, "ehr_encoder": self.ehr_encoder,
-                     "projection": self.projection, "fusion_lstm": self.fusion_lstm,
-                     "fusion_head": self.fusion_head, "image_head": self.image_head, "ehr_head": self.ehr_head}
-            out = {k: count_parameters(v) for k, v in parts.items() if v is not None}
-            out["total"] = count_parameters(self)
-            return out
-
-        def extra_repr(self) -> str:
-            return (f"kind={self.kind!r}, image={self.cfg.image_arch!r}, ehr={self.cfg.ehr_arch!r}, "
-                    f"fusion={self.fusion!r}, aux_heads={self.aux_heads}, impute_missing={self.impute_missing}, "
-                    f"num_outputs={self.num_outputs}")
-
-    class UnimodalStudent(nn.Module):
-        """One modality's ``UnimodalModel`` (kdscale.models.registry) returning ``{modality:
-        logits}``. It runs on every row of the batch; load with ``loader.require`` set to the
-        modality (as the teachers do) or let the task's mask drop absent rows."""
-
-        def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
-            super().__init__()
-            self.cfg = cfg
-            modality = "image" if cfg.kind == "vit" else cfg.modality
-            if modality == "image":
-                arch = cfg.vit_arch if cfg.kind == "vit" else cfg.image_arch
-                model_cfg = ModelConfig("image", arch, dropout=cfg.dropout, img_size=cfg.img_size)
-                pretrained = cfg.image_pretrained
-            else:
-                model_cfg = ModelConfig("ehr", cfg.ehr_arch, dropout=cfg.dropout)
-                pretrained = cfg.ehr_pretrained
-            self.modality, self.num_outputs = modality, int(num_outputs)
-            self.model = build_model(model_cfg, num_outputs, ehr_features=ehr_features)
-            if pretrained:  # set after ModelConfig: that one checks paths at config load, not here
-                load_encoder_weights(self.model.encoder.backbone, pretrained)
-
-        def forward(self, batch: dict) -> dict:
-            return {self.modality: self.model(batch)}
-
-        def head_masks(self, source, batch_size: Optional[int] = None) -> dict:
-            present, batch_size = _present_of(source, batch_size)
-            flag = present.get(self.modality)
-            device = _device(self)
-            if flag is None:
-                return {self.modality: torch.ones(batch_size, dtype=torch.bool, device=device)}
-            return {self.modality: torch.as_tensor(flag, device=device).bool()}
-
-    class ViTStudent(UnimodalStudent):
-        """timm ``vit_tiny_patch16_224`` (random init unless ``image_pretrained``), ``img_size``
-        configurable, ``{"image": logits}``. The timm model is ``self.vit`` (=
-        ``model.encoder.backbone``); its ``blocks[i].attn.attn_drop`` are untouched, so
-        ``kdscale.eval.attention`` can hook them (it switches fused attention off while reading)."""
-
-        def __init__(self, cfg: StudentConfig, num_outputs: int):
-            if cfg.kind != "vit":
-                raise ValueError(f"ViTStudent needs kind 'vit', got {cfg.kind!r}")
-            super().__init__(cfg, num_outputs)
-
-        @property
-        def vit(self) -> nn.Module:
-            return self.model.encoder.backbone
-
-    class ModularStudent(nn.Module):
-        """Kind ``multi``: one encoder per configured modality (``cfg.modalities``, in
-        ``MODALITY_ORDER``), a token projection per modality into the fusion token size, one
-        fusion module over the modality tokens (kdscale/models/fusion.py), a fusion head and one
-        auxiliary head per modality. With one modality there is no projection, fusion or fusion
-        head: the student is that modality's encoder + head.
-
-        Absent modalities: each encoder runs only on the samples that have its modality (an
-        encoder with none in the batch is attached with an exact zero gradient); the fusion sees
-        only the present tokens (concat: defined only when all are present); head ``m`` is
-        defined where m is present, ``fusion`` where the fusion is. Undefined entries are NaN.
-        Nothing is imputed.
-
-        Token projection: modality m's features [B, d_m] -> Linear(d_m, token_dim), or the
-        identity when d_m == token_dim (token_dim 0 = the first modality's d_m). For modalities
-        (ehr, image) with lstm + resnet10 this is MIND's phi and v_B, and the model has exactly
-        the MIND student's parameters."""
-
-        def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
-            super().__init__()
-            from kdscale.models.fusion import build_fusion
-            from kdscale.models.tabular import TabularEncoder, load_tabular_weights
-            from kdscale.models.text import TextEncoder
-
-            if cfg.kind != "multi":
-                raise ValueError(f"ModularStudent is for kind 'multi', got {cfg.kind!r}")
-            self.cfg, self.kind, self.num_outputs = cfg, cfg.kind, int(num_outputs)
-            self.modalities = tuple(cfg.modalities)
-            self.fusion = cfg.fusion or ""
-            self.aux_heads = bool(cfg.aux_heads)
-            self.encoders = nn.ModuleDict()
-            for m in self.modalities:
-                if m == "image":
-                    backbone, dim = build_image_encoder(cfg.image_arch, img_size=cfg.img_size)
-                    if cfg.image_pretrained:
-                        load_encoder_weights(backbone, cfg.image_pretrained)
-                    self.encoders[m] = ImageEncoder(backbone, dim)
-                elif m == "ehr":
-                    backbone, dim = build_ehr_encoder(cfg.ehr_arch, ehr_features)
-                    if cfg.ehr_pretrained:
-                        load_encoder_weights(backbone, cfg.ehr_pretrained)
-                    self.encoders[m] = EHREncoder(backbone, dim, ehr_features)
-                elif m == "report":
-                    self.encoders[m] = TextEncoder(cfg.report_model)
-                else:
-                    tab = cfg.tabular_model
-                    self.encoders[m] = TabularEncoder(tab.hidden, tab.max_categories, tab.dropout)
-                    if tab.pretrained_path:
-                        load_tabular_weights(self.encoders[m], tab.pretrained_path)
-            self.feature_dims = {m: int(self.encoders[m].feature_dim) for m in self.modalities}
-            self.dropout = nn.Dropout(cfg.dropout)
-            self.heads = nn.ModuleDict()
-            if len(self.modalities) > 1:
-                self.token_dim = cfg.token_dim or self.feature_dims[self.modalities[0]]
-                self.projections = nn.ModuleDict({
-                    m: nn.Identity() if d == self.token_dim else nn.Linear(d, self.token_dim)
-                    for m, d in self.feature_dims.items()})
-                self.fusion_module = build_fusion(self.fusion, len(self.modalities), self.token_dim,
-                                                  hidden=cfg.fusion_dim, heads=cfg.attention_heads)
-                self.heads["fusion"] = nn.Linear(self.fusion_module.out_dim, self.num_outputs)
-            else:
-                self.token_dim, self.projections, self.fusion_module = 0, None, None
-            if self.aux_heads:
-                for m in self.modalities:
-                    self.heads[m] = nn.Linear(self.feature_dims[m], self.num_outputs)
-
-        @property
-        def head_names(self) -> tuple:
-            return tuple(self.heads.keys())
-
-        # -- learned preprocessing (tokenizer, tabular encoding) --------------------------------
-        @property
-        def needs_fit(self) -> bool:
-            return any(getattr(e, "needs_fit", False) for e in self.encoders.values())
-
-        def fit(self, batches) -> None:
-            """Fit the report tokenizer / tabular encoding on TRAINING batches (one pass; only
-            the text and tabular entries are kept). Build the optimizer afterwards."""
-            wanted = [m for m, e in self.encoders.items() if getattr(e, "needs_fit", False)]
-            if not wanted:
-                return
-            # the meta travels too: the report tokenizer counts distinct patients per word
-            # (vocab_min_patients, a privacy setting)
-            kept = [{**{m: batch_entry(b, m, m) for m in wanted}, "meta": b.get("meta")} for b in batches]
-            for m in wanted:
-                self.encoders[m].fit(kept)
-
-        # -- presence ---------------------------------------------------------------------------
-        def presence(self, source, batch_size: Optional[int] = None) -> dict:
-            """{modality: bool [B]} for this student's modalities (missing entry = present)."""
-            device = _device(self)
-            present, batch_size = _present_of(source, batch_size)
-            out = {}
-            for m in self.modalities:
-                flag = present.get(m)
-                if flag is None:
-                    out[m] = torch.ones(batch_size, dtype=torch.bool, device=device)
-                else:
-                    flag = torch.as_tensor(flag, device=device).bool()
-                    if flag.shape != (batch_size,):
-                        raise ValueError(f"present[{m!r}] has shape {tuple(flag.shape)}, expected [{batch_size}]")
-                    out[m] = flag
-            return out
-
-        def fusion_mask(self, present: dict) -> torch.Tensor:
-            stacked = torch.stack([present[m] for m in self.modalities], 1)
-            if self.fusion_module is None:
-                return torch.zeros(stacked.shape[0], dtype=torch.bool, device=stacked.device)
-            return stacked.all(1) if self.fusion == "concat" else stacked.any(1)
-
-        def head_masks(self, source, batch_size: Optional[int] = None) -> dict:
-            present = self.presence(source, batch_size)
-            masks = {}
-            if "fusion" in self.heads:
-                masks["fusion"] = self.fusion_mask(present)
-            for m in self.modalities:
-                if m in self.heads:
-                    masks[m] = present[m]
-            return masks
-
-        # -- forward ----------------------------------------------------------------------------
-        def _rows(self, batch: dict, m: str, idx):
-            if m == "image":
-                x = batch_entry(batch, "image", "image")
-                return {"image": x if idx is None else x[idx.to(x.device)]}
-            if m == "ehr":
-                x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
-                if idx is None:
-                    return {"ehr": x, "ehr_len": lengths}
-                return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
-            rows = batch_entry(batch, m, m)
-            return {m: list(rows) if idx is None else [rows[i] for i in idx.tolist()]}
-
-        def _encode(self, m: str, batch: dict, mask: torch.Tensor, ghosts: list) -> torch.Tensor:
-            encoder, dim, b = self.encoders[m], self.feature_dims[m], mask.shape[0]
-            if bool(mask.all()):
-                return _run_encoder(encoder, self._rows(batch, m, None), b)
-            idx = torch.nonzero(mask).squeeze(1)
-            if idx.numel() == 0:
-                ghosts.append(_ghost(encoder))
-                dtype = next(encoder.parameters()).dtype
-                return torch.zeros(b, dim, device=mask.device, dtype=dtype)
-            sub = _run_encoder(encoder, self._rows(batch, m, idx), idx.numel())
-            return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
-
-        def forward(self, batch: dict) -> dict:
-            present = self.presence(batch)
-            ghosts: list = []
-            feats = {m: self._encode(m, batch, present[m], ghosts) for m in self.modalities}
-            outputs = {}
-            if self.fusion_module is not None:
-                dtype = feats[self.modalities[0]].dtype
-                tokens = torch.stack([self.projections[m](feats[m].to(dtype)) for m in self.modalities], 1)
-                pres = torch.stack([present[m] for m in self.modalities], 1)
-                fused, defined = self.fusion_module(tokens, pres)
-                outputs["fusion"] = _nan_outside(self.heads["fusion"](self.dropout(fused)), defined)
-            for m in self.modalities:
-                if m in self.heads:
-                    outputs[m] = _nan_outside(self.heads[m](self.dropout(feats[m])), present[m])
-            if ghosts:
-                ghost = sum(ghosts)
-                outputs = {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
-            return outputs
-
-        # -- inference routing ------------------------------------------------------------------
-        def route_sources(self, present, use_aux: Optional[bool] = None,
-                          batch_size: Optional[int] = None) -> torch.Tensor:
-            """Per sample, the index into ``head_names`` of the head that predicts it, -1 if
-            none. With aux heads: 2+ modalities present and the fusion defined -> fusion; else
-            the first present modality (``MODALITY_ORDER``) -> its head (one present: the MIND
-            rule, §1.5). Without (``use_aux=False``): the fusion where defined."""
-            pres = self.presence(present, batch_size)
-            use_aux = self.aux_heads if use_aux is None else bool(use_aux)
-            if use_aux and not self.aux_heads:
-                raise ValueError("use_aux=True but this student has no auxiliary heads")
-            names = self.head_names
-            first = next(iter(pres.values()))
-            src = torch.full(first.shape, -1, dtype=torch.long, device=first.device)
-            if use_aux:
-                for m in reversed(self.modalities):   # the first present modality wins
-                    src = torch.where(pres[m], names.index(m), src)
-            if "fusion" in names:
-                count = torch.stack([pres[m] for m in self.modalities], 1).sum(1)
-                fuse = self.fusion_mask(pres) & ((count >= 2) if use_aux else torch.ones_like(count, dtype=torch.bool))
-                src = torch.where(fuse, names.index("fusion"), src)
-            return src
-
-        def route(self, outputs: dict, present, use_aux: Optional[bool] = None) -> tuple:
-            """Routed logits [B, C] (NaN where no route) and ``covered`` bool [B]."""
-            first = next(iter(outputs.values()))
-            src = self.route_sources(present, use_aux, batch_size=first.shape[0])
-            routed = torch.full_like(first, float("nan"))
-            for code, head in enumerate(self.head_names):
-                routed = torch.where((src == code)[:, None], outputs[head], routed)
-            return routed, src >= 0
-
-        def parameter_breakdown(self) -> dict:
-            """Parameters per built module; the parts sum to ``total``."""
-            out = {f"encoder.{m}": count_parameters(e) for m, e in self.encoders.items()}
-            if self.projections is not None:
-                out.update({f"projection.{m}": count_parameters(p) for m, p in self.projections.items()})
-                out["fusion"] = count_parameters(self.fusion_module)
-            out.update({f"head.{h}": count_parameters(v) for h, v in self.heads.items()})
-            extra = {n: count_parameters(mod) for n, mod in self.named_children()
-                     if n not in ("encoders", "projections", "fusion_module", "heads", "dropout")}
-            out.update({n: v for n, v in extra.items() if v})
-            out["total"] = count_parameters(self)
-            return out
-
-        def extra_repr(self) -> str:
-            return (f"modalities={list(self.modalities)}, fusion={self.fusion or None!r}, "
-                    f"token_dim={self.token_dim}, aux_heads={self.aux_heads}, num_outputs={self.num_outputs}")
-
-    def _present_of(source, batch_size: Optional[int]) -> tuple:
-        """(present dict, batch size) from a batch dict, a ``present`` dict, or None."""
-        batch = None
-        if isinstance(source, dict) and (any(k in source for k in _BATCH_KEYS)
-                                         or getattr(source.get("image"), "ndim", 1) > 1):
-            batch, present = source, source.get("present") or {}
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The student inside DDP / DataParallel / DeepSpeed / torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif type(model).__name__ == "DeepSpeedEngine" and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
         else:
-            present = source or {}
-        if batch_size is None:
-            for key in ("labels", "image", "ehr_len", "ehr", "report", "tabular"):
-                value = batch.get(key) if batch is not None else None
-                if hasattr(value, "shape") or isinstance(value, list):
-                    batch_size = len(value) if isinstance(value, list) else int(value.shape[0])
-                    break
-            else:
-                sizes = [len(v) for v in present.values() if v is not None]
-                if not sizes:
-                    raise ValueError("cannot tell the batch size: give the batch dict, a present dict, or batch_size")
-                batch_size = sizes[0]
-        return present, batch_size
+            return model
 
-    names = {"MultimodalStudent": MultimodalStudent, "UnimodalStudent": UnimodalStudent,
-             "ViTStudent": ViTStudent, "ModularStudent": ModularStudent, "unwrap_model": unwrap_model}
-    for name, obj in names.items():
-        obj.__qualname__ = name   # module-level names for repr, pickle and docs tools
-    return names
+def _device(module: nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+def _ghost(module: nn.Module) -> torch.Tensor:
+    """0 * (one element of every parameter): puts an encoder that ran on no sample in this
+    step into the graph with an exact zero gradient, so DDP (find_unused_parameters=False)
+    sees every parameter used in every step."""
+    return sum(p.reshape(-1)[:1].sum() for p in module.parameters()) * 0.0
+
+def _run_encoder(encoder: nn.Module, inputs: dict, n: int) -> torch.Tensor:
+    """The encoder on ``n`` samples. In a partial cohort a batch can hold ONE sample of a
+    modality; batch norm cannot compute batch statistics from one sample in training, so
+    then its BN layers use (and do not update) their running statistics for this call."""
+    bns = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+    if n > 1 or not bns:
+        return encoder(inputs)
+    for m in bns:
+        m.eval()
+    try:
+        return encoder(inputs)
+    finally:
+        for m in bns:
+            m.train()
+
+def _nan_outside(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask[:, None], z, torch.full_like(z, float("nan")))
+
+class MultimodalStudent(nn.Module):
+    """Image encoder f_A + EHR encoder f_B + projection phi + fusion + heads
+    (method-and-data.md §1.2; the MIND student, MedFuse, and vanilla joint fusion).
+
+    Absent modalities (``batch["present"]``; a missing entry means "all present"):
+
+    * each encoder runs only on the samples that have its modality (so BatchNorm statistics
+      never see the zero images of image-absent samples, and an absent sample's input is not
+      in the graph at all); an encoder with no such sample in the batch is attached with an
+      exact zero gradient (``_ghost``), so DDP sees every parameter in every step;
+    * aux heads (``image``/``ehr``) are defined on the samples with that modality;
+    * ``fusion``: LSTM fusion runs over the present tokens in MedFuse's order [v_B, phi(v_A)]
+      (length 2 if paired, 1 otherwise; no imputation) and is defined for every sample with
+      at least one modality; concat fusion is defined for paired samples only, or, with
+      ``impute_missing``, for every sample with the missing modality's features set to 0.
+    Undefined entries are NaN (see :meth:`head_masks`).
+    """
+
+    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+        super().__init__()
+        if cfg.kind not in MULTIMODAL_KINDS:
+            raise ValueError(f"MultimodalStudent is for kinds {MULTIMODAL_KINDS}, got {cfg.kind!r}")
+        self.cfg = cfg
+        self.kind, self.fusion, self.num_outputs = cfg.kind, cfg.fusion, int(num_outputs)
+        self.aux_heads, self.impute_missing = bool(cfg.aux_heads), bool(cfg.impute_missing)
+        image_backbone, d_a = build_image_encoder(cfg.image_arch, img_size=cfg.img_size)
+        if cfg.image_pretrained:
+            load_encoder_weights(image_backbone, cfg.image_pretrained)
+        ehr_backbone, d_b = build_ehr_encoder(cfg.ehr_arch, ehr_features)
+        if cfg.ehr_pretrained:
+            load_encoder_weights(ehr_backbone, cfg.ehr_pretrained)
+        self.image_encoder = ImageEncoder(image_backbone, d_a)
+        self.ehr_encoder = EHREncoder(ehr_backbone, d_b, ehr_features)
+        self.projection = nn.Linear(d_a, d_b)                      # phi: v_A -> token size of v_B
+        if self.fusion == "lstm":
+            self.fusion_lstm = nn.LSTM(d_b, cfg.fusion_dim, batch_first=True)
+            fused_dim = cfg.fusion_dim
+        else:
+            self.fusion_lstm = None
+            fused_dim = 2 * d_b                                    # concat(v_B, phi(v_A))
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fusion_head = nn.Linear(fused_dim, self.num_outputs)  # g_AB
+        self.image_head = nn.Linear(d_a, self.num_outputs) if self.aux_heads else None  # g_A
+        self.ehr_head = nn.Linear(d_b, self.num_outputs) if self.aux_heads else None    # g_B
+        self.image_dim, self.ehr_dim, self.fused_dim = d_a, d_b, fused_dim
+
+    # -- presence ---------------------------------------------------------------------------
+    def presence(self, source, batch_size: Optional[int] = None) -> tuple:
+        """(image present, ehr present), bool [B] on the model's device, from a batch dict or
+        its ``present`` dict (a missing entry, or ``source=None``, means all present)."""
+        device = _device(self)
+        present, batch_size = _present_of(source, batch_size)
+        out = []
+        for m in ("image", "ehr"):
+            flag = present.get(m)
+            if flag is None:
+                out.append(torch.ones(batch_size, dtype=torch.bool, device=device))
+            else:
+                flag = torch.as_tensor(flag, device=device).bool()
+                if flag.shape != (batch_size,):
+                    raise ValueError(f"present[{m!r}] has shape {tuple(flag.shape)}, expected [{batch_size}]")
+                out.append(flag)
+        return tuple(out)
+
+    def fusion_mask(self, image_present, ehr_present):
+        if self.fusion == "lstm" or self.impute_missing:
+            return image_present | ehr_present
+        return image_present & ehr_present
+
+    def head_masks(self, source, batch_size: Optional[int] = None) -> dict:
+        """{head: bool [B]}: which samples each head of ``forward`` defines."""
+        img_p, ehr_p = self.presence(source, batch_size)
+        masks = {"fusion": self.fusion_mask(img_p, ehr_p)}
+        if self.aux_heads:
+            masks["image"], masks["ehr"] = img_p, ehr_p
+        return masks
+
+    # -- forward ----------------------------------------------------------------------------
+    def _encode(self, encoder: nn.Module, mask: torch.Tensor, sub_batch, dim: int, ghosts: list):
+        b = mask.shape[0]
+        if bool(mask.all()):
+            return _run_encoder(encoder, sub_batch(None), b)
+        idx = torch.nonzero(mask).squeeze(1)
+        if idx.numel() == 0:
+            ghosts.append(_ghost(encoder))
+            dtype = next(encoder.parameters()).dtype   # bf16 under DeepSpeed's bf16 engine
+            return torch.zeros(b, dim, device=mask.device, dtype=dtype)
+        sub = _run_encoder(encoder, sub_batch(idx), idx.numel())
+        return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
+
+    def forward(self, batch: dict) -> dict:
+        img_p, ehr_p = self.presence(batch)
+        ghosts: list = []
+
+        def image_rows(idx):
+            image = batch_entry(batch, "image", "image")
+            return {"image": image if idx is None else image[idx.to(image.device)]}
+
+        def ehr_rows(idx):
+            x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
+            if idx is None:
+                return {"ehr": x, "ehr_len": lengths}
+            return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
+
+        v_a = self._encode(self.image_encoder, img_p, image_rows, self.image_dim, ghosts)   # [B, 512]
+        v_b = self._encode(self.ehr_encoder, ehr_p, ehr_rows, self.ehr_dim, ghosts)         # [B, 256]
+        phi = self.projection(v_a)
+        img_tok = torch.where(img_p[:, None], phi, torch.zeros_like(phi))
+        v_b = v_b.to(img_tok.dtype)
+        if self.fusion == "lstm":
+            first = torch.where(ehr_p[:, None], v_b, img_tok)       # [v_B, phi(v_A)] or [phi(v_A)]
+            seq = torch.stack([first, img_tok], dim=1)
+            lengths = (img_p.long() + ehr_p.long()).clamp(min=1).cpu()
+            packed = pack_padded_sequence(seq, lengths, batch_first=True, enforce_sorted=False)
+            _, (h, _) = self.fusion_lstm(packed)
+            fused = h[-1]
+        else:
+            fused = torch.cat([v_b, img_tok], dim=1)
+        outputs = {"fusion": _nan_outside(self.fusion_head(self.dropout(fused)), self.fusion_mask(img_p, ehr_p))}
+        if self.aux_heads:
+            outputs["image"] = _nan_outside(self.image_head(self.dropout(v_a)), img_p)
+            outputs["ehr"] = _nan_outside(self.ehr_head(self.dropout(v_b)), ehr_p)
+        if ghosts:
+            ghost = sum(ghosts)
+            outputs = {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
+        return outputs
+
+    # -- inference routing (§1.5) -----------------------------------------------------------
+    def route_sources(self, present, use_aux: Optional[bool] = None,
+                      batch_size: Optional[int] = None) -> torch.Tensor:
+        """Per sample, the index into ``ROUTE_HEADS`` of the head that predicts it, -1 if
+        none. With aux heads: both present -> fusion, image only -> image, EHR only -> ehr.
+        Without (or ``use_aux=False``): every sample the fusion head defines -> fusion."""
+        img_p, ehr_p = self.presence(present, batch_size)
+        use_aux = self.aux_heads if use_aux is None else bool(use_aux)
+        if use_aux and not self.aux_heads:
+            raise ValueError("use_aux=True but this student has no auxiliary heads")
+        none = torch.full(img_p.shape, -1, dtype=torch.long, device=img_p.device)
+        if not use_aux:
+            return torch.where(self.fusion_mask(img_p, ehr_p), torch.zeros_like(none), none)
+        src = torch.where(img_p & ehr_p, 0, none)
+        src = torch.where(img_p & ~ehr_p, 1, src)
+        return torch.where(ehr_p & ~img_p, 2, src)
+
+    def route(self, outputs: dict, present, use_aux: Optional[bool] = None) -> tuple:
+        """Routed logits [B, C] (NaN where no route) and ``covered`` bool [B] (§1.5)."""
+        fusion = outputs["fusion"]
+        src = self.route_sources(present, use_aux, batch_size=fusion.shape[0])
+        routed = torch.full_like(fusion, float("nan"))
+        for code, head in enumerate(ROUTE_HEADS):
+            if head in outputs:
+                routed = torch.where((src == code)[:, None], outputs[head], routed)
+        return routed, src >= 0
+
+    def parameter_breakdown(self) -> dict:
+        parts = {"image_encoder": self.image_encoder, "ehr_encoder": self.ehr_encoder,
+                 "projection": self.projection, "fusion_lstm": self.fusion_lstm,
+                 "fusion_head": self.fusion_head, "image_head": self.image_head, "ehr_head": self.ehr_head}
+        out = {k: count_parameters(v) for k, v in parts.items() if v is not None}
+        out["total"] = count_parameters(self)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"kind={self.kind!r}, image={self.cfg.image_arch!r}, ehr={self.cfg.ehr_arch!r}, "
+                f"fusion={self.fusion!r}, aux_heads={self.aux_heads}, impute_missing={self.impute_missing}, "
+                f"num_outputs={self.num_outputs}")
+
+class UnimodalStudent(nn.Module):
+    """One modality's ``UnimodalModel`` (kdscale.models.registry) returning ``{modality:
+    logits}``. It runs on every row of the batch; load with ``loader.require`` set to the
+    modality (as the teachers do) or let the task's mask drop absent rows."""
+
+    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+        super().__init__()
+        self.cfg = cfg
+        modality = "image" if cfg.kind == "vit" else cfg.modality
+        if modality == "image":
+            arch = cfg.vit_arch if cfg.kind == "vit" else cfg.image_arch
+            model_cfg = ModelConfig("image", arch, dropout=cfg.dropout, img_size=cfg.img_size)
+            pretrained = cfg.image_pretrained
+        else:
+            model_cfg = ModelConfig("ehr", cfg.ehr_arch, dropout=cfg.dropout)
+            pretrained = cfg.ehr_pretrained
+        self.modality, self.num_outputs = modality, int(num_outputs)
+        self.model = build_model(model_cfg, num_outputs, ehr_features=ehr_features)
+        if pretrained:  # set after ModelConfig: that one checks paths at config load, not here
+            load_encoder_weights(self.model.encoder.backbone, pretrained)
+
+    def forward(self, batch: dict) -> dict:
+        return {self.modality: self.model(batch)}
+
+    def head_masks(self, source, batch_size: Optional[int] = None) -> dict:
+        present, batch_size = _present_of(source, batch_size)
+        flag = present.get(self.modality)
+        device = _device(self)
+        if flag is None:
+            return {self.modality: torch.ones(batch_size, dtype=torch.bool, device=device)}
+        return {self.modality: torch.as_tensor(flag, device=device).bool()}
+
+class ViTStudent(UnimodalStudent):
+    """timm ``vit_tiny_patch16_224`` (random init unless ``image_pretrained``), ``img_size``
+    configurable, ``{"image": logits}``. The timm model is ``self.vit`` (=
+    ``model.encoder.backbone``); its ``blocks[i].attn.attn_drop`` are untouched, so
+    ``kdscale.eval.attention`` can hook them (it switches fused attention off while reading)."""
+
+    def __init__(self, cfg: StudentConfig, num_outputs: int):
+        if cfg.kind != "vit":
+            raise ValueError(f"ViTStudent needs kind 'vit', got {cfg.kind!r}")
+        super().__init__(cfg, num_outputs)
+
+    @property
+    def vit(self) -> nn.Module:
+        return self.model.encoder.backbone
+
+class ModularStudent(nn.Module):
+    """Kind ``multi``: one encoder per configured modality (``cfg.modalities``, in
+    ``MODALITY_ORDER``), a token projection per modality into the fusion token size, one
+    fusion module over the modality tokens (kdscale/models/fusion.py), a fusion head and one
+    auxiliary head per modality. With one modality there is no projection, fusion or fusion
+    head: the student is that modality's encoder + head.
+
+    Absent modalities: each encoder runs only on the samples that have its modality (an
+    encoder with none in the batch is attached with an exact zero gradient); the fusion sees
+    only the present tokens (concat: defined only when all are present); head ``m`` is
+    defined where m is present, ``fusion`` where the fusion is. Undefined entries are NaN.
+    Nothing is imputed.
+
+    Token projection: modality m's features [B, d_m] -> Linear(d_m, token_dim), or the
+    identity when d_m == token_dim (token_dim 0 = the first modality's d_m). For modalities
+    (ehr, image) with lstm + resnet10 this is MIND's phi and v_B, and the model has exactly
+    the MIND student's parameters."""
+
+    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+        super().__init__()
+        if cfg.kind != "multi":
+            raise ValueError(f"ModularStudent is for kind 'multi', got {cfg.kind!r}")
+        self.cfg, self.kind, self.num_outputs = cfg, cfg.kind, int(num_outputs)
+        self.modalities = tuple(cfg.modalities)
+        self.fusion = cfg.fusion or ""
+        self.aux_heads = bool(cfg.aux_heads)
+        self.encoders = nn.ModuleDict()
+        for m in self.modalities:
+            if m == "image":
+                backbone, dim = build_image_encoder(cfg.image_arch, img_size=cfg.img_size)
+                if cfg.image_pretrained:
+                    load_encoder_weights(backbone, cfg.image_pretrained)
+                self.encoders[m] = ImageEncoder(backbone, dim)
+            elif m == "ehr":
+                backbone, dim = build_ehr_encoder(cfg.ehr_arch, ehr_features)
+                if cfg.ehr_pretrained:
+                    load_encoder_weights(backbone, cfg.ehr_pretrained)
+                self.encoders[m] = EHREncoder(backbone, dim, ehr_features)
+            elif m == "report":
+                self.encoders[m] = TextEncoder(cfg.report_model)
+            else:
+                tab = cfg.tabular_model
+                self.encoders[m] = TabularEncoder(tab.hidden, tab.max_categories, tab.dropout)
+                if tab.pretrained_path:
+                    load_tabular_weights(self.encoders[m], tab.pretrained_path)
+        self.feature_dims = {m: int(self.encoders[m].feature_dim) for m in self.modalities}
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.heads = nn.ModuleDict()
+        if len(self.modalities) > 1:
+            self.token_dim = cfg.token_dim or self.feature_dims[self.modalities[0]]
+            self.projections = nn.ModuleDict({
+                m: nn.Identity() if d == self.token_dim else nn.Linear(d, self.token_dim)
+                for m, d in self.feature_dims.items()})
+            self.fusion_module = build_fusion(self.fusion, len(self.modalities), self.token_dim,
+                                              hidden=cfg.fusion_dim, heads=cfg.attention_heads)
+            self.heads["fusion"] = nn.Linear(self.fusion_module.out_dim, self.num_outputs)
+        else:
+            self.token_dim, self.projections, self.fusion_module = 0, None, None
+        if self.aux_heads:
+            for m in self.modalities:
+                self.heads[m] = nn.Linear(self.feature_dims[m], self.num_outputs)
+
+    @property
+    def head_names(self) -> tuple:
+        return tuple(self.heads.keys())
+
+    # -- learned preprocessing (tokenizer, tabular encoding) --------------------------------
+    @property
+    def needs_fit(self) -> bool:
+        return any(getattr(e, "needs_fit", False) for e in self.encoders.values())
+
+    def fit(self, batches) -> None:
+        """Fit the report tokenizer / tabular encoding on TRAINING batches (one pass; only
+        the text and tabular entries are kept). Build the optimizer afterwards."""
+        wanted = [m for m, e in self.encoders.items() if getattr(e, "needs_fit", False)]
+        if not wanted:
+            return
+        # the meta travels too: the report tokenizer counts distinct patients per word
+        # (vocab_min_patients, a privacy setting)
+        kept = [{**{m: batch_entry(b, m, m) for m in wanted}, "meta": b.get("meta")} for b in batches]
+        for m in wanted:
+            self.encoders[m].fit(kept)
+
+    # -- presence ---------------------------------------------------------------------------
+    def presence(self, source, batch_size: Optional[int] = None) -> dict:
+        """{modality: bool [B]} for this student's modalities (missing entry = present)."""
+        device = _device(self)
+        present, batch_size = _present_of(source, batch_size)
+        out = {}
+        for m in self.modalities:
+            flag = present.get(m)
+            if flag is None:
+                out[m] = torch.ones(batch_size, dtype=torch.bool, device=device)
+            else:
+                flag = torch.as_tensor(flag, device=device).bool()
+                if flag.shape != (batch_size,):
+                    raise ValueError(f"present[{m!r}] has shape {tuple(flag.shape)}, expected [{batch_size}]")
+                out[m] = flag
+        return out
+
+    def fusion_mask(self, present: dict) -> torch.Tensor:
+        stacked = torch.stack([present[m] for m in self.modalities], 1)
+        if self.fusion_module is None:
+            return torch.zeros(stacked.shape[0], dtype=torch.bool, device=stacked.device)
+        return stacked.all(1) if self.fusion == "concat" else stacked.any(1)
+
+    def head_masks(self, source, batch_size: Optional[int] = None) -> dict:
+        present = self.presence(source, batch_size)
+        masks = {}
+        if "fusion" in self.heads:
+            masks["fusion"] = self.fusion_mask(present)
+        for m in self.modalities:
+            if m in self.heads:
+                masks[m] = present[m]
+        return masks
+
+    # -- forward ----------------------------------------------------------------------------
+    def _rows(self, batch: dict, m: str, idx):
+        if m == "image":
+            x = batch_entry(batch, "image", "image")
+            return {"image": x if idx is None else x[idx.to(x.device)]}
+        if m == "ehr":
+            x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
+            if idx is None:
+                return {"ehr": x, "ehr_len": lengths}
+            return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
+        rows = batch_entry(batch, m, m)
+        return {m: list(rows) if idx is None else [rows[i] for i in idx.tolist()]}
+
+    def _encode(self, m: str, batch: dict, mask: torch.Tensor, ghosts: list) -> torch.Tensor:
+        encoder, dim, b = self.encoders[m], self.feature_dims[m], mask.shape[0]
+        if bool(mask.all()):
+            return _run_encoder(encoder, self._rows(batch, m, None), b)
+        idx = torch.nonzero(mask).squeeze(1)
+        if idx.numel() == 0:
+            ghosts.append(_ghost(encoder))
+            dtype = next(encoder.parameters()).dtype
+            return torch.zeros(b, dim, device=mask.device, dtype=dtype)
+        sub = _run_encoder(encoder, self._rows(batch, m, idx), idx.numel())
+        return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
+
+    def forward(self, batch: dict) -> dict:
+        present = self.presence(batch)
+        ghosts: list = []
+        feats = {m: self._encode(m, batch, present[m], ghosts) for m in self.modalities}
+        outputs = {}
+        if self.fusion_module is not None:
+            dtype = feats[self.modalities[0]].dtype
+            tokens = torch.stack([self.projections[m](feats[m].to(dtype)) for m in self.modalities], 1)
+            pres = torch.stack([present[m] for m in self.modalities], 1)
+            fused, defined = self.fusion_module(tokens, pres)
+            outputs["fusion"] = _nan_outside(self.heads["fusion"](self.dropout(fused)), defined)
+        for m in self.modalities:
+            if m in self.heads:
+                outputs[m] = _nan_outside(self.heads[m](self.dropout(feats[m])), present[m])
+        if ghosts:
+            ghost = sum(ghosts)
+            outputs = {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
+        return outputs
+
+    # -- inference routing ------------------------------------------------------------------
+    def route_sources(self, present, use_aux: Optional[bool] = None,
+                      batch_size: Optional[int] = None) -> torch.Tensor:
+        """Per sample, the index into ``head_names`` of the head that predicts it, -1 if
+        none. With aux heads: 2+ modalities present and the fusion defined -> fusion; else
+        the first present modality (``MODALITY_ORDER``) -> its head (one present: the MIND
+        rule, §1.5). Without (``use_aux=False``): the fusion where defined."""
+        pres = self.presence(present, batch_size)
+        use_aux = self.aux_heads if use_aux is None else bool(use_aux)
+        if use_aux and not self.aux_heads:
+            raise ValueError("use_aux=True but this student has no auxiliary heads")
+        names = self.head_names
+        first = next(iter(pres.values()))
+        src = torch.full(first.shape, -1, dtype=torch.long, device=first.device)
+        if use_aux:
+            for m in reversed(self.modalities):   # the first present modality wins
+                src = torch.where(pres[m], names.index(m), src)
+        if "fusion" in names:
+            count = torch.stack([pres[m] for m in self.modalities], 1).sum(1)
+            fuse = self.fusion_mask(pres) & ((count >= 2) if use_aux else torch.ones_like(count, dtype=torch.bool))
+            src = torch.where(fuse, names.index("fusion"), src)
+        return src
+
+    def route(self, outputs: dict, present, use_aux: Optional[bool] = None) -> tuple:
+        """Routed logits [B, C] (NaN where no route) and ``covered`` bool [B]."""
+        first = next(iter(outputs.values()))
+        src = self.route_sources(present, use_aux, batch_size=first.shape[0])
+        routed = torch.full_like(first, float("nan"))
+        for code, head in enumerate(self.head_names):
+            routed = torch.where((src == code)[:, None], outputs[head], routed)
+        return routed, src >= 0
+
+    def parameter_breakdown(self) -> dict:
+        """Parameters per built module; the parts sum to ``total``."""
+        out = {f"encoder.{m}": count_parameters(e) for m, e in self.encoders.items()}
+        if self.projections is not None:
+            out.update({f"projection.{m}": count_parameters(p) for m, p in self.projections.items()})
+            out["fusion"] = count_parameters(self.fusion_module)
+        out.update({f"head.{h}": count_parameters(v) for h, v in self.heads.items()})
+        extra = {n: count_parameters(mod) for n, mod in self.named_children()
+                 if n not in ("encoders", "projections", "fusion_module", "heads", "dropout")}
+        out.update({n: v for n, v in extra.items() if v})
+        out["total"] = count_parameters(self)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"modalities={list(self.modalities)}, fusion={self.fusion or None!r}, "
+                f"token_dim={self.token_dim}, aux_heads={self.aux_heads}, num_outputs={self.num_outputs}")
+
+def _present_of(source, batch_size: Optional[int]) -> tuple:
+    """(present dict, batch size) from a batch dict, a ``present`` dict, or None."""
+    batch = None
+    if isinstance(source, dict) and (any(k in source for k in _BATCH_KEYS)
+                                     or getattr(source.get("image"), "ndim", 1) > 1):
+        batch, present = source, source.get("present") or {}
+    else:
+        present = source or {}
+    if batch_size is None:
+        for key in ("labels", "image", "ehr_len", "ehr", "report", "tabular"):
+            value = batch.get(key) if batch is not None else None
+            if hasattr(value, "shape") or isinstance(value, list):
+                batch_size = len(value) if isinstance(value, list) else int(value.shape[0])
+                break
+        else:
+            sizes = [len(v) for v in present.values() if v is not None]
+            if not sizes:
+                raise ValueError("cannot tell the batch size: give the batch dict, a present dict, or batch_size")
+            batch_size = sizes[0]
+    return present, batch_size

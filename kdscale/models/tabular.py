@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from kdscale.models.unimodal import _device, batch_entry
+from kdscale.models.weights import load_local_weights
 
 log = logging.getLogger(__name__)
 
@@ -312,8 +313,6 @@ class TabularEncoder(nn.Module):
 def load_tabular_weights(encoder: TabularEncoder, path: str) -> None:
     """Initialise a tabular encoder (encoding + MLP) from a local checkpoint of a TabularEncoder
     or a UnimodalModel (``encoder.`` prefix), optionally wrapped under state_dict/model."""
-    from kdscale.models.weights import load_local_weights
-
     state = torch.load(path, map_location="cpu", weights_only=True)
     for wrapper in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):

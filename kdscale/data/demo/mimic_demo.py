@@ -59,11 +59,13 @@ from typing import Optional
 
 import numpy as np
 
+from kdscale.data.demo.mimic_oracle import PhenotypeOracle, ceiling_aurocs, oracle_rows, write_oracle_csv
 from kdscale.data.mimic_demo_images import HEIGHT, WIDTH, draw_film
 from kdscale.data.mimic_demo_signal import (BASE_RATES, EHR_DRIVEN, IMAGE_DRIVEN, PHENOTYPES, SENTENCES,
                                             Finding, Patient, draw_conditions, draw_outcome, ehr_series,
                                             phenotype_labels, report_and_chexpert, stay_findings, weaker)
 from kdscale.data.mimic_tables import R_CLASSES
+from kdscale.data.record import safe_key
 from kdscale.data.sources.mimic import REPO_ROOT, MimicConfig
 
 CHANNELS = ["Capillary refill rate", "Diastolic blood pressure", "Fraction inspired oxygen",
@@ -424,9 +426,6 @@ def generate_mimic_demo(out_dir, n_stays: int, seed: int, corrupt_fraction: floa
 def _write_oracle(out: Path, stays: list[DemoStay], paired: dict, label_noise: float) -> dict:
     """The phenotyping oracle ceilings (kdscale/data/demo/mimic_oracle.py) per stay into
     ORACLE_CSV, and their AUROC against the recorded labels per split and view."""
-    from kdscale.data.demo.mimic_oracle import PhenotypeOracle, ceiling_aurocs, oracle_rows, write_oracle_csv
-    from kdscale.data.record import safe_key
-
     samples = [{"key": safe_key(s.subject.subject_id, s.stay_id), "conditions": s.patient.conditions,
                 "ventilated": s.patient.ventilated, "findings": s.findings if s.stay_id in paired else None}
                for s in stays]

@@ -16,15 +16,16 @@ import json
 from pathlib import Path
 
 import numpy as np
+import yaml
 
+from kdscale.data.demo.mimic_demo import ORACLE_CSV
 from kdscale.data.mimic_demo_signal import EHR_DRIVEN, IMAGE_DRIVEN, PHENOTYPES
+from kdscale.data.record import safe_key
 
 CARRIED = {"image": IMAGE_DRIVEN, "ehr": EHR_DRIVEN}
 
 
 def _recorded_labels(demo_dir: Path) -> dict:
-    from kdscale.data.record import safe_key
-
     out = {}
     root = demo_dir / "mimic4extract" / "phenotyping"
     for split in ("train", "val", "test"):
@@ -36,8 +37,6 @@ def _recorded_labels(demo_dir: Path) -> dict:
 
 
 def _oracle(demo_dir: Path) -> dict:
-    from kdscale.data.demo.mimic_demo import ORACLE_CSV
-
     out = {}
     with open(demo_dir / ORACLE_CSV, newline="") as fh:
         for row in csv.DictReader(fh):
@@ -47,6 +46,7 @@ def _oracle(demo_dir: Path) -> dict:
 
 
 def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
+    # upward import (data -> eval): h-layers moves the metrics below data
     from kdscale.eval.metrics import auroc
 
     vals = [auroc(y[:, PHENOTYPES.index(n)], p[:, PHENOTYPES.index(n)]) for n in names]
@@ -55,8 +55,7 @@ def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
 
 
 def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
-    import yaml
-
+    # upward import (data -> distill): h-layers moves the soft-label format beside the shards
     from kdscale.distill.softlabels import read_soft_index, read_soft_shard
 
     run = Path(run_dir)

@@ -2,11 +2,15 @@
 guards that run on every stream (duplicate keys, patient-level split leakage)."""
 from __future__ import annotations
 
+import codecs
 import csv
+import difflib
 import io
 import os
 from pathlib import Path
 from typing import Iterable, Iterator, Optional, Protocol, Sequence
+
+from PIL import Image, UnidentifiedImageError
 
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import Record, RecordError
@@ -116,8 +120,6 @@ def _unreadable(path: Path, what: str, exc: Exception, line_num: int) -> DataErr
 
 
 def _first_bad_utf8_line(path: Path, chunk: int = 1 << 20) -> Optional[int]:
-    import codecs
-
     decoder = codecs.getincrementaldecoder("utf-8")()
     newlines = 0
     with open(path, "rb") as fh:
@@ -133,8 +135,6 @@ def _first_bad_utf8_line(path: Path, chunk: int = 1 << 20) -> Optional[int]:
 
 
 def _closest(name: str, options: Iterable[str]) -> Optional[str]:
-    import difflib
-
     found = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     return found[0] if found else None
 
@@ -196,8 +196,6 @@ def decoded_image_size(data: bytes, where) -> tuple[int, int]:
     """(width, height) of encoded image bytes after a FULL decode, so truncated files fail here
     and not in the training loop. ``where`` (a path, a tar member) names the image in the
     RecordError raised for an undecodable, oversized or empty image."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as img:
             img.load()  # full decode: a truncated JPEG/PNG raises here

@@ -22,20 +22,20 @@ import hashlib
 import io
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal, Optional
+from typing import Iterator, Optional
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
-from kdscale.config import path_field
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import Box, Record, RecordError, safe_key
 from kdscale.data.sources.base import LeakageError, guarded, open_csv, read_image, resolve_under_root
+from kdscale.data.sources.cbis_config import CSV_KINDS, CbisConfig  # noqa: F401  (re-exported)
 
 logger = logging.getLogger(__name__)
 
-CSV_KINDS = ("mass_train", "mass_test", "calc_train", "calc_test")
 PATHOLOGIES = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")
 DENSITY_COLUMNS = ("breast_density", "breast density")   # mass files use "_", calc files a space
 COMMON_COLUMNS = ("patient_id", "left or right breast", "image view", "abnormality id",
@@ -44,37 +44,6 @@ COMMON_COLUMNS = ("patient_id", "left or right breast", "image view", "abnormali
 KIND_COLUMNS = {"mass": ("mass shape", "mass margins"), "calc": ("calc type", "calc distribution")}
 DICOM_INFO_COLUMNS = ("image_path", "SeriesDescription", "SeriesInstanceUID", "PatientID")
 FULL_IMAGE, ROI_MASK = "full mammogram images", "roi mask images"   # dicom_info SeriesDescription
-
-
-@dataclass
-class CbisConfig:
-    root: str = path_field()              # folder holding the case-description CSVs and the image tree
-    abnormality: Literal["mass", "calc", "both"] = "both"   # which case-description files to read
-    csv_files: dict[str, str] = field(default_factory=lambda: {   # relative to root; keys: CSV_KINDS
-        "mass_train": "mass_case_description_train_set.csv",
-        "mass_test": "mass_case_description_test_set.csv",
-        "calc_train": "calc_case_description_train_set.csv",
-        "calc_test": "calc_case_description_test_set.csv",
-    })
-    image_dir: str = ""                   # folder (relative to root) the CSVs' file paths start from ("" = root)
-    converted_suffixes: list[str] = field(default_factory=lambda: [".png", ".jpg", ".jpeg"])  # tried for .dcm paths
-    dicom_info_csv: str = ""              # Kaggle JPEG re-packaging: csv/dicom_info.csv (under root) maps paths to JPEGs
-    dicom_info_prefix: str = "CBIS-DDSM/"  # leading part of dicom_info's image_path to drop before joining root
-    mask_threshold: int = 127             # ROI pixels above this are lesion (Kaggle masks are lossy JPEGs, not 0/255)
-    val_fraction: float = 0.1             # validation patients drawn (deterministically) from the train CSVs
-    split_seed: int = 0
-    include_assessment: bool = False      # BI-RADS assessment nearly is the label: leakage, off by default
-    patient_overlap: Literal["skip_train", "error"] = "skip_train"  # a patient in train AND test CSVs (mass vs calc):
-    # skip_train = the patient's train images become counted skips (the official test set stays intact); error = stop
-
-    def __post_init__(self) -> None:
-        unknown = sorted(set(self.csv_files) - set(CSV_KINDS))
-        if unknown:
-            raise ValueError(f"cbis.csv_files has unknown key(s) {unknown}; valid: {list(CSV_KINDS)}")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"cbis.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if not 0 <= self.mask_threshold < 255:
-            raise ValueError(f"cbis.mask_threshold must be in [0, 255), got {self.mask_threshold}")
 
 
 @dataclass
@@ -95,8 +64,6 @@ def hash_fraction(*parts: object) -> float:
 
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """A boolean [H, W] mask as a single-channel PNG (0 / 255)."""
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
     return buf.getvalue()
@@ -104,8 +71,6 @@ def encode_mask_png(mask: np.ndarray) -> bytes:
 
 def mask_to_box(path: Path, image_size: tuple[int, int], threshold: int, label: str) -> Box:
     """Bounding box of a full-image ROI mask's lesion pixels, with the mask cropped to it."""
-    from PIL import Image, UnidentifiedImageError
-
     if not path.is_file():
         raise RecordError(f"ROI mask missing: {path}")
     try:

@@ -5,36 +5,21 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
-from kdscale.config import path_field
+from kdscale.data.demo.cbis_demo import cbis_config_for_demo, generate_cbis_demo
+from kdscale.data.demo.icu_tabular_demo import IcuDemoReader, generate_icu_tabular_demo
+from kdscale.data.demo.mimic_demo import generate_mimic_demo, mimic_config_for_demo
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import Record
+from kdscale.data.sources.cbis import CbisSource
+from kdscale.data.sources.demo_config import DemoConfig  # noqa: F401  (re-exported)
+from kdscale.data.sources.mimic import MimicSource
 
 log = logging.getLogger(__name__)
 MARKER = "kdscale_demo.json"
-
-
-@dataclass
-class DemoConfig:
-    out_dir: str = path_field("runs/demo-data", must_exist=False)  # generated once, reused while its parameters match
-    flavor: Literal["mimic", "cbis", "icu", "icu_multimodal", "icu_multiclass"] = "mimic"  # icu*: icu_tabular_demo.py
-    n: int = 400                          # MIMIC: ICU stays; CBIS: abnormalities
-    seed: int = 0
-    task: Literal["in-hospital-mortality", "phenotyping", "radiology"] = "phenotyping"  # MIMIC only
-    cohort: Literal["paired", "partial"] = "partial"                                    # MIMIC only
-    corrupt_fraction: float = 0.0         # share of files written corrupt, to exercise the quarantine path
-    label_noise: float = 0.05
-
-    def __post_init__(self) -> None:
-        if self.n < 10:
-            raise ValueError(f"data.demo.n must be at least 10, got {self.n}")
-        if not 0.0 <= self.corrupt_fraction < 1.0:
-            raise ValueError(f"data.demo.corrupt_fraction must be in [0, 1), got {self.corrupt_fraction}")
-        if not 0.0 <= self.label_noise < 0.5:
-            raise ValueError(f"data.demo.label_noise must be in [0, 0.5), got {self.label_noise}")
 
 
 def _generation_params(cfg: DemoConfig) -> dict:
@@ -63,14 +48,11 @@ def generate(out_dir: str | Path, flavor: str, n: int, seed: int, corrupt_fracti
                         file=out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     if flavor == "mimic":
-        from kdscale.data.demo.mimic_demo import generate_mimic_demo
         summary = generate_mimic_demo(out_dir, n_stays=n, seed=seed, corrupt_fraction=corrupt_fraction,
                                       label_noise=label_noise)
     elif flavor == "cbis":
-        from kdscale.data.demo.cbis_demo import generate_cbis_demo
         summary = generate_cbis_demo(out_dir, n=n, seed=seed, corrupt_fraction=corrupt_fraction)
     elif flavor in _ICU_FLAVORS:
-        from kdscale.data.demo.icu_tabular_demo import generate_icu_tabular_demo
         if corrupt_fraction:   # the label noise is the outcome's own Bernoulli draw; label_noise is unused
             raise ValueError(f"demo flavor {flavor!r} writes no corrupt files: corrupt_fraction must be 0")
         summary = generate_icu_tabular_demo(out_dir, n=n, seed=seed, **_ICU_FLAVORS[flavor])
@@ -98,14 +80,9 @@ class DemoSource:
     def _reader(self):
         root = Path(self.cfg.out_dir)
         if self.cfg.flavor == "mimic":
-            from kdscale.data.demo.mimic_demo import mimic_config_for_demo
-            from kdscale.data.sources.mimic import MimicSource
             return MimicSource(mimic_config_for_demo(root, self.cfg.task, self.cfg.cohort))
         if self.cfg.flavor in _ICU_FLAVORS:
-            from kdscale.data.demo.icu_tabular_demo import IcuDemoReader
             return IcuDemoReader(root, **_ICU_FLAVORS[self.cfg.flavor])
-        from kdscale.data.demo.cbis_demo import cbis_config_for_demo
-        from kdscale.data.sources.cbis import CbisSource
         return CbisSource(cbis_config_for_demo(root))
 
     def records(self, log: IngestLog) -> Iterator[Record]:

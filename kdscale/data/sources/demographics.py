@@ -10,33 +10,15 @@ silently becomes a subgroup.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Optional
 
 from kdscale.data.ingest import IngestLog
+from kdscale.data.sources.demographics_config import Demographics  # noqa: F401  (re-exported)
 
 ROLES = ("sex", "age", "ethnicity")
 # Used when sex_values is empty: common spellings, compared ignoring case and spaces.
 DEFAULT_SEX_VALUES = {"f": "F", "female": "F", "w": "F", "woman": "F",
                       "m": "M", "male": "M", "man": "M"}
-
-
-@dataclass
-class Demographics:
-    sex_column: str = ""                  # "" = a meta column literally named 'sex', if any
-    sex_values: dict[str, str] = field(default_factory=dict)   # raw -> canonical ({} = F/M spellings)
-    age_column: str = ""                  # "" = a meta column literally named 'age', if any
-    age_range: list[float] = field(default_factory=lambda: [0.0, 120.0])  # plausible ages in years
-    ethnicity_column: str = ""            # "" = a meta column literally named 'ethnicity', if any
-    ethnicity_values: dict[str, str] = field(default_factory=dict)  # raw -> canonical ({} = as written)
-
-    def __post_init__(self) -> None:
-        if len(self.age_range) != 2 or not self.age_range[0] < self.age_range[1]:
-            raise ValueError(f"age_range must be [low, high] with low < high, got {self.age_range}")
-        for key in ("sex_values", "ethnicity_values"):
-            bad = [v for v in getattr(self, key).values() if not str(v).strip()]
-            if bad:
-                raise ValueError(f"{key}: canonical values must be non-empty")
 
 
 def _norm(value: str) -> str:

@@ -19,11 +19,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Literal, Optional
 
-from kdscale.config import ConfigError, path_field
+from kdscale.config import ConfigError
 from kdscale.data.ehr import Discretizer, load_discretizer_config, read_timeseries_csv
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.mimic_tables import (IHM_HOURS, IHM_LABELS, PAIRING_RULE_VERSION, R_CLASSES, ImageRef,
@@ -32,37 +31,9 @@ from kdscale.data.mimic_tables import (IHM_HOURS, IHM_LABELS, PAIRING_RULE_VERSI
                                        read_listfile_header, read_listfiles, read_ms_cxr)
 from kdscale.data.record import Box, Record, RecordError, safe_key
 from kdscale.data.sources.base import OUTSIDE_ROOT, guarded, read_image, resolve_under_root
+from kdscale.data.sources.mimic_config import EHR_TASKS, MimicConfig  # noqa: F401  (re-exported)
 
-EHR_TASKS = ("in-hospital-mortality", "phenotyping")
 REPO_ROOT = Path(__file__).resolve().parents[3]
-
-
-@dataclass
-class MimicConfig:
-    cxr_root: str = path_field()          # holds mimic-cxr-2.0.0-{metadata,chexpert,split}.csv and files/
-    ehr_root: str = path_field("")        # mimic4extract data dir: root/all_stays.csv, <task>/{train,test}/, listfiles
-    reports_root: str = path_field("")    # MIMIC-CXR reports: files/pXX/p<subject>/s<study>.txt ("" = no reports)
-    resized_image_dir: str = path_field("")  # flat folder <dicom_id>.jpg (MedFuse resize.py); "" = files/ layout
-    ms_cxr_csv: str = path_field("")      # MS-CXR_Local_Alignment_v1.1.0.csv: boxes attached to matching images
-    task: Literal["in-hospital-mortality", "phenotyping", "radiology"] = "in-hospital-mortality"
-    cohort: Literal["paired", "partial"] = "partial"  # paired: stays with an image; partial: every stay
-    ihm_window_hours: float = 48.0        # MedFuse's 2023-03-02 rule; 0 = whole stay (pre-2023 pairing)
-    view_positions: list[str] = field(default_factory=lambda: ["AP"])
-    discretizer: str = path_field("configs/ehr/mimic4_17ch.yaml")
-    timestep_hours: float = 1.0
-    max_hours: float = 0.0                # cap the EHR series length (0 = no cap)
-    uncertain_label: Literal["zeros", "ones"] = "zeros"  # CheXpert -1 -> 0 (U-Zeros, MedFuse) or 1
-    include_reports: bool = True
-    val_from_train: bool = True           # True: val subjects from <task>/val_listfile.csv; False: no val split
-    # (the val listfile's stays are then merged into train, counted in the notes)
-
-    def __post_init__(self) -> None:
-        if self.task in EHR_TASKS and not self.ehr_root:
-            raise ValueError(f"task {self.task!r} needs ehr_root (the mimic4extract data folder)")
-        if not self.view_positions:
-            raise ValueError("view_positions must list at least one view (MedFuse: [AP])")
-        if self.timestep_hours <= 0 or self.ihm_window_hours < 0 or self.max_hours < 0:
-            raise ValueError("timestep_hours must be > 0; ihm_window_hours and max_hours >= 0")
 
 
 def _resolve(path: str) -> Path:

@@ -27,49 +27,22 @@ from __future__ import annotations
 import glob
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
+import braceexpand
 import numpy as np
+import webdataset as wds
 
-from kdscale.config import path_field
 from kdscale.data.ingest import DataError, IngestLog
-from kdscale.data.record import SPLITS, Record, RecordError, safe_key
+from kdscale.data.record import Record, RecordError, safe_key
 from kdscale.data.sources.base import decoded_image_size, guarded
-
-
-@dataclass
-class WebDatasetConfig:
-    root: str = path_field()                 # folder holding the corpus; shard patterns are relative to it
-    splits: dict[str, str] = field(default_factory=dict)  # split -> shard pattern ({a..b} braces, * globs)
-    label_names: list[str] = field(default_factory=list)
-    labels_from: Literal["cls", "json"] = "cls"
-    cls_ext: str = "cls"                     # member holding the class index (text)
-    json_ext: str = "json"                   # member holding per-sample metadata (a JSON object)
-    labels_key: str = "labels"               # labels_from=json: list of 0/1/null, or {label name: 0/1/null}
-    patient_key: str = ""                    # key of the JSON member with the patient id ("" = sample key)
-    image_exts: list[str] = field(default_factory=lambda: ["jpg", "jpeg", "png"])
-    report_ext: str = ""
-    tabular_ext: str = ""
-
-    def __post_init__(self) -> None:
-        if not self.splits:
-            raise ValueError("splits must map at least one of train/val/test to a shard pattern")
-        unknown = set(self.splits) - set(SPLITS)
-        if unknown:
-            raise ValueError(f"splits: unknown split(s) {sorted(unknown)}; valid: {list(SPLITS)}")
-        if not self.label_names:
-            raise ValueError("label_names must name the labels (for cls: in class-index order)")
-        if len(set(self.label_names)) != len(self.label_names):
-            raise ValueError(f"duplicate label names in {self.label_names}")
+from kdscale.data.sources.webdataset_config import WebDatasetConfig  # noqa: F401  (re-exported)
 
 
 def expand_pattern(root: Path, pattern: str) -> list[Path]:
     """Shard files of one split, sorted: WebDataset's {000..009} braces, then shell globs. Every
     file must exist and lie under ``root`` (symlinks resolved); anything else is a DataError."""
-    import braceexpand
-
     root = root.resolve()
     paths: list[Path] = []
     for part in braceexpand.braceexpand(pattern):
@@ -111,8 +84,6 @@ class WebDatasetSource:
         return guarded(self._stream(log), log, self.name)
 
     def _stream(self, log: IngestLog) -> Iterator[Record]:
-        import webdataset as wds
-
         for split, paths in self.shards.items():
             for path in paths:
                 dataset = wds.WebDataset(str(path), shardshuffle=False, empty_check=False,
