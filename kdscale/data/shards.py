@@ -32,6 +32,7 @@ import numpy as np
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import MODALITIES, Record, RecordError
 from kdscale.data.tario import TarShardWriter
+from kdscale.io.atomic import json_default, pid_tmp_path, publish_atomic, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -93,29 +94,13 @@ def shard_config_hash(cfg) -> str:
 
 def dumps_json(obj: Any) -> bytes:
     """Canonical JSON (sorted keys, no spaces) so identical content gives identical bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default).encode()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default).encode()
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
-        os.replace(tmp, path)
-    except BaseException as exc:   # disk full, read-only, interrupted: no half-written temp file stays behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:   # ENOSPC from write() names no file
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
+def write_build_json(path: Path, obj: Any) -> None:
+    """A shard build's JSON (plan, index, stats marker, summary), atomically, under the
+    ``NAME.tmp-PID`` temp name that :func:`remove_stale_temps` recognises."""
+    write_json_atomic(path, obj, tmp=pid_tmp_path(path))
 
 
 _SHARD_TEMP = re.compile(r"^shard-(\d+)\..*\.tmp-\d+$")
@@ -422,7 +407,7 @@ class ShardSink:
         info = writer.commit()
         record = {"split": split, "shard": shard_name(index), "index": index,
                   "shard_config_hash": self.config_hash, **info, **stats.to_json()}
-        write_json_atomic(stats_path(self.out / split, index), record)  # the done marker, LAST
+        write_build_json(stats_path(self.out / split, index), record)  # the done marker, LAST
         self.written.append((split, index))
 
     def abort(self) -> None:
@@ -538,7 +523,7 @@ def _run_task(cfg, source, out: Path, chash: str, workers: int, task_index: int,
         ingest.close()
         if bar is not None:
             bar.close()
-    os.replace(tmp_quarantine, out / BUILD_DIR / "source_quarantine.jsonl")
+    publish_atomic(tmp_quarantine, out / BUILD_DIR / "source_quarantine.jsonl")
     shard_index.write_plan(out, {"format": FORMAT, "shard_config_hash": chash, "shards": counts,
                                  "label_names": label_names, "ehr_feature_names": features,
                                  "source": describe, "ingest": ingest.summary()})

@@ -23,10 +23,10 @@ from pathlib import Path
 # matches it or one of its parent packages below the root; a module that no row matches is itself an error, so a
 # new package has to be placed here on purpose.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    # config loading machinery (ConfigError, path_field, hashing) and the package root
-    ("base", ("kdscale", "kdscale.compat", "kdscale.config")),
-    # shared pieces that know no stage: atomic writes, metrics, progress bars, run locks
-    ("util", ("kdscale.io", "kdscale.metrics", "kdscale.progress", "kdscale.runlock")),
+    # standard library (+ yaml) only: the package root, atomic writes, config loading machinery
+    ("base", ("kdscale", "kdscale.compat", "kdscale.io", "kdscale.config")),
+    # shared pieces that know no stage: metrics, progress bars, run locks
+    ("util", ("kdscale.metrics", "kdscale.progress", "kdscale.runlock")),
     ("data", ("kdscale.data",)),  # records, sources, shard + soft-label formats, loader
     ("models", ("kdscale.models",)),
     ("engine", ("kdscale.engine",)),  # trainer, checkpoints, rng, distributed

@@ -316,7 +316,8 @@ def resolve_resume(out: Path, resume: Optional[str]) -> Optional[str]:
 def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = None, force: bool = False) -> dict:
     from kdscale.data.loader import build_loader
     from kdscale.data.shard_index import read_index
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
+    from kdscale.data.shards import shards_out_dir
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.distill.teacher_pass import softlabels_dir
     from kdscale.distill.teachers import already_trained
     from kdscale.engine.checkpoint import load_checkpoint, save_atomic

@@ -376,7 +376,7 @@ def write_index(out: Path, data_dir: Path, indexes: dict, teachers: LoadedTeache
     """index.json from the soft shards on disk (so shards written by earlier, killed runs count)."""
     from kdscale import __version__
     from kdscale.config import config_hash
-    from kdscale.data.shards import write_json_atomic
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.data.tario import sha256_file
 
     splits, total, shards, bad = {}, 0, 0, 0

@@ -306,7 +306,8 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
 
     from kdscale.data.loader import build_loader
     from kdscale.data.shard_index import read_index
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
+    from kdscale.data.shards import shards_out_dir
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.engine.checkpoint import load_checkpoint, save_atomic
     from kdscale.engine.distributed import barrier, detect_world
     from kdscale.engine.rng import seed_everything

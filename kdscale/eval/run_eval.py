@@ -303,7 +303,8 @@ def _denormalize(image, loader_cfg) -> np.ndarray:
 
 def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dict:
     from kdscale.data.loader import build_loader
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
+    from kdscale.data.shards import shards_out_dir
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
     from kdscale.eval.analysis import evaluate, robustness, to_jsonable
     from kdscale.eval.predictions import write_predictions
@@ -389,7 +390,7 @@ def evaluate_references(cfg, split: str, base, per_shard: dict, signal: list, wa
     (evaluation.json + predictions.csv). A source that is not there is a counted skip with its
     reason (``eval/references.json``), never a silent gap."""
     from kdscale.data.ingest import DataError
-    from kdscale.data.shards import write_json_atomic
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.distill.teacher_pass import softlabels_dir
     from kdscale.eval.analysis import to_jsonable
     from kdscale.eval.predictions import write_predictions

@@ -95,7 +95,8 @@ def evaluate_shortcut(cfg, student, split: Optional[str] = None) -> dict:
     import torch
 
     from kdscale.data.loader import build_loader
-    from kdscale.data.shards import shards_out_dir, write_json_atomic
+    from kdscale.data.shards import shards_out_dir
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
     from kdscale.eval.attention import grad_cam, vit_attention_maps
     from kdscale.eval.localization import upsample

@@ -261,7 +261,7 @@ def results_dir(out, name: str) -> Path:
 
 
 def render(exp, result: dict, out: Path) -> dict:
-    from kdscale.data.shards import write_json_atomic
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.eval.analysis import to_jsonable
     from kdscale.eval.report import Paragraph, Section, _to_html, _to_markdown
 

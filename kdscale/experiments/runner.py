@@ -306,7 +306,7 @@ def commands(exp_base: str, unit: Unit) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def run_unit(exp: ExperimentConfig, unit: Unit, cfg) -> dict:
-    from kdscale.data.shards import write_json_atomic
+    from kdscale.io.atomic import write_json_atomic
     from kdscale.pipeline import run_pipeline
 
     started = time.time()
