@@ -43,7 +43,7 @@ from typing import Iterator, Literal, Optional
 from kdscale.data.ingest import DataError
 from kdscale.data.record import MODALITIES
 from kdscale.data.shard_index import read_index
-from kdscale.data.shards import MODALITY_MEMBERS
+from kdscale.data.shard_format import MODALITY_MEMBERS
 from kdscale.data.tario import iter_samples
 from kdscale.data.transforms import SampleDecoder, collate
 

@@ -23,7 +23,7 @@ from kdscale.data.ingest import DataError, kept_failure
 from kdscale.data.labels import prevalence_array
 from kdscale.data.record import SPLITS
 from kdscale.data.record import MODALITIES
-from kdscale.data.shards import BUILD_DIR, FORMAT, MODALITY_MEMBERS, shard_is_done, stats_path, write_build_json
+from kdscale.data.shard_format import BUILD_DIR, FORMAT, MODALITY_MEMBERS, shard_is_done, stats_path, write_build_json
 from kdscale.data.tario import iter_samples, iter_selected, sha256_file
 from kdscale.io.atomic import pid_tmp_path, write_text_atomic
 

@@ -29,20 +29,14 @@ from typing import Any, Literal, Optional
 
 import numpy as np
 
-from kdscale.data.ingest import DataError, IngestLog
+from kdscale.data.ingest import IngestLog
 from kdscale.data.record import MODALITIES, Record, RecordError
+from kdscale.data.shard_format import (BUILD_DIR, FORMAT, npy_bytes, shard_is_done, shard_name, stats_path,
+                                       write_build_json)
 from kdscale.data.tario import TarShardWriter
-from kdscale.io.atomic import json_default, pid_tmp_path, publish_atomic, write_json_atomic
+from kdscale.io.atomic import json_default, publish_atomic
 
 log = logging.getLogger(__name__)
-
-FORMAT = "kdscale-shards/1"
-BUILD_DIR = "_build"
-# The member extensions that carry each modality (encode_record): a sample's presence can be
-# read off its member names, without parsing its JSON (the loader's ``require`` filter does).
-MODALITY_MEMBERS = {"image": ("jpg", "png"), "ehr": ("ehr.npy",), "report": ("txt",),
-                    "tabular": ("tabular.json",)}
-
 
 @dataclass
 class ShardsConfig:
@@ -67,14 +61,6 @@ class ShardsConfig:
             raise ValueError(f"shards.jpeg_quality must be in 1..100, got {self.jpeg_quality}")
 
 
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def stats_path(split_dir: Path, index: int) -> Path:
-    return split_dir / f"shard-{index:06d}.stats.json"
-
-
 def shards_out_dir(cfg) -> Path:
     return Path(cfg.shards.out_dir or Path(cfg.run.out_dir) / "shards")
 
@@ -97,10 +83,6 @@ def dumps_json(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default).encode()
 
 
-def write_build_json(path: Path, obj: Any) -> None:
-    """A shard build's JSON (plan, index, stats marker, summary), atomically, under the
-    ``NAME.tmp-PID`` temp name that :func:`remove_stale_temps` recognises."""
-    write_json_atomic(path, obj, tmp=pid_tmp_path(path))
 
 
 _SHARD_TEMP = re.compile(r"^shard-(\d+)\..*\.tmp-\d+$")
@@ -131,12 +113,6 @@ def remove_stale_temps(out: Path, task_index: int, num_tasks: int) -> list[str]:
     if removed:
         log.info("%s: removed %d temp file(s) of an interrupted build: %s", out, len(removed), removed[:5])
     return removed
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 def payload_bytes(record: Record) -> int:
@@ -313,18 +289,6 @@ class ShardPlanner:
 
     def shard_counts(self) -> dict[str, int]:
         return {split: st[0] + 1 for split, st in sorted(self.state.items())}
-
-
-def shard_is_done(split_dir: Path, index: int, config_hash: str) -> bool:
-    marker = stats_path(split_dir, index)
-    if not marker.is_file():
-        return False
-    stats = json.loads(marker.read_text())
-    if stats.get("shard_config_hash") != config_hash:
-        raise DataError(f"{marker} was written with shard config {stats.get('shard_config_hash')}, this "
-                        f"build has {config_hash}: use a new shards.out_dir or delete the old shards")
-    tar = split_dir / shard_name(index)
-    return tar.is_file() and tar.stat().st_size == stats["bytes"]
 
 
 def presence_pattern(present: dict) -> str:

@@ -35,7 +35,7 @@ import numpy as np
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
-from kdscale.data.shards import npy_bytes
+from kdscale.data.shard_format import npy_bytes
 from kdscale.data.tario import TarShardWriter, sha256_file
 
 FORMAT = "kdscale-softlabels/1"
