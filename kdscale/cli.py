@@ -196,7 +196,7 @@ def cmd_report(args) -> int:
 
 def cmd_verify(args) -> int:
     from kdscale.data.shard_index import verify_shards
-    from kdscale.distill.softlabels import verify_softlabels
+    from kdscale.data.softlabel_format import verify_softlabels
 
     root = Path(args.dir)
     is_soft = (root / "index.json").is_file()  # soft-label sets have one index at the top

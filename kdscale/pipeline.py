@@ -58,7 +58,7 @@ def stage_teachers(cfg, run_dir: Path) -> dict:
 
 
 def stage_softlabels(cfg, run_dir: Path) -> dict:
-    from kdscale.distill.softlabels import verify_softlabels
+    from kdscale.data.softlabel_format import verify_softlabels
     from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
     from kdscale.runlock import stage_lock
 

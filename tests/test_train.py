@@ -286,7 +286,7 @@ def test_missing_soft_label_shard_stops_with_its_name(prepared, tmp_path):
 def test_stale_or_misaligned_soft_labels_stop_with_the_shard_named(prepared, tmp_path):
     from kdscale.data.ingest import DataError
     from kdscale.data.loader import SoftLabelError
-    from kdscale.distill.softlabels import read_soft_shard, write_soft_shard
+    from kdscale.data.softlabel_format import read_soft_shard, write_soft_shard
     from kdscale.distill.student_training import train_student
 
     root, cfg = prepared

@@ -517,9 +517,9 @@ class _RangeReader:
 
 
 def iter_soft_rows(path: str) -> Iterator[dict]:
-    """The rows of a packed soft-label shard (kdscale.distill.softlabels) as per-sample dicts
+    """The rows of a packed soft-label shard (kdscale.data.softlabel_format) as per-sample dicts
     ``{"__key__", "logits.npy", "seen.npy", "ensemble.npy", "ensemble_seen.npy"}`` (arrays)."""
-    from kdscale.distill.softlabels import ARRAYS, read_soft_shard
+    from kdscale.data.softlabel_format import ARRAYS, read_soft_shard
 
     shard = read_soft_shard(path)
     arrays = {f"{name}.npy": getattr(shard, name) for name in ARRAYS}

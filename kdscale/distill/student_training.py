@@ -258,7 +258,7 @@ def check_soft_labels(soft_dir: Path, data_index: dict, split: str, label_names:
     """The soft-label set in ``soft_dir`` covers ``split`` of the current data shards: every shard
     present, computed from the same data shard bytes, same labels. Errors name the shard."""
     from kdscale.data.ingest import DataError
-    from kdscale.distill.softlabels import read_soft_index
+    from kdscale.data.softlabel_format import read_soft_index
 
     index = read_soft_index(soft_dir)
     if list(index.get("label_names") or []) != list(label_names):

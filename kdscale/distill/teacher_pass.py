@@ -3,7 +3,7 @@
 Distributed over ranks (``torchrun`` locally, SLURM tasks on a cluster): the data shards of all
 splits, in a fixed order, are dealt round-robin, so rank r owns shards r, r+W, r+2W, ... --
 whole shards, deterministically. Per data shard one soft-label shard is written atomically
-(kdscale.distill.softlabels); a re-run skips shards whose soft labels are current (same data
+(kdscale.data.softlabel_format); a re-run skips shards whose soft labels are current (same data
 shard hash, same teachers), so a killed pass resumes where it stopped. Rank 0 writes
 ``index.json`` once every rank is done.
 
@@ -30,8 +30,8 @@ import torch.utils.data
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
-from kdscale.distill.softlabels import (FORMAT, SoftLabelsConfig, SoftShard, read_soft_shard,
-                                        soft_shard_is_current, teachers_fingerprint, write_soft_shard)
+from kdscale.data.softlabel_format import (FORMAT, SoftShard, read_soft_shard, soft_shard_is_current,
+                                           teachers_fingerprint, write_soft_shard)
 
 log = logging.getLogger(__name__)
 

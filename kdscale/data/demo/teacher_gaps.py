@@ -57,7 +57,7 @@ def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
 def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
     import yaml
 
-    from kdscale.distill.softlabels import read_soft_index, read_soft_shard
+    from kdscale.data.softlabel_format import read_soft_index, read_soft_shard
 
     run = Path(run_dir)
     cfg = yaml.safe_load((run / "config.yaml").read_text())   # the run's resolved config
