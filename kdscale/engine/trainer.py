@@ -472,7 +472,7 @@ class Trainer:
 def default_metrics(preds: dict, main_head: str, label_names: list) -> dict:
     """Macro AUROC/AUPRC per head on the samples each head covers; the main head's are also
     reported unprefixed (``auroc_macro``) for model selection."""
-    from kdscale.eval.metrics import label_metrics
+    from kdscale.metrics.classification import label_metrics
 
     out = {}
     for head, value in preds.items():

@@ -33,7 +33,7 @@ import math
 
 import numpy as np
 
-from kdscale.eval.metrics import _auroc_rows
+from kdscale.metrics.classification import _auroc_rows
 
 __all__ = [
     "boxes_to_mask", "scale_boxes", "transform_boxes", "binarize", "iou", "fpr_pixel", "fpr_area",

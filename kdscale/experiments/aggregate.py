@@ -5,7 +5,7 @@ Pooled paired bootstrap. For each seed s the two arms' main heads are aligned on
 both cover (inside the cohort); only samples common to every seed are kept, so that one patient
 resample applies to all seeds at once. The seeds' predictions are laid side by side as columns
 (S x C "labels" sharing each sample's targets), so the macro AUROC over the columns is the mean
-over seeds of each seed's macro AUROC, and kdscale.eval.metrics.paired_bootstrap_diff resamples
+over seeds of each seed's macro AUROC, and kdscale.metrics.classification.paired_bootstrap_diff resamples
 patients jointly over seeds: the interval describes the test-set uncertainty of the seed-averaged
 difference (the seed-to-seed spread is the sd column).
 """
@@ -73,7 +73,7 @@ def pooled_paired_bootstrap(preds_ref: list, preds_arm: list, cohort: str, n_boo
     """Paired bootstrap of the reference minus the arm (lists of (Predictions, head), one pair per
     seed, in the same seed order), pooled over seeds as the module docstring describes."""
     from kdscale.eval.analysis import _patient_groups, _selection, _targets
-    from kdscale.eval.metrics import label_metrics, paired_bootstrap_diff
+    from kdscale.metrics.classification import label_metrics, paired_bootstrap_diff
     from kdscale.eval.predictions import align
 
     per_seed = []

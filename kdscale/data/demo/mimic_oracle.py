@@ -188,7 +188,7 @@ def ceiling_aurocs(rows: list[dict], labels: dict, splits: dict, split: Optional
     """Per view and label, the AUROC of the oracle against the RECORDED labels ({key: [0/1]}),
     on the samples of ``split`` (all when None) that have the view; macro over the designed-signal
     labels of each modality and over all labels with both classes."""
-    from kdscale.eval.metrics import auroc
+    from kdscale.metrics.classification import auroc
 
     out: dict = {}
     for view in VIEWS:

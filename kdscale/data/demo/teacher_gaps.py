@@ -47,7 +47,7 @@ def _oracle(demo_dir: Path) -> dict:
 
 
 def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
-    from kdscale.eval.metrics import auroc
+    from kdscale.metrics.classification import auroc
 
     vals = [auroc(y[:, PHENOTYPES.index(n)], p[:, PHENOTYPES.index(n)]) for n in names]
     vals = [v for v in vals if np.isfinite(v)]
