@@ -32,6 +32,7 @@ from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
 from kdscale.data.softlabel_format import (FORMAT, SoftShard, read_soft_shard, soft_shard_is_current,
                                            teachers_fingerprint, write_soft_shard)
+from kdscale.data.transforms import subset_batch
 
 log = logging.getLogger(__name__)
 
@@ -164,24 +165,6 @@ def _identity(x):
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
-
-def subset_batch(batch: dict, idx) -> dict:
-    """The rows ``idx`` (a LongTensor) of every per-sample entry of a batch."""
-    import torch
-
-    rows = idx.tolist()
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value[idx.to(value.device)]
-        elif isinstance(value, dict):
-            out[key] = subset_batch(value, idx)
-        elif isinstance(value, list):
-            out[key] = [value[i] for i in rows]
-        else:
-            out[key] = value
-    return out
-
 
 def run_teachers(teachers: LoadedTeachers, batch: dict, device, precision: str = "fp32"):
     """-> (logits [B, K, C] float32 with zeros where unseen, seen [B, K] bool)."""

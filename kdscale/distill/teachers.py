@@ -263,7 +263,7 @@ def _valid_rows(loader):
     """Eval loaders pad the last slots with repeats flagged valid=False: fit on real rows only."""
     import torch
 
-    from kdscale.distill.teacher_pass import subset_batch
+    from kdscale.data.transforms import subset_batch
 
     for batch in loader:
         valid = batch["valid"]
