@@ -125,7 +125,7 @@ def _check_arch(modality: str, arch: str) -> None:
         if other != modality and arch in names:
             raise ValueError(f"arch {arch!r} is a{'n' if other[0] in 'ei' else ''} {other} architecture, but "
                              f"modality is {modality!r} ({modality} archs: {_arch_help(modality)})")
-    import kdscale.models.image  # noqa: F401  (timm after kdscale's CPU import fix)
+    import kdscale  # noqa: F401  (timm after kdscale's CPU import fix, kdscale/compat.py; not models.image: a cycle)
     import timm
 
     if arch in timm.list_models():

@@ -53,7 +53,7 @@ def _hub_repo(spec: str, library: str) -> str:
     name = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
     if "/" in name or library != "timm":
         return name
-    import kdscale.models.image  # noqa: F401  (timm after kdscale's CPU import fix)
+    import kdscale  # noqa: F401  (timm after kdscale's CPU import fix, kdscale/compat.py; not models.image: a cycle)
     from timm.models import get_pretrained_cfg
 
     try:
