@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
 from kdscale.distill.loss_config import DistillLossConfig, HeadLossConfig, MindLossConfig, MmpkdLossConfig
 from kdscale.engine.config import TrainConfig
 from kdscale.models.students import StudentConfig
@@ -331,7 +332,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     shard_dir = shards_out_dir(cfg)
     index = read_index(shard_dir, "train")
     label_names = index["label_names"]
-    n_features = int((index.get("ehr") or {}).get("num_features") or 76)
+    n_features = int((index.get("ehr") or {}).get("num_features") or MEDFUSE_EHR_FEATURES)
     soft_dir, soft_index, ensemble_names, online = None, None, [], None
     if student.needs_soft_labels and student.online_kd:
         from kdscale.distill.online_kd import load_online_teachers

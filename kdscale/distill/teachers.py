@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Optional
 
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
 from kdscale.engine.config import TrainConfig
 from kdscale.models.config import ModelConfig
 
@@ -337,7 +338,7 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
     model_cfg = teacher.model
     if teacher.init_from:   # the encoder only: load_encoder_weights takes a teacher.pt's encoder.backbone.*
         model_cfg = dataclasses.replace(teacher.model, pretrained_path=str(init_checkpoint(cfg, teacher)))
-    model = build_model(model_cfg, len(label_names), ehr_features=n_features or 76)
+    model = build_model(model_cfg, len(label_names), ehr_features=n_features or MEDFUSE_EHR_FEATURES)
     loader_cfg = _loader_config(cfg, teacher)
     if getattr(model, "needs_fit", False):
         fit_preprocessing(model, shard_dir, loader_cfg)
@@ -395,8 +396,8 @@ def load_teacher(path: str | Path):
 
 
 def _ehr_features(state_dict: dict) -> int:
-    """The EHR input width from the weights (LSTM weight_ih / transformer proj), else 76."""
+    """The EHR input width from the weights (LSTM weight_ih / transformer proj), else MedFuse's."""
     for key, value in state_dict.items():
         if key.endswith(("layers.0.weight_ih_l0", "proj.weight")) and hasattr(value, "shape"):
             return int(value.shape[1])
-    return 76
+    return MEDFUSE_EHR_FEATURES

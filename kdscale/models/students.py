@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from kdscale.config import path_field
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
 from kdscale.models.config import MODALITIES, MODALITY_ARCHS, ModelConfig, _check_arch, check_pretrained
 
 __all__ = ["KINDS", "MULTIMODAL_KINDS", "FUSIONS", "ROUTE_HEADS", "MODALITY_ORDER", "StudentConfig",
@@ -225,7 +226,7 @@ def _check_ehr(arch: str) -> None:
         raise ValueError(f"ehr_arch must be one of {MODALITY_ARCHS['ehr']}, got {arch!r}")
 
 
-def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = MEDFUSE_EHR_FEATURES):
     """The student for ``cfg`` (random init, or the configured local encoder weights)."""
     if not isinstance(cfg, StudentConfig):
         raise TypeError(f"build_student needs a StudentConfig, got {type(cfg).__name__}")

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Iterator, Literal, Optional
 
 from kdscale.config import ConfigError, path_field
-from kdscale.data.ehr import Discretizer, load_discretizer_config, read_timeseries_csv
+from kdscale.data.ehr import MEDFUSE_DISCRETIZER, Discretizer, load_discretizer_config, read_timeseries_csv
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.mimic_tables import (IHM_HOURS, IHM_LABELS, PAIRING_RULE_VERSION, R_CLASSES, ImageRef,
                                        ListEntry, Stay, check_stay_subjects, ehr_subject_splits, iter_metadata,
@@ -48,7 +48,7 @@ class MimicConfig:
     cohort: Literal["paired", "partial"] = "partial"  # paired: stays with an image; partial: every stay
     ihm_window_hours: float = 48.0        # MedFuse's 2023-03-02 rule; 0 = whole stay (pre-2023 pairing)
     view_positions: list[str] = field(default_factory=lambda: ["AP"])
-    discretizer: str = path_field("configs/ehr/mimic4_17ch.yaml")
+    discretizer: str = path_field(MEDFUSE_DISCRETIZER)
     timestep_hours: float = 1.0
     max_hours: float = 0.0                # cap the EHR series length (0 = no cap)
     uncertain_label: Literal["zeros", "ones"] = "zeros"  # CheXpert -1 -> 0 (U-Zeros, MedFuse) or 1
