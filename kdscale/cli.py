@@ -97,7 +97,7 @@ def cmd_shards(args) -> int:
     # one lock per task index: array tasks write disjoint shards of one folder
     with stage_lock(shards_out_dir(cfg), f"shards task {args.task_index}"):
         summary = build_shards(cfg, workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
-                               progress=not args.no_progress and sys.stderr.isatty())
+                               progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=1, default=str))
     if summary.get("failed"):
         print(f"kdscale shards: FAILED: {summary['failed']}", file=sys.stderr)

@@ -472,10 +472,9 @@ def _run_task(cfg, source, out: Path, chash: str, workers: int, task_index: int,
                        quarantine_path=tmp_quarantine)
     sink = ShardSink(out, chash, len(label_names), task_index, num_tasks)
     encoder = _Encoder(workers, cfg.shards, len(label_names), len(features) if features else None)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(desc=f"shards task {task_index}/{num_tasks}", unit="sample")
+    from kdscale.progress import progress_bar, show_progress
+
+    bar = progress_bar(f"shards task {task_index}/{num_tasks}", unit="sample") if show_progress(progress) else None
     try:
         counts = stream_to_shards(source, ingest, cfg.shards, sink, encoder, bar)
     except BaseException:

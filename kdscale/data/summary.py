@@ -107,7 +107,7 @@ def format_table(payload: dict) -> str:
 def inspect_source(cfg, out_dir: str | Path, progress: bool = False) -> dict:
     """Stream ``cfg.data``'s source once into ``out_dir``: data_summary.json + quarantine.jsonl.
     Shared by `kdscale inspect` and the pipeline's data stage."""
-    from tqdm import tqdm
+    from kdscale.progress import progress_bar
 
     from kdscale.data.ingest import open_quarantine
     from kdscale.data.sources import build_source
@@ -117,7 +117,7 @@ def inspect_source(cfg, out_dir: str | Path, progress: bool = False) -> dict:
     (out / "quarantine.jsonl").unlink(missing_ok=True)  # a re-run reports this run's skips only
     source = build_source(cfg.data)
     with open_quarantine(out, source.name, cfg.data.on_bad_sample) as ingest, \
-            tqdm(desc=f"reading {source.name}", unit="sample", disable=None if progress else True) as bar:
+            progress_bar(f"reading {source.name}", unit="sample", requested=progress) as bar:
         summary = summarize(source.records(ingest), source.label_names, bar)
     payload = write_summary(out / "data_summary.json", summary, ingest, source.describe(),
                             getattr(cfg.data, "min_kept_fraction", 0.0))

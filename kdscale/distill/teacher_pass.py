@@ -290,7 +290,8 @@ def teacher_pass(cfg, *, device: Optional[str] = None, progress: bool = True) ->
 
 def _run_jobs(todo, specs, teachers, dev, sl, fingerprint, out: Path, task: str, show: bool) -> dict:
     import torch.utils.data
-    from tqdm import tqdm
+
+    from kdscale.progress import progress_bar
 
     stats = {"written": 0, "samples": 0, "undecodable": 0, "forward_s": 0.0, "write_s": 0.0, "wall_s": 0.0}
     if not todo:
@@ -300,8 +301,7 @@ def _run_jobs(todo, specs, teachers, dev, sl, fingerprint, out: Path, task: str,
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(sl.num_workers, len(todo)),
                                          collate_fn=_identity, **kwargs)
     pending: dict[int, dict] = {}
-    bar = tqdm(total=sum(j.count for j in todo), unit="sample", desc="teacher pass", disable=not show,
-               dynamic_ncols=True)
+    bar = progress_bar("teacher pass", unit="sample", total=sum(j.count for j in todo), requested=show)
     stop_after = int(os.environ.get("KDSCALE_FAULT_KILL_AFTER_SHARDS", "0"))  # tests: SIGKILL mid-pass
     wall = time.perf_counter()
     for chunk in loader:

@@ -22,7 +22,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -426,11 +425,13 @@ class Trainer:
     def _bar(self, epoch: int, total: int, start: int):
         # a bar only on a terminal: in SLURM / CI logs every redraw would be a line of noise
         # (the per-epoch metrics line and metrics.jsonl carry the same figures)
-        if not (self.is_main and self.cfg.progress and sys.stderr.isatty()):
+        # (kdscale.progress); None rather than a disabled bar: the loss postfix costs a device sync
+        from kdscale.progress import progress_bar, show_progress
+
+        if not show_progress(self.cfg.progress, main=self.is_main):
             return None
-        from tqdm import tqdm
-        return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
-                    dynamic_ncols=True, leave=False)
+        return progress_bar(f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", total=total, initial=start,
+                            leave=False)
 
     # -- validation ----------------------------------------------------------------------------
     def predict(self, loader) -> dict:

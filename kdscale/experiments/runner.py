@@ -338,11 +338,10 @@ def run_experiment(exp: ExperimentConfig, arms: Optional[list[str]] = None, seed
         return {"units": len(units), "dry_run": True}
     timings = {}
     if not aggregate_only:
-        from tqdm import tqdm
+        from kdscale.progress import progress_bar
 
         out.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=len(units), desc=f"experiment {exp.name}", unit="run",
-                  disable=not (progress and sys.stderr.isatty())) as bar:
+        with progress_bar(f"experiment {exp.name}", unit="run", total=len(units), requested=progress) as bar:
             for u in units:
                 bar.set_postfix_str(u.label)
                 cfg = configs[u.run_dir]
