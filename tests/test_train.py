@@ -92,6 +92,7 @@ def prepared(tmp_path_factory):
     return root, cfg
 
 
+@pytest.mark.slow   # ~21 s alone (58 s in a loaded full run): trains every method
 def test_every_method_trains_end_to_end(prepared):
     from kdscale.distill.student_training import load_student, train_student
     from kdscale.models.registry import count_parameters
@@ -328,6 +329,7 @@ def test_students_config_errors_name_the_key(tmp_path):
         make_cfg(tmp_path, students=[{"name": "x", "method": "mind", "mind": {"task": "multiclass"}}])
 
 
+@pytest.mark.slow   # 13 s after the test above, ~35 s without it (it then trains the students)
 def test_eval_writes_predictions_metrics_robustness_and_attention_localization(prepared):
     """`kdscale eval` on the trained students: predictions, CIs, robustness for the multimodal
     ones, attention (ViT) / Grad-CAM (CNN) localization against the demo's recorded boxes."""
