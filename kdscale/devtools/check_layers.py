@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The layers, lowest first. A module may import modules of its own layer and of the layers below;
-# never one above. A module belongs to the first row whose pattern (fnmatch on the dotted name)
-# matches it or one of its parent packages below the root; a module that no row matches is itself an error, so a
-# new package has to be placed here on purpose.
+# never one above. A module belongs to the row whose pattern (fnmatch on dotted names) matches its
+# own name or else its nearest parent package ("kdscale" names the root module only). A module
+# that no row matches is itself an error, so a new package has to be placed here on purpose.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # standard library (+ yaml) only: the package root, atomic writes, config loading machinery
     ("base", ("kdscale", "kdscale.compat", "kdscale.io", "kdscale.config")),
