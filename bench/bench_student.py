@@ -49,7 +49,7 @@ def one_run(cfg, precision: str, steps: int, device: str, out: Path) -> dict:
     from kdscale.data.loader import build_loader
     from kdscale.data.shard_index import read_index
     from kdscale.data.shards import shards_out_dir
-    from kdscale.distill.softlabels import read_soft_index
+    from kdscale.data.softlabel_format import read_soft_index
     from kdscale.distill.student_training import student_loader_config, build_task
     from kdscale.distill.teacher_pass import softlabels_dir
     from kdscale.engine.config import TrainConfig

@@ -113,7 +113,7 @@ def storage_at_shard_size(soft_index: dict, n: int = 1000) -> float:
     length (the tar format pads each shard to 10 KiB records: small shards amortise it badly)."""
     import numpy as np
 
-    from kdscale.distill.softlabels import FORMAT, SoftShard, write_soft_shard
+    from kdscale.data.softlabel_format import FORMAT, SoftShard, write_soft_shard
 
     k, g, c = len(soft_index["teacher_names"]), len(soft_index["ensemble_names"]), len(soft_index["label_names"])
     keys = [f"p{10000000 + i}_s{50000000 + i}" for i in range(n)]
@@ -192,7 +192,7 @@ def main() -> int:
 
     from kdscale.data.shard_index import read_index
     from kdscale.data.shards import build_shards, shards_out_dir
-    from kdscale.distill.softlabels import read_soft_index
+    from kdscale.data.softlabel_format import read_soft_index
     from kdscale.distill.teacher_pass import load_teachers, softlabels_dir, teacher_pass
 
     work = Path(args.work or tempfile.mkdtemp(prefix="kdscale-bench-pass-"))

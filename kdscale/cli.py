@@ -102,7 +102,7 @@ def cmd_shards(args) -> int:
     # one lock per task index: array tasks write disjoint shards of one folder
     with stage_lock(shards_out_dir(cfg), f"shards task {args.task_index}"):
         summary = build_shards(cfg, workers=args.workers, task_index=args.task_index, num_tasks=args.num_tasks,
-                               progress=not args.no_progress and sys.stderr.isatty())
+                               progress=not args.no_progress)
     print(json.dumps({k: v for k, v in summary.items() if k != "ingest"}, indent=1, default=str))
     if summary.get("failed"):
         print(f"kdscale shards: FAILED: {summary['failed']}", file=sys.stderr)
@@ -206,7 +206,7 @@ def cmd_report(args) -> int:
 def cmd_verify(args) -> int:
     # per command: --help starts in 0.07 s, stages pay numpy/torch (~4 s) only when run (measured)
     from kdscale.data.shard_index import verify_shards
-    from kdscale.distill.softlabels import verify_softlabels
+    from kdscale.data.softlabel_format import verify_softlabels
 
     root = Path(args.dir)
     is_soft = (root / "index.json").is_file()  # soft-label sets have one index at the top

@@ -29,6 +29,8 @@ from typing import Any, Iterable, Literal, Union
 
 import yaml
 
+from kdscale.io.atomic import write_text_atomic
+
 CONFIGS_ROOT = Path(__file__).resolve().parent.parent / "configs"
 COMMAND_LINE = "<command line>"
 
@@ -358,11 +360,7 @@ def to_dict(cfg: Any) -> Any:
 
 def dump(cfg: Any, path: str | os.PathLike) -> None:
     """Write the resolved config (YAML) atomically."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
 def config_hash(cfg: Any) -> str:

@@ -13,8 +13,8 @@ from typing import Callable
 from kdscale.config import config_hash, dump
 from kdscale.data.shard_index import verify_shards
 from kdscale.data.shards import build_shards, shards_out_dir
+from kdscale.data.softlabel_format import verify_softlabels
 from kdscale.data.summary import format_table, inspect_source
-from kdscale.distill.softlabels import verify_softlabels
 from kdscale.distill.student_training import student_dir, students_root, train_student
 from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
 from kdscale.distill.teachers import teachers_dir, train_teacher

@@ -164,10 +164,9 @@ def write_record(run_dir: Path, submission: dict) -> Path:
     record["submissions"].append(submission)
     record.update({k: submission[k] for k in ("run_dir", "cluster", "command_line", "submit_time", "stages",
                                               "graph", "sweep")})
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(record, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    from kdscale.io.atomic import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(record, indent=2, default=str))
 
 
 def all_job_ids(record: dict) -> list[str]:

@@ -4,4 +4,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 . "$ROOT/launch/env.sh"
 cd "$ROOT"
+# Imports only point down the layers of docs/design.md (also tests/test_layers.py); < 1 s, so it
+# runs first and on every invocation, whatever subset of tests the arguments select.
+python -m kdscale.devtools.check_layers
 exec python -m pytest -q "$@"

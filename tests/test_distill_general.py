@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from kdscale.distill.loss_config import DistillLossConfig, HeadLossConfig, MindLossConfig, MmpkdLossConfig
-from kdscale.distill.losses import distill_loss, mind_loss, mmpkd_loss, utilization_gap, utilization_spread
+from kdscale.distill.losses import distill_loss, mind_loss, mmpkd_loss
+from kdscale.metrics.utilization import utilization_gap, utilization_spread
 
 
 def _rand(b=6, c=3, seed=0):

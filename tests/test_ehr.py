@@ -156,3 +156,16 @@ def test_implausible_series_end_is_a_record_error_not_a_huge_allocation(tiny):
     with pytest.raises(RecordError, match="implausible series length"):      # a capped series too
         Discretizer(tiny.config, max_hours=48).transform([], 1e15)
     assert d.transform([], MAX_SERIES_HOURS)[0].shape[0] == int(MAX_SERIES_HOURS)
+
+
+def test_medfuse_ehr_width_is_derived_from_its_discretizer_config():
+    """The named default EHR width (kdscale.data.ehr.MEDFUSE_EHR_FEATURES) is what MedFuse's
+    discretizer config produces: value columns (one-hot categoricals) + one mask per channel."""
+    from pathlib import Path
+
+    from kdscale.data.ehr import MEDFUSE_DISCRETIZER, MEDFUSE_EHR_FEATURES, Discretizer, load_discretizer_config
+
+    config = load_discretizer_config(Path(__file__).resolve().parents[1] / MEDFUSE_DISCRETIZER)
+    width = Discretizer(config).width
+    assert width == sum(c.width for c in config.channels) + len(config.channels)
+    assert MEDFUSE_EHR_FEATURES == width

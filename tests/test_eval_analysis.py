@@ -13,7 +13,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, f1_score,
 
 from kdscale.eval.analysis import (calibration, cohorts, compare, evaluate, head_metrics,
                                    parse_condition, robustness, subgroups, utilization)
-from kdscale.eval.metrics import expected_calibration_error
+from kdscale.metrics.classification import expected_calibration_error
 from kdscale.eval.predictions import (Predictions, align, read_predictions, sidecar_path,
                                       subset, write_predictions)
 

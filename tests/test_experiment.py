@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from kdscale.config import ConfigError
-from kdscale.eval.metrics import label_metrics
+from kdscale.metrics.classification import label_metrics
 from kdscale.eval.predictions import Predictions
 from kdscale.experiments.aggregate import pooled_paired_bootstrap
 from kdscale.experiments.runner import check_sharing, load_experiment, plan_units, run_experiment

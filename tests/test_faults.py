@@ -19,8 +19,8 @@ from shard_fixtures import FEATURES, LABELS, build_fixture, loader_cfg
 from kdscale.config import validate
 from kdscale.data.ingest import DataError
 from kdscale.data.loader import build_loader
-from kdscale.engine import checkpoint as ckpt_mod
 from kdscale.engine.checkpoint import CheckpointError, CheckpointManager, UnsafeCheckpointError, load_checkpoint
+from kdscale.io import atomic as atomic_mod   # every atomic write (checkpoints included) opens files here
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +160,7 @@ def test_disk_full_during_save_names_the_path_and_keeps_the_last_checkpoint(tmp_
         fh = real_open(path, mode, *args, **kwargs)
         return _FullDisk(fh, room) if "x" in mode else fh
 
-    monkeypatch.setattr(ckpt_mod, "open", full_open, raising=False)
+    monkeypatch.setattr(atomic_mod, "open", full_open, raising=False)
     with pytest.raises(OSError) as info:
         manager.save({"w": torch.zeros(4000)}, epoch=0, step=2)
     assert info.value.errno == errno.ENOSPC
@@ -324,7 +324,7 @@ def test_kdscale_train_on_a_full_disk_ends_in_one_line_and_keeps_the_last_checkp
         fh = real_open(path, mode, *args, **kwargs)
         return _FullDisk(fh, 100) if "x" in mode and "ckpt-e002" in str(path) else fh
 
-    monkeypatch.setattr(ckpt_mod, "open", disk_full_from_epoch_2, raising=False)
+    monkeypatch.setattr(atomic_mod, "open", disk_full_from_epoch_2, raising=False)
     assert cli.main(["train", "--cfg", str(tmp_path / "cfg.yaml")]) == 2
     monkeypatch.undo()
     last = capsys.readouterr().err.strip().splitlines()[-1]

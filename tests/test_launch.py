@@ -276,6 +276,7 @@ def test_failed_stage_cancels_its_dependants(slurm_cluster: SlurmCluster, tmp_pa
 
 
 @pytest.mark.slurm
+@pytest.mark.slow   # ~24 s: waits for SLURM to run and cancel the jobs
 def test_cancel_cancels_every_job_of_a_run(slurm_cluster: SlurmCluster, tmp_path):
     run = tmp_path / "cancelled"
     proc = run_submit("--cfg", TINY, "--stages", "shards,teachers,softlabels", "--time", "10", "--run-dir", run,

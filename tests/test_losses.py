@@ -12,8 +12,9 @@ import torch
 
 from kdscale.distill.losses import (
     InverseLossWeighting, MindLossConfig, MmpkdLossConfig, UncertaintyWeighting, ensemble_target,
-    kd_loss, mind_loss, mind_terms, mmpkd_loss, supervised_loss, utilization_gap,
+    kd_loss, mind_loss, mind_terms, mmpkd_loss, supervised_loss,
 )
+from kdscale.metrics.utilization import utilization_gap
 
 L2, L3 = math.log(2.0), math.log(3.0)
 NAN, INF = float("nan"), float("inf")

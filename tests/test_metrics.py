@@ -1,4 +1,4 @@
-"""kdscale.eval.metrics: agreement with scikit-learn, NaN handling, bootstrap properties, speed."""
+"""kdscale.metrics.classification: agreement with scikit-learn, NaN handling, bootstrap properties, speed."""
 from __future__ import annotations
 
 import time
@@ -8,7 +8,7 @@ import pytest
 from sklearn.metrics import (accuracy_score, average_precision_score, f1_score,
                              roc_auc_score)
 
-from kdscale.eval.metrics import (auprc, auroc, bootstrap_ci, bootstrap_label_macros,
+from kdscale.metrics.classification import (auprc, auroc, bootstrap_ci, bootstrap_label_macros,
                                   expected_calibration_error,
                                   label_metrics, multiclass_metrics, paired_bootstrap_diff,
                                   reliability_curve)
@@ -289,7 +289,7 @@ def test_issue12_case_seventeen_samples():
 
 
 def test_stratified_resamples_keep_each_stratum_size():
-    from kdscale.eval.metrics import _label_strata, _stratified_chunks
+    from kdscale.metrics.classification import _label_strata, _stratified_chunks
 
     rng = np.random.default_rng(3)
     y = (rng.random((40, 3)) < 0.2).astype(float)
@@ -314,7 +314,7 @@ def test_stratified_resamples_keep_each_stratum_size():
 
 
 def test_interval_that_misses_its_point_is_widened_and_flagged():
-    from kdscale.eval.metrics import _interval_widened
+    from kdscale.metrics.classification import _interval_widened
 
     lo, hi, widened = _interval_widened(0.3, np.linspace(0.4, 0.9, 101), 0.05, "percentile")
     assert widened and lo == 0.3 and hi == pytest.approx(0.8875)

@@ -124,8 +124,8 @@ def test_resume_mid_epoch_is_exact(shards):
 
 
 def _soft_set(shards, tmp_path, edit=lambda split, name, keys: keys):
-    """Packed soft-label shards (kdscale.distill.softlabels) whose values encode the key length."""
-    from kdscale.distill.softlabels import FORMAT, SoftShard, write_soft_shard
+    """Packed soft-label shards (kdscale.data.softlabel_format) whose values encode the key length."""
+    from kdscale.data.softlabel_format import FORMAT, SoftShard, write_soft_shard
 
     soft = tmp_path / "soft"
     for split in ("train", "val", "test"):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from kdscale.distill.losses import MindLossConfig, MmpkdLossConfig, utilization_gap
+from kdscale.distill.losses import MindLossConfig, MmpkdLossConfig
 from kdscale.distill.tasks import (EXTRA_MODULE_NAME, JointTask, KdUncertaintyWeighting, MedFuseTask, MindTask,
-                                   MmpkdTask, SupervisedImageTask, mind_metrics, utilization)
+                                   MmpkdTask, SupervisedImageTask, mind_metrics)
+from kdscale.metrics.utilization import utilization, utilization_gap
 from kdscale.models.students import StudentConfig, build_student
 
 C = 3
@@ -275,7 +276,7 @@ def test_utilization_is_option_iii_on_paired_samples():
     preds = {"labels": y, "keys": [str(i) for i in range(n)], "fusion": (fusion, paired),
              "image": (image, paired | (np.arange(n) % 2 == 0)), "ehr": (ehr, np.ones(n, bool)),
              "routed": (np.where(paired[:, None], fusion, ehr), np.ones(n, bool))}
-    from kdscale.eval.metrics import label_metrics
+    from kdscale.metrics.classification import label_metrics
     m = {h: label_metrics(y[paired], preds[h][0][paired])["auroc_macro"] for h in ("fusion", "image", "ehr")}
     out = utilization(preds)
     ref = utilization_gap(m["fusion"], m["image"], m["ehr"])

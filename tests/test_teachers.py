@@ -104,7 +104,7 @@ def test_trained_teacher_is_skipped_unless_forced(trained, capsys):
 
 
 def _soft_arrays(soft_dir: Path) -> dict:
-    from kdscale.distill.softlabels import read_soft_shard
+    from kdscale.data.softlabel_format import read_soft_shard
 
     out = {}
     for path in sorted(soft_dir.glob("*/shard-*.tar")):
@@ -117,7 +117,7 @@ def _soft_arrays(soft_dir: Path) -> dict:
 def test_pass_writes_aligned_soft_labels_and_loader_joins_them(trained):
     from kdscale.data.loader import build_loader
     from kdscale.data.shards import shards_out_dir
-    from kdscale.distill.softlabels import read_soft_index, verify_softlabels
+    from kdscale.data.softlabel_format import read_soft_index, verify_softlabels
     from kdscale.distill.teacher_pass import softlabels_dir, teacher_pass
 
     root, cfg, _ = trained
@@ -190,7 +190,7 @@ def test_killed_pass_resumes_with_only_the_rest(trained, tmp_path):
 
 
 def test_changed_teacher_checkpoint_makes_soft_labels_stale(trained, tmp_path):
-    from kdscale.distill.softlabels import verify_softlabels
+    from kdscale.data.softlabel_format import verify_softlabels
     from kdscale.distill.teacher_pass import teacher_pass
 
     root, cfg, infos = trained

@@ -93,6 +93,7 @@ def prepared(tmp_path_factory):
     return root, cfg
 
 
+@pytest.mark.slow   # ~21 s alone (58 s in a loaded full run): trains every method
 def test_every_method_trains_end_to_end(prepared):
     from kdscale.distill.student_training import load_student, train_student
     from kdscale.models.registry import count_parameters
@@ -287,7 +288,7 @@ def test_missing_soft_label_shard_stops_with_its_name(prepared, tmp_path):
 def test_stale_or_misaligned_soft_labels_stop_with_the_shard_named(prepared, tmp_path):
     from kdscale.data.ingest import DataError
     from kdscale.data.loader import SoftLabelError
-    from kdscale.distill.softlabels import read_soft_shard, write_soft_shard
+    from kdscale.data.softlabel_format import read_soft_shard, write_soft_shard
     from kdscale.distill.student_training import train_student
 
     root, cfg = prepared
@@ -329,6 +330,7 @@ def test_students_config_errors_name_the_key(tmp_path):
         make_cfg(tmp_path, students=[{"name": "x", "method": "mind", "mind": {"task": "multiclass"}}])
 
 
+@pytest.mark.slow   # 13 s after the test above, ~35 s without it (it then trains the students)
 def test_eval_writes_predictions_metrics_robustness_and_attention_localization(prepared):
     """`kdscale eval` on the trained students: predictions, CIs, robustness for the multimodal
     ones, attention (ViT) / Grad-CAM (CNN) localization against the demo's recorded boxes."""

@@ -77,7 +77,7 @@ def test_webdataset_reads_every_array_of_a_soft_label_shard(shards, tmp_path):
     """Packed soft-label shards hold one member per array; wds groups members by the name before
     the first dot, so each array arrives as its own wds sample (key = array name)."""
     from kdscale.data.shard_index import read_index
-    from kdscale.distill.softlabels import FORMAT, MEMBERS, SoftShard, read_soft_shard, write_soft_shard
+    from kdscale.data.softlabel_format import FORMAT, MEMBERS, SoftShard, read_soft_shard, write_soft_shard
 
     entry = read_index(shards, "train")["shards"][0]
     keys = list(_members_by_key(shards / "train" / entry["name"]))

@@ -28,6 +28,14 @@ from kdscale.data.ingest import DataError
 from kdscale.data.record import RecordError
 from kdscale.data.sources.base import open_csv
 
+# The EHR input width of MedFuse's discretizer (MEDFUSE_DISCRETIZER, the mimic source's default):
+# 17 channels -> 59 value columns (categoricals one-hot) + 17 mask columns = 76. It is the width
+# wherever nothing names one (model defaults, a shard index without EHR, checkpoints without an
+# EHR encoder). A constant rather than read from the YAML at import time: configs/ is not part of
+# the installed package; tests/test_ehr.py derives it from the YAML.
+MEDFUSE_DISCRETIZER = "configs/ehr/mimic4_17ch.yaml"
+MEDFUSE_EHR_FEATURES = 76
+
 # A series longer than a year is a data error (a bad period_length or Hours), not a stay: without
 # this cap one absurd value would allocate a matrix of terabytes.
 MAX_SERIES_HOURS = 24.0 * 366

@@ -48,8 +48,9 @@ from torch.multiprocessing.reductions import StorageWeakRef
 
 from kdscale.data.ingest import DataError
 from kdscale.data.loader_config import IMAGENET_MEAN, IMAGENET_STD, LoaderConfig  # noqa: F401  (re-exported)
+from kdscale.data.shard_format import MODALITY_MEMBERS
 from kdscale.data.shard_index import read_index
-from kdscale.data.shards import MODALITY_MEMBERS
+from kdscale.data.softlabel_format import ARRAYS, read_soft_shard
 from kdscale.data.tario import iter_samples
 from kdscale.data.transforms import SampleDecoder, _batch_tensor, collate
 
@@ -458,11 +459,8 @@ class _RangeReader:
 
 
 def iter_soft_rows(path: str) -> Iterator[dict]:
-    """The rows of a packed soft-label shard (kdscale.distill.softlabels) as per-sample dicts
+    """The rows of a packed soft-label shard (kdscale.data.softlabel_format) as per-sample dicts
     ``{"__key__", "logits.npy", "seen.npy", "ensemble.npy", "ensemble_seen.npy"}`` (arrays)."""
-    # upward import (data -> distill): the soft-label format moves beside the shard format in
-    # issue 14's layering (h-layers), which makes this a top-level import
-    from kdscale.distill.softlabels import ARRAYS, read_soft_shard
 
     shard = read_soft_shard(path)
     arrays = {f"{name}.npy": getattr(shard, name) for name in ARRAYS}

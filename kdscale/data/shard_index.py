@@ -25,8 +25,9 @@ from kdscale.data.ehr import Normalizer
 from kdscale.data.ingest import DataError, kept_failure
 from kdscale.data.labels import prevalence_array
 from kdscale.data.record import MODALITIES, SPLITS
-from kdscale.data.shards import BUILD_DIR, FORMAT, MODALITY_MEMBERS, shard_is_done, stats_path, write_json_atomic
+from kdscale.data.shard_format import BUILD_DIR, FORMAT, MODALITY_MEMBERS, shard_is_done, stats_path, write_build_json
 from kdscale.data.tario import iter_samples, iter_selected, sha256_file
+from kdscale.io.atomic import pid_tmp_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ def read_plan(out: Path, config_hash: str) -> Optional[dict]:
 
 
 def write_plan(out: Path, plan: dict) -> None:
-    write_json_atomic(Path(out) / BUILD_DIR / "plan.json", plan)
+    write_build_json(Path(out) / BUILD_DIR / "plan.json", plan)
 
 
 def all_shards_done(out: Path, plan: Optional[dict], config_hash: str) -> bool:
@@ -153,7 +154,7 @@ def finalize_build(out: Path, cfg, config_hash: str) -> dict:
     splits = {}
     for split, split_stats in stats.items():
         merged = _merge_split(split_stats)
-        write_json_atomic(out / split / "index.json", {**common, "split": split, **merged})
+        write_build_json(out / split / "index.json", {**common, "split": split, **merged})
         prev = prevalence_array(merged["label_positives"], merged["label_known"]) if merged["label_known"] else []
         splits[split] = {"samples": merged["num_samples"], "shards": merged["num_shards"],
                          # positives / (positives + negatives), as inspect and the report define it
@@ -177,13 +178,8 @@ def _write_quarantine_and_summary(out: Path, plan: dict, stats: dict, splits: di
                 lines.append(json.dumps({"source": "shards", "reason": "unencodable sample",
                                          "detail": skip["reason"], "key": skip["key"],
                                          "file": f"{split}/{s['shard']}"}))
-    tmp = out / f"quarantine.jsonl.tmp-{os.getpid()}"
-    try:
-        tmp.write_text("".join(line + "\n" for line in lines))
-        os.replace(tmp, out / "quarantine.jsonl")
-    except BaseException:   # disk full, interrupted: no half-written temp file stays behind
-        tmp.unlink(missing_ok=True)
-        raise
+    quarantine = out / "quarantine.jsonl"
+    write_text_atomic(quarantine, "".join(line + "\n" for line in lines), tmp=pid_tmp_path(quarantine))
     ingest = plan["ingest"]
     written = sum(s["samples"] for s in splits.values())
     quarantined = ingest["skipped"] + sum(writer_reasons.values())
@@ -198,7 +194,7 @@ def _write_quarantine_and_summary(out: Path, plan: dict, stats: dict, splits: di
                "shard_config_hash": plan["shard_config_hash"]}
     summary["line"] = (f"read {summary['read']} = written {written} + quarantined {quarantined}"
                        + ("" if summary["reconciles"] else "  (DOES NOT RECONCILE)"))
-    write_json_atomic(out / "build_summary.json", summary)
+    write_build_json(out / "build_summary.json", summary)
     return summary
 
 

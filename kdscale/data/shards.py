@@ -31,31 +31,20 @@ from typing import Any, Optional
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
 
 from kdscale.config import to_dict
+from kdscale.data import shard_index
 from kdscale.data.ingest import DataError, IngestLog
 from kdscale.data.record import MODALITIES, Record, RecordError
+from kdscale.data.shard_format import (BUILD_DIR, FORMAT, npy_bytes, shard_is_done, shard_name, stats_path,
+                                       write_build_json)
 from kdscale.data.shards_config import ShardsConfig
 from kdscale.data.sources import build_source
 from kdscale.data.tario import TarShardWriter
+from kdscale.io.atomic import json_default, publish_atomic
+from kdscale.progress import progress_bar, show_progress
 
 log = logging.getLogger(__name__)
-
-FORMAT = "kdscale-shards/1"
-BUILD_DIR = "_build"
-# The member extensions that carry each modality (encode_record): a sample's presence can be
-# read off its member names, without parsing its JSON (the loader's ``require`` filter does).
-MODALITY_MEMBERS = {"image": ("jpg", "png"), "ehr": ("ehr.npy",), "report": ("txt",),
-                    "tabular": ("tabular.json",)}
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:06d}.tar"
-
-
-def stats_path(split_dir: Path, index: int) -> Path:
-    return split_dir / f"shard-{index:06d}.stats.json"
 
 
 def shards_out_dir(cfg) -> Path:
@@ -73,29 +62,9 @@ def shard_config_hash(cfg) -> str:
 
 def dumps_json(obj: Any) -> bytes:
     """Canonical JSON (sorted keys, no spaces) so identical content gives identical bytes."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=_json_default).encode()
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), default=json_default).encode()
 
 
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, (set, tuple)):
-        return list(obj)
-    return str(obj)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=_json_default))
-        os.replace(tmp, path)
-    except BaseException as exc:   # disk full, read-only, interrupted: no half-written temp file stays behind
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename is None:   # ENOSPC from write() names no file
-            raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
-        raise
 
 
 _SHARD_TEMP = re.compile(r"^shard-(\d+)\..*\.tmp-\d+$")
@@ -126,12 +95,6 @@ def remove_stale_temps(out: Path, task_index: int, num_tasks: int) -> list[str]:
     if removed:
         log.info("%s: removed %d temp file(s) of an interrupted build: %s", out, len(removed), removed[:5])
     return removed
-
-
-def npy_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-    return buf.getvalue()
 
 
 def payload_bytes(record: Record) -> int:
@@ -303,18 +266,6 @@ class ShardPlanner:
         return {split: st[0] + 1 for split, st in sorted(self.state.items())}
 
 
-def shard_is_done(split_dir: Path, index: int, config_hash: str) -> bool:
-    marker = stats_path(split_dir, index)
-    if not marker.is_file():
-        return False
-    stats = json.loads(marker.read_text())
-    if stats.get("shard_config_hash") != config_hash:
-        raise DataError(f"{marker} was written with shard config {stats.get('shard_config_hash')}, this "
-                        f"build has {config_hash}: use a new shards.out_dir or delete the old shards")
-    tar = split_dir / shard_name(index)
-    return tar.is_file() and tar.stat().st_size == stats["bytes"]
-
-
 def presence_pattern(present: dict) -> str:
     """The modalities a sample has, as a key of per-shard ``presence_patterns``: "image+ehr"
     (MODALITIES order), "none" for a sample with none."""
@@ -395,7 +346,7 @@ class ShardSink:
         info = writer.commit()
         record = {"split": split, "shard": shard_name(index), "index": index,
                   "shard_config_hash": self.config_hash, **info, **stats.to_json()}
-        write_json_atomic(stats_path(self.out / split, index), record)  # the done marker, LAST
+        write_build_json(stats_path(self.out / split, index), record)  # the done marker, LAST
         self.written.append((split, index))
 
     def abort(self) -> None:
@@ -456,8 +407,6 @@ def build_shards(cfg, workers: int = 1, task_index: int = 0, num_tasks: int = 1,
     ``source`` replaces ``build_source(cfg.data)`` (tests, benchmarks). Returns the build
     summary; ``summary["complete"]`` says whether every shard exists and index.json was written.
     """
-    from kdscale.data import shard_index   # cycle: shard_index imports this module (issue 14 layering, h-layers)
-
     if not 0 <= task_index < num_tasks:
         raise ValueError(f"task index {task_index} is not in 0..{num_tasks - 1}")
     out = shards_out_dir(cfg)
@@ -487,17 +436,13 @@ def build_shards(cfg, workers: int = 1, task_index: int = 0, num_tasks: int = 1,
 
 def _run_task(cfg, source, out: Path, chash: str, workers: int, task_index: int, num_tasks: int,
               progress: bool) -> dict:
-    from kdscale.data import shard_index   # cycle: shard_index imports this module (issue 14 layering, h-layers)
-
     describe, label_names, features = _source_facts(source)
     tmp_quarantine = out / BUILD_DIR / f"source_quarantine.{task_index}.{os.getpid()}.tmp"
     ingest = IngestLog(getattr(source, "name", "source"), on_bad_sample=cfg.data.on_bad_sample,
                        quarantine_path=tmp_quarantine)
     sink = ShardSink(out, chash, len(label_names), task_index, num_tasks)
     encoder = _Encoder(workers, cfg.shards, len(label_names), len(features) if features else None)
-    bar = None
-    if progress:
-        bar = tqdm(desc=f"shards task {task_index}/{num_tasks}", unit="sample")
+    bar = progress_bar(f"shards task {task_index}/{num_tasks}", unit="sample") if show_progress(progress) else None
     try:
         counts = stream_to_shards(source, ingest, cfg.shards, sink, encoder, bar)
     except BaseException:
@@ -509,7 +454,7 @@ def _run_task(cfg, source, out: Path, chash: str, workers: int, task_index: int,
         ingest.close()
         if bar is not None:
             bar.close()
-    os.replace(tmp_quarantine, out / BUILD_DIR / "source_quarantine.jsonl")
+    publish_atomic(tmp_quarantine, out / BUILD_DIR / "source_quarantine.jsonl")
     shard_index.write_plan(out, {"format": FORMAT, "shard_config_hash": chash, "shards": counts,
                                  "label_names": label_names, "ehr_feature_names": features,
                                  "source": describe, "ingest": ingest.summary()})

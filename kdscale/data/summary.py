@@ -8,13 +8,13 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from tqdm import tqdm
 
 from kdscale.data.demo.mimic_oracle import format_ceilings
 from kdscale.data.ingest import IngestLog, kept_failure, open_quarantine
 from kdscale.data.labels import format_label_table, label_counts, prevalence
 from kdscale.data.record import MODALITIES, Record
 from kdscale.data.sources import build_source
+from kdscale.progress import progress_bar
 
 
 class DataSummary:
@@ -114,7 +114,7 @@ def inspect_source(cfg, out_dir: str | Path, progress: bool = False) -> dict:
     (out / "quarantine.jsonl").unlink(missing_ok=True)  # a re-run reports this run's skips only
     source = build_source(cfg.data)
     with open_quarantine(out, source.name, cfg.data.on_bad_sample) as ingest, \
-            tqdm(desc=f"reading {source.name}", unit="sample", disable=None if progress else True) as bar:
+            progress_bar(f"reading {source.name}", unit="sample", requested=progress) as bar:
         summary = summarize(source.records(ingest), source.label_names, bar)
     payload = write_summary(out / "data_summary.json", summary, ingest, source.describe(),
                             getattr(cfg.data, "min_kept_fraction", 0.0))

@@ -16,6 +16,8 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from kdscale.io.atomic import publish_atomic
+
 # Extensions a data shard may hold; "maskN.png" are per-box masks.
 DATA_EXTS = frozenset({"json", "jpg", "png", "ehr.npy", "txt", "tabular.json", "labels.npy"})
 _MASK_EXT = re.compile(r"^mask[0-9]+\.png$")
@@ -100,7 +102,7 @@ class TarShardWriter:
             self._fh.flush()
             os.fsync(self._fh.fileno())
             self._fh.close()
-            os.replace(self.tmp, self.path)
+            publish_atomic(self.tmp, self.path, synced=True)
         return {"bytes": self._hf.size, "sha256": self._hf.sha.hexdigest()}
 
     def abort(self) -> None:

@@ -353,3 +353,22 @@ def _collate_soft(samples: list[dict]) -> dict:
         else:
             out[ext[:-5]] = values
     return out
+
+
+def subset_batch(batch: dict, idx) -> dict:
+    """The rows ``idx`` (a LongTensor) of every per-sample entry of a batch (as :func:`collate`
+    makes it): the teacher pass runs a teacher on the samples that have its modality, teacher
+    training skips rows without a valid label."""
+
+    rows = idx.tolist()
+    out = {}
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value[idx.to(value.device)]
+        elif isinstance(value, dict):
+            out[key] = subset_batch(value, idx)
+        elif isinstance(value, list):
+            out[key] = [value[i] for i in rows]
+        else:
+            out[key] = value
+    return out

@@ -18,7 +18,6 @@ Teacher-side quantities (soft targets, teacher logits) are treated as constants 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -35,8 +34,8 @@ __all__ = [
     "supervised_loss", "kd_loss", "ensemble_target",
     "LossTerm", "MindLossConfig", "mind_terms", "mind_loss",
     "MmpkdLossConfig", "mmpkd_loss",
-    "DistillLossConfig", "HeadLossConfig", "distill_terms", "distill_loss", "utilization_spread",
-    "UncertaintyWeighting", "InverseLossWeighting", "utilization_gap",
+    "DistillLossConfig", "HeadLossConfig", "distill_terms", "distill_loss",
+    "UncertaintyWeighting", "InverseLossWeighting",
 ]
 
 
@@ -640,59 +639,3 @@ class InverseLossWeighting(nn.Module):
 
     def weights(self) -> dict[str, float]:
         return {n: float(v) for n, v in zip(self.names, self.current())}
-
-
-# ----------------------------------------------------------------------------------------------
-# utilization gap
-# ----------------------------------------------------------------------------------------------
-
-def utilization_gap(m_ab: float, m_a: float, m_b: float, *, baseline: float = 0.0) -> dict[str, float]:
-    """Conditional utilization rates (Wu et al., ICML 2022, form restated in method-and-data §1.6):
-
-        u(B|A) = (M(A,B) - M(A)) / M(A,B),   u(A|B) = (M(A,B) - M(B)) / M(A,B),
-        d_util = u(A|B) - u(B|A) = (M(A) - M(B)) / M(A,B)
-
-    M is any higher-is-better metric (accuracy in Wu et al.; macro AUROC in kdscale). With
-    ``baseline`` (e.g. 0.5 for AUROC) every M is replaced by M - baseline first (a chance-level
-    model then scores 0); the default 0 is the paper's form. d_util > 0 means adding A to B
-    helps more than adding B to A, i.e. M(A) > M(B): the fused model relies more on A (MIND's
-    own sign convention is [?]; flip it by swapping the arguments).
-    """
-    vals = []
-    for name, v in (("m_ab", m_ab), ("m_a", m_a), ("m_b", m_b)):
-        fv = float(v)
-        if not math.isfinite(fv):
-            raise ValueError(f"{name} must be finite, got {v!r}")
-        vals.append(fv - float(baseline))
-    ab, a, b = vals
-    if ab == 0.0:
-        raise ValueError(f"M(A,B) - baseline is 0 (m_ab={m_ab!r}, baseline={baseline!r}); the rates are undefined")
-    u_b_given_a = (ab - a) / ab
-    u_a_given_b = (ab - b) / ab
-    return {"u_b_given_a": u_b_given_a, "u_a_given_b": u_a_given_b, "d_util": u_a_given_b - u_b_given_a}
-
-
-def utilization_spread(m_all: float, m_heads: Mapping[str, float], *, baseline: float = 0.0) -> dict[str, float]:
-    """d_util for N >= 2 modalities (docs/losses.md): with M = a higher-is-better metric minus
-    ``baseline``, M_all the fused head's and M_m modality m's aux head's, on the samples that
-    have every modality:
-
-        u_m    = (M_all - M_m) / M_all     what the other modalities add to m alone
-        d_util = (max_m M_m - min_m M_m) / M_all = max_m u_m - min_m u_m   (>= 0)
-
-    For two modalities d_util is |(M(A) - M(B)) / M(A,B)|, the magnitude of
-    :func:`utilization_gap`'s d_util; 0 means the fused model draws on every modality alike."""
-    if len(m_heads) < 2:
-        raise ValueError(f"utilization needs 2+ modality heads, got {list(m_heads)}")
-    ab = float(m_all) - float(baseline)
-    vals = {}
-    for name, v in [("all", m_all), *m_heads.items()]:
-        if not math.isfinite(float(v)):
-            raise ValueError(f"metric of {name!r} must be finite, got {v!r}")
-    if ab == 0.0:
-        raise ValueError(f"M_all - baseline is 0 (m_all={m_all!r}, baseline={baseline!r}); the rates are undefined")
-    for name, v in m_heads.items():
-        vals[name] = float(v) - float(baseline)
-    out = {f"u_{m}": (ab - v) / ab for m, v in vals.items()}
-    out["d_util"] = (max(vals.values()) - min(vals.values())) / ab
-    return out

@@ -37,14 +37,15 @@ from pathlib import Path
 from typing import Optional
 
 from kdscale.config import to_dict, validate
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
 from kdscale.data.ingest import DataError
 from kdscale.data.loader import build_loader
 from kdscale.data.shard_index import read_index
-from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.data.shards import shards_out_dir
+from kdscale.data.softlabel_format import read_soft_index
 from kdscale.data.tario import sha256_file
 from kdscale.distill import tasks
 from kdscale.distill.online_kd import OnlineSoftLabels, load_online_teachers
-from kdscale.distill.softlabels import read_soft_index
 from kdscale.distill.student_training_config import (METHODS, StudentRunConfig,  # noqa: F401  (re-exported)
                                                      check_students)
 from kdscale.distill.tasks import mind_metrics, multi_metrics_for
@@ -54,6 +55,7 @@ from kdscale.engine.checkpoint import CheckpointError, CheckpointManager, load_c
 from kdscale.engine.distributed import barrier, detect_world
 from kdscale.engine.rng import seed_everything
 from kdscale.engine.trainer import Trainer, default_metrics
+from kdscale.io.atomic import write_json_atomic
 from kdscale.models.registry import count_parameters
 from kdscale.models.students import build_student, unwrap_model
 from kdscale.models.students_config import StudentConfig
@@ -177,7 +179,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     shard_dir = shards_out_dir(cfg)
     index = read_index(shard_dir, "train")
     label_names = index["label_names"]
-    n_features = int((index.get("ehr") or {}).get("num_features") or 76)
+    n_features = int((index.get("ehr") or {}).get("num_features") or MEDFUSE_EHR_FEATURES)
     soft_dir, soft_index, ensemble_names, online = None, None, [], None
     if student.needs_soft_labels and student.online_kd:
         ensemble_names = [e.name for e in cfg.teachers.resolved_ensembles() if e.name in online_ensembles(student)]

@@ -44,13 +44,13 @@ import torch
 from torch import Tensor, nn
 
 from kdscale.distill.losses import (DistillLossConfig, MindLossConfig, MmpkdLossConfig, UncertaintyWeighting, _kind,
-                                    distill_loss, mind_loss, mmpkd_loss, supervised_loss, utilization_gap,
-                                    utilization_spread)
+                                    distill_loss, mind_loss, mmpkd_loss, supervised_loss)
 from kdscale.engine.trainer import default_metrics
+from kdscale.metrics.utilization import utilization, utilization_n
 from kdscale.models.students import unwrap_model
 
 __all__ = ["EXTRA_MODULE_NAME", "LEARNABLE_OMEGA", "KdUncertaintyWeighting", "MindTask", "DistillTask", "JointTask",
-           "MedFuseTask", "MmpkdTask", "SupervisedImageTask", "utilization", "mind_metrics",
+           "MedFuseTask", "MmpkdTask", "SupervisedImageTask", "mind_metrics",
            "ensemble_index"]
 
 EXTRA_MODULE_NAME = "loss_weighting"
@@ -466,77 +466,8 @@ class SupervisedImageTask:
 
 
 # ----------------------------------------------------------------------------------------------
-# utilization gap (option iii of method-and-data.md §1.6)
+# validation metrics with d_util (option iii of method-and-data.md §1.6; kdscale.metrics.utilization)
 # ----------------------------------------------------------------------------------------------
-
-def _macro_auroc(y, p) -> float:
-    # upward import (distill -> eval): h-layers moves the metrics below distill
-    from kdscale.eval.metrics import label_metrics, multiclass_metrics
-
-    y, p = np.asarray(y), np.asarray(p, dtype=np.float64)
-    if len(y) == 0:
-        return float("nan")
-    if y.ndim == 1 and p.ndim == 2 and p.shape[1] > 1:   # multiclass class indices
-        return float(multiclass_metrics(y.astype(np.int64), p)["auroc_ovr_macro"])
-    return float(label_metrics(y.astype(np.float64), p)["auroc_macro"])
-
-
-def utilization(preds: Mapping, *, baseline: float = 0.0, prefix: str = "util/") -> dict:
-    """d_util from the engine's gathered predictions ``{head: (probs, mask)}`` + ``"labels"``,
-    option (iii) of method-and-data.md §1.6: M = macro AUROC on the PAIRED samples (covered by
-    all of the fusion, image and ehr heads), M(A,B) = fusion head, M(A) = image aux head, M(B) =
-    ehr aux head; u(B|A), u(A|B), d_util = u(A|B) - u(B|A) by ``utilization_gap`` (``baseline``
-    0.5 measures AUROC above chance). Values are NaN when a metric is undefined (no paired
-    sample, a label without both classes everywhere)."""
-    for head in ("fusion", "image", "ehr"):
-        if head not in preds:
-            raise KeyError(f"utilization needs the {head!r} head in the predictions (MindTask.predict); "
-                           f"got {sorted(preds)}")
-    labels = np.asarray(preds["labels"])
-    paired = np.asarray(preds["fusion"][1], bool) & np.asarray(preds["image"][1], bool) & \
-        np.asarray(preds["ehr"][1], bool)
-    m = {h: _macro_auroc(labels[paired], np.asarray(preds[h][0])[paired]) for h in ("fusion", "image", "ehr")}
-    out = {f"{prefix}m_ab": m["fusion"], f"{prefix}m_a": m["image"], f"{prefix}m_b": m["ehr"],
-           f"{prefix}n_paired": int(paired.sum())}
-    nan = float("nan")
-    try:
-        gap = utilization_gap(m["fusion"], m["image"], m["ehr"], baseline=baseline)
-    except ValueError:  # a non-finite metric, or M(A,B) == baseline
-        gap = {"u_b_given_a": nan, "u_a_given_b": nan, "d_util": nan}
-    out.update({f"{prefix}{k}": float(v) for k, v in gap.items()})
-    return out
-
-
-def utilization_n(preds: Mapping, modalities: Sequence[str], *, baseline: float = 0.0,
-                  prefix: str = "util/") -> dict:
-    """d_util for N >= 2 modalities (:func:`utilization_spread`) from the gathered predictions of
-    a multi student with aux heads: M = macro AUROC on the samples every head covers (all
-    modalities present), M_all = the fusion head, M_m = modality m's head. For two modalities
-    the signed two-modality gap (:func:`utilization`'s d_util, A = first, B = second modality in
-    the student's order) is added as ``d_util_signed``."""
-    heads = ["fusion", *modalities]
-    missing = [h for h in heads if h not in preds]
-    if missing:
-        raise KeyError(f"utilization needs the heads {missing} in the predictions; got {sorted(preds)}")
-    labels = np.asarray(preds["labels"])
-    covered = np.logical_and.reduce([np.asarray(preds[h][1], bool) for h in heads])
-    m = {h: _macro_auroc(labels[covered], np.asarray(preds[h][0])[covered]) for h in heads}
-    out = {f"{prefix}m_all": m["fusion"], **{f"{prefix}m_{h}": m[h] for h in modalities},
-           f"{prefix}n_all_present": int(covered.sum())}
-    nan = float("nan")
-    try:
-        spread = utilization_spread(m["fusion"], {h: m[h] for h in modalities}, baseline=baseline)
-    except ValueError:
-        spread = {**{f"u_{h}": nan for h in modalities}, "d_util": nan}
-    out.update({f"{prefix}{k}": float(v) for k, v in spread.items()})
-    if len(modalities) == 2:
-        try:
-            a, b = modalities
-            out[f"{prefix}d_util_signed"] = float(utilization_gap(m["fusion"], m[a], m[b], baseline=baseline)["d_util"])
-        except ValueError:
-            out[f"{prefix}d_util_signed"] = nan
-    return out
-
 
 def multi_metrics_for(modalities: Sequence[str]):
     """``Trainer(metric_fn=)`` for a multi student with aux heads: default metrics + d_util."""

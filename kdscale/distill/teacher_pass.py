@@ -3,7 +3,7 @@
 Distributed over ranks (``torchrun`` locally, SLURM tasks on a cluster): the data shards of all
 splits, in a fixed order, are dealt round-robin, so rank r owns shards r, r+W, r+2W, ... --
 whole shards, deterministically. Per data shard one soft-label shard is written atomically
-(kdscale.distill.softlabels); a re-run skips shards whose soft labels are current (same data
+(kdscale.data.softlabel_format); a re-run skips shards whose soft labels are current (same data
 shard hash, same teachers), so a killed pass resumes where it stopped. Rank 0 writes
 ``index.json`` once every rank is done.
 
@@ -27,22 +27,23 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 import torch.utils.data
-from tqdm import tqdm
 
 from kdscale import __version__
 from kdscale.config import config_hash
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
 from kdscale.data.shard_index import read_index
-from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.data.shards import shards_out_dir
+from kdscale.data.softlabel_format import (FORMAT, SoftShard, read_soft_shard, soft_shard_is_current,
+                                           teachers_fingerprint, write_soft_shard)
 from kdscale.data.tario import iter_samples, sha256_file
-from kdscale.data.transforms import SampleDecoder, collate
+from kdscale.data.transforms import SampleDecoder, collate, subset_batch
 from kdscale.distill.ensemble import combine, ensemble_weights
-from kdscale.distill.softlabels import (FORMAT, SoftLabelsConfig, SoftShard, read_soft_shard,
-                                        soft_shard_is_current, teachers_fingerprint, write_soft_shard)
 from kdscale.distill.teachers import load_teacher, teachers_dir
 from kdscale.engine.distributed import all_gather_objects, barrier, detect_world, init_distributed
 from kdscale.engine.trainer import to_device
+from kdscale.io.atomic import write_json_atomic
+from kdscale.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -167,22 +168,6 @@ def _identity(x):
 # Forward
 # ---------------------------------------------------------------------------------------------
 
-def subset_batch(batch: dict, idx) -> dict:
-    """The rows ``idx`` (a LongTensor) of every per-sample entry of a batch."""
-    rows = idx.tolist()
-    out = {}
-    for key, value in batch.items():
-        if isinstance(value, torch.Tensor):
-            out[key] = value[idx.to(value.device)]
-        elif isinstance(value, dict):
-            out[key] = subset_batch(value, idx)
-        elif isinstance(value, list):
-            out[key] = [value[i] for i in rows]
-        else:
-            out[key] = value
-    return out
-
-
 def run_teachers(teachers: LoadedTeachers, batch: dict, device, precision: str = "fp32"):
     """-> (logits [B, K, C] float32 with zeros where unseen, seen [B, K] bool)."""
     b, k, c = len(batch["key"]), len(teachers.models), len(teachers.label_names)
@@ -299,8 +284,7 @@ def _run_jobs(todo, specs, teachers, dev, sl, fingerprint, out: Path, task: str,
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=min(sl.num_workers, len(todo)),
                                          collate_fn=_identity, **kwargs)
     pending: dict[int, dict] = {}
-    bar = tqdm(total=sum(j.count for j in todo), unit="sample", desc="teacher pass", disable=not show,
-               dynamic_ncols=True)
+    bar = progress_bar("teacher pass", unit="sample", total=sum(j.count for j in todo), requested=show)
     stop_after = int(os.environ.get("KDSCALE_FAULT_KILL_AFTER_SHARDS", "0"))  # tests: SIGKILL mid-pass
     wall = time.perf_counter()
     for chunk in loader:

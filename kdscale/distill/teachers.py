@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 
 from kdscale.config import to_dict, validate
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
 from kdscale.data.loader import build_loader
 from kdscale.data.shard_index import read_index
-from kdscale.data.shards import build_shards, shards_out_dir, write_json_atomic
+from kdscale.data.shards import build_shards, shards_out_dir
 from kdscale.data.tario import sha256_file
+from kdscale.data.transforms import subset_batch
 from kdscale.distill import leakage
 from kdscale.distill.losses import supervised_loss
 from kdscale.distill.teachers_config import EnsembleConfig, TeacherConfig, TeachersConfig  # noqa: F401  (re-exported)
@@ -36,6 +38,7 @@ from kdscale.engine.config import TrainConfig
 from kdscale.engine.distributed import barrier, broadcast_object, detect_world, init_distributed
 from kdscale.engine.rng import seed_everything
 from kdscale.engine.trainer import Trainer
+from kdscale.io.atomic import write_json_atomic
 from kdscale.models.config import ModelConfig
 from kdscale.models.registry import build_model, count_parameters
 
@@ -178,8 +181,6 @@ def fit_preprocessing(model, shard_dir: Path, loader_cfg) -> None:
 
 def _valid_rows(loader):
     """Eval loaders pad the last slots with repeats flagged valid=False: fit on real rows only."""
-    # cycle: teacher_pass imports this module (h-layers moves subset_batch out of it)
-    from kdscale.distill.teacher_pass import subset_batch
 
     for batch in loader:
         valid = batch["valid"]
@@ -234,7 +235,7 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
     model_cfg = teacher.model
     if teacher.init_from:   # the encoder only: load_encoder_weights takes a teacher.pt's encoder.backbone.*
         model_cfg = dataclasses.replace(teacher.model, pretrained_path=str(init_checkpoint(cfg, teacher)))
-    model = build_model(model_cfg, len(label_names), ehr_features=n_features or 76)
+    model = build_model(model_cfg, len(label_names), ehr_features=n_features or MEDFUSE_EHR_FEATURES)
     loader_cfg = _loader_config(cfg, teacher)
     if getattr(model, "needs_fit", False):
         fit_preprocessing(model, shard_dir, loader_cfg)
@@ -287,8 +288,8 @@ def load_teacher(path: str | Path):
 
 
 def _ehr_features(state_dict: dict) -> int:
-    """The EHR input width from the weights (LSTM weight_ih / transformer proj), else 76."""
+    """The EHR input width from the weights (LSTM weight_ih / transformer proj), else MedFuse's."""
     for key, value in state_dict.items():
         if key.endswith(("layers.0.weight_ih_l0", "proj.weight")) and hasattr(value, "shape"):
             return int(value.shape[1])
-    return 76
+    return MEDFUSE_EHR_FEATURES

@@ -37,20 +37,19 @@ construction removes temporary files it considers stale.
 from __future__ import annotations
 
 import collections
-import errno
 import json
 import logging
 import math
 import os
 import re
-import secrets
-import shutil
 import time
 import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
+
+from kdscale.io.atomic import HIDDEN_TMP_RE, link_or_copy_atomic, write_atomic, write_json_atomic
 
 __all__ = [
     "CheckpointError",
@@ -87,114 +86,13 @@ class UnsafeCheckpointError(CheckpointError):
 
 # --------------------------------------------------------------------------- atomic writes
 
-_TMP_RE = re.compile(r"^\..+\.tmp\.\d+\.[0-9a-f]{8}$")
-
-
-def _tmp_path(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp.{os.getpid()}.{secrets.token_hex(4)}")
-
-
-def _fsync_dir(directory: Path) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms/filesystems without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some network filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
-
-
-def _os_error_behind(exc: BaseException) -> OSError | None:
-    """The OSError that caused ``exc`` (itself, or along its cause/context chain), else None.
-    torch.save reports a failed write of its zip writer as ``RuntimeError: [enforce fail at
-    inline_container.cc...] unexpected pos``, with the OSError (e.g. ENOSPC) as its context."""
-    seen = set()
-    while exc is not None and id(exc) not in seen:
-        if isinstance(exc, OSError):
-            return exc
-        seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
-    return None
-
-
-def _write_error(exc: BaseException, path: Path) -> BaseException:
-    """A failed write as an ``OSError`` naming ``path`` (the final name: the temp file is gone by
-    then), so callers and the CLI can print one line. Other exceptions are returned unchanged."""
-    if isinstance(exc, (KeyboardInterrupt, SystemExit)) or isinstance(exc, CheckpointError):
-        return exc
-    os_error = _os_error_behind(exc)
-    if os_error is not None:
-        return OSError(os_error.errno, os_error.strerror or str(os_error), str(path))
-    if isinstance(exc, RuntimeError) and "inline_container" in str(exc):  # torch's writer, no OSError seen
-        first = str(exc).strip().splitlines()[0]
-        return OSError(errno.EIO, f"torch.save failed ({first}); is the disk full?", str(path))
-    return exc
-
-
-def _write_atomic(path: PathLike, write: Callable[[Any], None]) -> Path:
-    path = Path(path)
-    tmp = _tmp_path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:   # never created, or the file system refuses even that: nothing to remove
-            pass
-        translated = _write_error(exc, path)
-        if translated is exc:
-            raise
-        raise translated from exc
-    _fsync_dir(path.parent)
-    return path
-
 
 def save_atomic(obj: Any, path: PathLike) -> Path:
     """``torch.save(obj)`` to ``path`` atomically: temp file in the same directory, flush + fsync,
-    ``os.replace``, fsync of the directory. Creates the parent directory if needed. Returns the
-    path. On any error (including KeyboardInterrupt) the temp file is removed and ``path`` is
-    untouched."""
-    return _write_atomic(path, lambda f: torch.save(obj, f))
-
-
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
-    _write_atomic(path, lambda f: f.write(text.encode("utf-8")))
-
-
-def _link_or_copy_atomic(src: Path, dst: Path) -> None:
-    """Make ``dst`` an independent name for ``src``'s current content, atomically: a hard link
-    (same inode; unlinking ``src`` later leaves ``dst`` intact, and ``save_atomic`` replaces
-    names with new inodes so ``dst`` never changes under it) or, where hard links are not
-    supported, a fsynced copy."""
-    tmp = _tmp_path(dst)
-    try:
-        try:
-            os.link(src, tmp)
-        except OSError:
-            with open(src, "rb") as fin, open(tmp, "xb") as fout:
-                shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
-                fout.flush()
-                os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException as exc:
-        try:
-            tmp.unlink()
-        except OSError:
-            pass
-        translated = _write_error(exc, dst)
-        if translated is exc:
-            raise
-        raise translated from exc
-    _fsync_dir(dst.parent)
+    ``os.replace``, fsync of the directory (:mod:`kdscale.io.atomic`). Creates the parent
+    directory if needed. Returns the path. On any error (including KeyboardInterrupt) the temp
+    file is removed and ``path`` is untouched."""
+    return write_atomic(path, lambda f: torch.save(obj, f), keep=(CheckpointError,))
 
 
 # --------------------------------------------------------------------------- loading
@@ -414,7 +312,7 @@ class CheckpointManager:
     def _remove_stale_temps(self) -> None:
         removed = []
         for p in self.dir.iterdir():
-            if _TMP_RE.match(p.name):
+            if HIDDEN_TMP_RE.match(p.name):
                 try:
                     p.unlink()
                     removed.append(p.name)
@@ -607,10 +505,10 @@ class CheckpointManager:
         meta = {"name": name, "epoch": epoch, "step": step, "metric": metric, "tag": tag, "time": now}
 
         if self._improves(metric):
-            _link_or_copy_atomic(path, self.dir / BEST_PT)
-            _write_json_atomic(self.dir / BEST_JSON, {**meta, "mode": self.mode})
+            link_or_copy_atomic(path, self.dir / BEST_PT)
+            write_json_atomic(self.dir / BEST_JSON, {**meta, "mode": self.mode})
             self._best_metric = metric
-        _write_json_atomic(self.dir / LATEST_JSON, meta)
+        write_json_atomic(self.dir / LATEST_JSON, meta)
         self._prune(protect=name)
         return path
 

@@ -30,10 +30,10 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
-from kdscale.engine.checkpoint import (CheckpointError, CheckpointNotFoundError, _write_json_atomic,
-                                       load_checkpoint, save_atomic)
+from kdscale.engine.checkpoint import CheckpointError, CheckpointNotFoundError, load_checkpoint, save_atomic
 from kdscale.engine.distributed import all_gather_objects
 from kdscale.engine.rng import capture_rng_state, restore_rng_state
+from kdscale.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +108,9 @@ class DeepSpeedCheckpoints:
         _barrier()   # every rank's partition is on disk
         if _rank() == 0:
             save_atomic(run_state, target / RUN_STATE)
-            _write_json_atomic(target / MARKER, {"tag": tag, "step": int(step), "time": time.time(),
+            write_json_atomic(target / MARKER, {"tag": tag, "step": int(step), "time": time.time(),
                                                  "world_size": len(run_state["rng"])})
-            _write_json_atomic(self.dir / LATEST, {"tag": tag})
+            write_json_atomic(self.dir / LATEST, {"tag": tag})
             self._prune()
         _barrier()
         return target

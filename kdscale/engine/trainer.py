@@ -22,7 +22,6 @@ import math
 import os
 import resource
 import signal
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +32,6 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DeepSpeedPlugin
-from tqdm import tqdm
 
 from kdscale.engine.checkpoint import CheckpointManager, step_checkpoint_name
 from kdscale.engine.config import TrainConfig, build_optimizer, build_scheduler
@@ -43,6 +41,8 @@ from kdscale.engine.logger import MetricsLogger
 from kdscale.engine.precision import accelerate_precision
 from kdscale.engine.rng import capture_rng_state, restore_rng_state
 from kdscale.engine.signals import Preempted  # noqa: F401  (re-exported: kdscale.engine.trainer.Preempted)
+from kdscale.metrics.classification import label_metrics
+from kdscale.progress import progress_bar, show_progress
 
 log = logging.getLogger(__name__)
 
@@ -430,12 +430,12 @@ class Trainer:
         return bool(self.accelerator.reduce(flag, reduction="sum").item() > 0)
 
     def _bar(self, epoch: int, total: int, start: int):
-        # a bar only on a terminal: in SLURM / CI logs every redraw would be a line of noise
-        # (the per-epoch metrics line and metrics.jsonl carry the same figures)
-        if not (self.is_main and self.cfg.progress and sys.stderr.isatty()):
+        # a bar only on a terminal (kdscale.progress): in SLURM / CI logs every redraw would be a
+        # line of noise; None rather than a disabled bar: the loss postfix costs a device sync
+        if not show_progress(self.cfg.progress, main=self.is_main):
             return None
-        return tqdm(total=total, initial=start, desc=f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch",
-                    dynamic_ncols=True, leave=False)
+        return progress_bar(f"epoch {epoch + 1}/{self.cfg.epochs}", unit="batch", total=total, initial=start,
+                            leave=False)
 
     # -- validation ----------------------------------------------------------------------------
     def predict(self, loader) -> dict:
@@ -475,8 +475,6 @@ class Trainer:
 def default_metrics(preds: dict, main_head: str, label_names: list) -> dict:
     """Macro AUROC/AUPRC per head on the samples each head covers; the main head's are also
     reported unprefixed (``auroc_macro``) for model selection."""
-    # upward import (engine -> eval): h-layers moves the metrics below engine
-    from kdscale.eval.metrics import label_metrics
 
     out = {}
     for head, value in preds.items():

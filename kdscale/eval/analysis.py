@@ -28,10 +28,10 @@ from collections.abc import Mapping
 import numpy as np
 
 from kdscale.data.labels import prevalence, prevalence_array
-from kdscale.eval.metrics import (bootstrap_ci, bootstrap_label_macros,
-                                  expected_calibration_error, label_metrics,
-                                  paired_bootstrap_diff, reliability_curve)
 from kdscale.eval.predictions import Predictions, align
+from kdscale.metrics.classification import (bootstrap_ci, bootstrap_label_macros, expected_calibration_error,
+                                            label_metrics, paired_bootstrap_diff, reliability_curve)
+from kdscale.metrics.utilization import utilization as engine_utilization
 
 __all__ = ["COHORT_DEFINITIONS", "AGE_BANDS", "cohorts", "head_metrics", "evaluate",
            "calibration", "subgroups", "subgroup_counts_line", "utilization", "compare", "robustness",
@@ -147,7 +147,7 @@ def _bootstrap(y, p, metric, groups, n_boot, seed, alpha) -> dict:
 
 def _macro_pair(y, p, groups, n_boot, seed, alpha) -> tuple[dict, dict]:
     """Bootstrap results of the macro AUROC and AUPRC (each with per-label intervals), on one
-    shared set of label-stratified resamples (kdscale.eval.metrics)."""
+    shared set of label-stratified resamples (kdscale.metrics.classification)."""
     both = bootstrap_label_macros(y, p, ("auroc_macro", "auprc_macro"), groups=groups,
                                   n_resamples=n_boot, seed=seed, alpha=alpha)
     return both["auroc_macro"], both["auprc_macro"]
@@ -227,7 +227,7 @@ def _signal_macros(names, signal_labels, y, p, groups, n_boot, seed, alpha) -> d
 def calibration(preds: Predictions, head: str, cohort=None, n_bins: int = 15) -> dict:
     """ECE per label, their macro mean and the pooled ECE, and a reliability curve pooled over
     all known (sample, label) entries of the head's covered rows (one-hot classes for
-    multiclass). Bins: ``n_bins`` equal-width bins of [0, 1] (kdscale.eval.metrics)."""
+    multiclass). Bins: ``n_bins`` equal-width bins of [0, 1] (kdscale.metrics.classification)."""
     sel = _selection(preds, head, cohort)
     if not sel.any():
         raise ValueError(f"head {head!r} covers no labelled sample for calibration")
@@ -248,7 +248,7 @@ def calibration(preds: Predictions, head: str, cohort=None, n_bins: int = 15) ->
 
 
 def _bin_means(p: np.ndarray, n_bins: int) -> np.ndarray:
-    # same binning as kdscale.eval.metrics._bin_stats (p = 1 falls in the last bin)
+    # same binning as kdscale.metrics.classification._bin_stats (p = 1 falls in the last bin)
     b = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
     counts = np.bincount(b, minlength=n_bins)
     sums = np.bincount(b, weights=p, minlength=n_bins)
@@ -365,10 +365,9 @@ UTILIZATION_HEADS = ("fusion", "image", "ehr")
 
 
 def utilization(preds: Predictions) -> dict:
-    """d_util (kdscale.distill.tasks.utilization) on the paired samples: rows with image and EHR
+    """d_util (kdscale.metrics.utilization.utilization) on the paired samples: rows with image and EHR
     present, covered by the fusion, image and ehr heads, with a known label. ``d_util`` uses the
     paper's form (baseline 0); ``d_util_above_chance`` measures AUROC above 0.5."""
-    from kdscale.distill.tasks import utilization as engine_utilization  # imports torch
 
     missing = [h for h in UTILIZATION_HEADS if h not in preds.heads]
     if missing:
@@ -440,7 +439,7 @@ def compare(preds_a: Predictions, preds_b: Predictions, head_a: str, head_b: str
     ``cohort``, a cohort name of run a's presence flags, or all). Each metric gets ``{"a", "b",
     "diff", "low", "high", "p_value", "n_resamples_used"}``: the two point values, their
     difference, its percentile CI and the two-sided bootstrap p-value of
-    kdscale.eval.metrics.paired_bootstrap_diff."""
+    kdscale.metrics.classification.paired_bootstrap_diff."""
     alpha = _check_ci(ci)
     preds_a.head(head_a)
     preds_b.head(head_b)

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from kdscale.data.transforms import letterbox_geometry
-from kdscale.eval.metrics import _auroc_rows
+from kdscale.metrics.classification import _auroc_rows
 
 __all__ = [
     "boxes_to_mask", "scale_boxes", "transform_boxes", "binarize", "iou", "fpr_pixel", "fpr_area",

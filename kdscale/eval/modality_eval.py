@@ -19,6 +19,7 @@ import numpy as np
 
 from kdscale.eval.analysis import head_metrics
 from kdscale.eval.report import Heading, Section, Table, _ci, _num
+from kdscale.metrics.utilization import utilization_n
 
 __all__ = ["class_indices", "modality_subsets", "subset_cohort_metrics", "removal_conditions",
            "utilization_from_predictions", "confusion_matrix"]
@@ -89,10 +90,8 @@ def removal_conditions(modalities: Sequence[str], random_rates: Sequence[float])
 
 
 def utilization_from_predictions(preds, modalities: Sequence[str], *, baseline: float = 0.5) -> dict:
-    """d_util over N >= 2 modalities (``kdscale.distill.tasks.utilization_n``) on ``Predictions``
+    """d_util over N >= 2 modalities (``kdscale.metrics.utilization.utilization_n``) on ``Predictions``
     (multilabel or multiclass), with AUROC above chance (baseline 0.5)."""
-    # distill.tasks imports torch: local until h-layers moves utilization below eval
-    from kdscale.distill.tasks import utilization_n
 
     gathered = {h: (np.asarray(p), np.asarray(m, bool)) for h, (p, m) in preds.heads.items()}
     labels = preds.labels[:, 0].astype(np.int64) if preds.task == "multiclass" else preds.labels
@@ -101,47 +100,3 @@ def utilization_from_predictions(preds, modalities: Sequence[str], *, baseline: 
         gathered = {h: (p, m & known) for h, (p, m) in gathered.items()}
         labels = np.where(known, labels, 0)
     return utilization_n({**gathered, "labels": labels}, list(modalities), baseline=baseline, prefix="")
-
-
-def report_section(runs):
-    """The report's "Modalities and classes" section (kdscale.eval.report): per kind-multi run,
-    its parameters by module, the metrics per modality subset, N-modality d_util, and for a
-    multiclass task the confusion matrix of the routed head."""
-    section = Section("modalities", "Modalities, parameters and classes")
-    for run in runs:
-        ev = run.evaluation
-        if not any(k in ev for k in ("modality_cohorts", "parameter_breakdown", "confusion_matrix")):
-            continue
-        section.blocks.append(Heading(run.label))
-        parts = ev.get("parameter_breakdown") or {}
-        if parts:
-            section.blocks.append(Table(["module", "parameters"], [[k, f"{v:,}"] for k, v in parts.items()],
-                                        "Parameters of the modules actually built; the parts sum to the total."))
-        multiclass = ev.get("task") == "multiclass"
-        rows = []
-        for cohort, entry in (ev.get("modality_cohorts") or {}).items():
-            if entry.get("skipped"):
-                rows.append([cohort, _num(entry.get("n")), "-", entry["skipped"], "", ""] + (["", ""] if multiclass else []))
-                continue
-            for head, m in entry.get("heads", {}).items():
-                row = [cohort, _num(entry.get("n")), head, _ci(m.get("auroc_macro")), _ci(m.get("auprc_macro")),
-                       _num(m.get("n"))]
-                if multiclass:
-                    row += [_ci(m.get("accuracy")), _ci(m.get("f1_macro"))]
-                rows.append(row)
-        if rows:
-            section.blocks.append(Table(
-                ["modalities present", "n", "head", "macro AUROC", "macro AUPRC", "n covered"]
-                + (["accuracy", "macro F1"] if multiclass else []), rows,
-                "Every combination of the student's modalities that occurs in the split (exactly these present)."))
-        util = ev.get("utilization_n")
-        if util:
-            section.blocks.append(Table(["quantity", "value"], [[k, _num(v)] for k, v in util.items()],
-                                        "d_util over N modalities, AUROC above chance (docs/losses.md)."))
-        cm = ev.get("confusion_matrix")
-        if cm:
-            classes = list(cm["classes"])
-            section.blocks.append(Table(["true \\ predicted", *classes],
-                                        [[c, *[str(v) for v in row]] for c, row in zip(classes, cm["counts"])],
-                                        f"Confusion matrix of the {cm['head']} head (argmax of the class probabilities)."))
-    return section.note_if_empty("No run over a configurable set of modalities.")

@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
-from kdscale.eval.metrics import auroc  # noqa: E402
+from kdscale.metrics.classification import auroc  # noqa: E402
 from kdscale.eval.predictions import Predictions  # noqa: E402
 
 __all__ = ["roc_curves", "reliability_diagram", "robustness_curve", "subgroup_bars",

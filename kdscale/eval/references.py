@@ -4,7 +4,7 @@ on the same samples, cohorts, metrics and bootstrap as the students (docs/eval.m
 * :func:`split_samples` reads the split's labels, patient ids, modality presence and
   demographics from the data shards (the JSON and labels members only; images are skipped).
 * :func:`teacher_predictions` turns the soft labels the teacher pass wrote (raw logits, T = 1,
-  kdscale.distill.softlabels) into probabilities: sigmoid per label (multilabel). A teacher covers
+  kdscale.data.softlabel_format) into probabilities: sigmoid per label (multilabel). A teacher covers
   the samples it saw (``seen``), an ensemble those any member saw.
 * :func:`oracle_predictions` reads ``eval.oracle_scores``: a CSV with column ``key`` and one
   column ``<view>/<label>`` per view (image, ehr, both) and label, holding Bayes-optimal
@@ -27,7 +27,7 @@ import numpy as np
 from kdscale.data.ingest import DataError
 from kdscale.data.shard_index import read_index
 from kdscale.data.tario import iter_selected
-from kdscale.distill.softlabels import read_soft_index, read_soft_shard
+from kdscale.data.softlabel_format import read_soft_index, read_soft_shard
 from kdscale.eval.analysis import COHORT_DEFINITIONS, _selection, cohorts, head_metrics, to_jsonable
 from kdscale.eval.predictions import MODALITIES, Predictions
 
@@ -139,7 +139,7 @@ def teacher_predictions(soft_dir, split: str, base: Predictions, per_shard: dict
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    # the teacher pass stores raw logits at T = 1 (softlabels.py); the teacher's probability
+    # the teacher pass stores raw logits at T = 1 (data/softlabel_format.py); the teacher's probability
     # is their sigmoid, as in its own validation (kdscale.distill.teachers.UnimodalTask)
     return (1.0 / (1.0 + np.exp(-z.astype(np.float64)))).astype(np.float32)
 

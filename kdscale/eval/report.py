@@ -650,9 +650,48 @@ def _sections(eval_dir: Path, out_dir: Path) -> list[Section]:
 
 
 def _modalities_section(runs) -> Section:
-    # kind multi / multiclass (issue 15); local: a cycle, modality_eval builds its section from this module
-    from kdscale.eval.modality_eval import report_section
-    return report_section(runs)
+    """The report's "Modalities and classes" section (kind multi / multiclass, computed by
+    kdscale.eval.modality_eval): per kind-multi run, its parameters by module, the metrics per
+    modality subset, N-modality d_util, and for a multiclass task the confusion matrix of the
+    routed head."""
+    section = Section("modalities", "Modalities, parameters and classes")
+    for run in runs:
+        ev = run.evaluation
+        if not any(k in ev for k in ("modality_cohorts", "parameter_breakdown", "confusion_matrix")):
+            continue
+        section.blocks.append(Heading(run.label))
+        parts = ev.get("parameter_breakdown") or {}
+        if parts:
+            section.blocks.append(Table(["module", "parameters"], [[k, f"{v:,}"] for k, v in parts.items()],
+                                        "Parameters of the modules actually built; the parts sum to the total."))
+        multiclass = ev.get("task") == "multiclass"
+        rows = []
+        for cohort, entry in (ev.get("modality_cohorts") or {}).items():
+            if entry.get("skipped"):
+                rows.append([cohort, _num(entry.get("n")), "-", entry["skipped"], "", ""] + (["", ""] if multiclass else []))
+                continue
+            for head, m in entry.get("heads", {}).items():
+                row = [cohort, _num(entry.get("n")), head, _ci(m.get("auroc_macro")), _ci(m.get("auprc_macro")),
+                       _num(m.get("n"))]
+                if multiclass:
+                    row += [_ci(m.get("accuracy")), _ci(m.get("f1_macro"))]
+                rows.append(row)
+        if rows:
+            section.blocks.append(Table(
+                ["modalities present", "n", "head", "macro AUROC", "macro AUPRC", "n covered"]
+                + (["accuracy", "macro F1"] if multiclass else []), rows,
+                "Every combination of the student's modalities that occurs in the split (exactly these present)."))
+        util = ev.get("utilization_n")
+        if util:
+            section.blocks.append(Table(["quantity", "value"], [[k, _num(v)] for k, v in util.items()],
+                                        "d_util over N modalities, AUROC above chance (docs/losses.md)."))
+        cm = ev.get("confusion_matrix")
+        if cm:
+            classes = list(cm["classes"])
+            section.blocks.append(Table(["true \\ predicted", *classes],
+                                        [[c, *[str(v) for v in row]] for c, row in zip(classes, cm["counts"])],
+                                        f"Confusion matrix of the {cm['head']} head (argmax of the class probabilities)."))
+    return section.note_if_empty("No run over a configurable set of modalities.")
 
 
 def render_report(eval_dir, out_dir, title: str = "kdscale evaluation report") -> dict:

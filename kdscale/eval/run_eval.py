@@ -30,7 +30,7 @@ from PIL import Image
 
 from kdscale.data.ingest import DataError
 from kdscale.data.loader import build_loader
-from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.data.shards import shards_out_dir
 from kdscale.data.tario import iter_members
 from kdscale.data.transforms import letterbox_geometry
 from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
@@ -47,6 +47,7 @@ from kdscale.eval.predictions import Predictions, demographics, write_prediction
 from kdscale.eval.references import (check_signal_labels, oracle_predictions, reference_evaluation, split_samples,
                                      teacher_predictions)
 from kdscale.eval.report import report_run  # noqa: F401  (re-exported: pipeline, cli)
+from kdscale.io.atomic import write_json_atomic
 
 log = logging.getLogger(__name__)
 

@@ -26,11 +26,12 @@ import torch
 
 from kdscale.data.loader import build_loader
 from kdscale.data.mimic_demo_images import HEIGHT, WIDTH
-from kdscale.data.shards import shards_out_dir, write_json_atomic
+from kdscale.data.shards import shards_out_dir
 from kdscale.distill.student_training import build_task, load_student, student_dir, student_loader_config
 from kdscale.eval.attention import grad_cam, vit_attention_maps
 from kdscale.eval.localization import boxes_to_mask, transform_boxes, upsample
 from kdscale.eval.run_eval import _ImageLogits, _denormalize
+from kdscale.io.atomic import write_json_atomic
 
 # draw_film: _marker(img, "P", WIDTH - 20, 8, 255.0), a 10 x 14 block letter: (x, y, w, h) in
 # film pixels. tests/test_shortcut.py draws films with and without it and checks the difference

@@ -5,7 +5,7 @@ Pooled paired bootstrap. For each seed s the two arms' main heads are aligned on
 both cover (inside the cohort); only samples common to every seed are kept, so that one patient
 resample applies to all seeds at once. The seeds' predictions are laid side by side as columns
 (S x C "labels" sharing each sample's targets), so the macro AUROC over the columns is the mean
-over seeds of each seed's macro AUROC, and kdscale.eval.metrics.paired_bootstrap_diff resamples
+over seeds of each seed's macro AUROC, and kdscale.metrics.classification.paired_bootstrap_diff resamples
 patients jointly over seeds: the interval describes the test-set uncertainty of the seed-averaged
 difference (the seed-to-seed spread is the sd column).
 """
@@ -18,11 +18,11 @@ from typing import Optional
 
 import numpy as np
 
-from kdscale.data.shards import write_json_atomic
 from kdscale.eval.analysis import _patient_groups, _selection, _targets, to_jsonable
-from kdscale.eval.metrics import label_metrics, paired_bootstrap_diff
 from kdscale.eval.predictions import align, read_predictions
 from kdscale.eval.report import Figure, Paragraph, Section, Table, _to_html, _to_markdown
+from kdscale.io.atomic import write_json_atomic
+from kdscale.metrics.classification import label_metrics, paired_bootstrap_diff
 
 COHORTS = ("all", "paired")
 LOCALIZATION_KEYS = ("iou", "fpr_pixel", "fpr_area", "pointing_game", "detection_auroc")

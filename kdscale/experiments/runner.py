@@ -36,13 +36,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import yaml
-from tqdm import tqdm
 
 from kdscale import config
 from kdscale.config import ConfigError, apply_overrides, config_hash, load_tree, to_dict
-from kdscale.data.shards import write_json_atomic
+from kdscale.io.atomic import write_json_atomic
 from kdscale.experiments.aggregate import aggregate, render
 from kdscale.experiments.runner_config import ArmConfig, ExperimentConfig, SweepConfig  # noqa: F401  (re-exported)
+from kdscale.progress import progress_bar
 from kdscale.schema import Config
 
 
@@ -225,8 +225,7 @@ def run_experiment(exp: ExperimentConfig, arms: Optional[list[str]] = None, seed
     timings = {}
     if not aggregate_only:
         out.mkdir(parents=True, exist_ok=True)
-        with tqdm(total=len(units), desc=f"experiment {exp.name}", unit="run",
-                  disable=not (progress and sys.stderr.isatty())) as bar:
+        with progress_bar(f"experiment {exp.name}", unit="run", total=len(units), requested=progress) as bar:
             for u in units:
                 bar.set_postfix_str(u.label)
                 cfg = configs[u.run_dir]

@@ -125,8 +125,8 @@ def _check_arch(modality: str, arch: str) -> None:
         if other != modality and arch in names:
             raise ValueError(f"arch {arch!r} is a{'n' if other[0] in 'ei' else ''} {other} architecture, but "
                              f"modality is {modality!r} ({modality} archs: {_arch_help(modality)})")
-    # a config module: torch/timm (seconds) only to check an arch name outside the lists above
-    import kdscale.models.image  # noqa: F401  (timm after kdscale's CPU import fix)
+    # a config module: timm (seconds) only to check an arch name outside the lists above (timm
+    # imports after the CPU import fix that kdscale/__init__ installs, kdscale/compat.py)
     import timm
 
     if arch in timm.list_models():

@@ -10,9 +10,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
+
 
 class StackedLSTM(nn.Module):
-    """MedFuse's EHR encoder: single-layer LSTMs stacked (76 -> 256 -> 256 by default) on packed
+    """MedFuse's EHR encoder: single-layer LSTMs stacked (``MEDFUSE_EHR_FEATURES`` -> 256 -> 256 by default) on packed
     sequences; the top layer's last hidden state -> dropout.
 
     Differences from MedFuse, on purpose: the hidden state is indexed, not ``squeeze()``d, so a
@@ -20,7 +22,7 @@ class StackedLSTM(nn.Module):
     the only place it has an effect on single-layer LSTMs (pitfall 13).
     """
 
-    def __init__(self, input_dim: int = 76, hidden_dim: int = 256, layers: int = 2, dropout: float = 0.3):
+    def __init__(self, input_dim: int = MEDFUSE_EHR_FEATURES, hidden_dim: int = 256, layers: int = 2, dropout: float = 0.3):
         super().__init__()
         dims = [input_dim] + [hidden_dim] * layers
         self.layers = nn.ModuleList(nn.LSTM(dims[i], dims[i + 1], batch_first=True) for i in range(layers))
@@ -51,7 +53,7 @@ class StackedLSTM(nn.Module):
 class EHRTransformer(nn.Module):
     """A small transformer encoder over time steps with a padding mask and masked mean pooling."""
 
-    def __init__(self, input_dim: int = 76, d_model: int = 128, heads: int = 4, layers: int = 2,
+    def __init__(self, input_dim: int = MEDFUSE_EHR_FEATURES, d_model: int = 128, heads: int = 4, layers: int = 2,
                  dropout: float = 0.1, max_len: int = 4096):
         super().__init__()
         self.proj = nn.Linear(input_dim, d_model)
@@ -86,7 +88,7 @@ EHR_ENCODERS = {
 }
 
 
-def build_ehr_encoder(name: str, input_dim: int = 76) -> tuple[nn.Module, int]:
+def build_ehr_encoder(name: str, input_dim: int = MEDFUSE_EHR_FEATURES) -> tuple[nn.Module, int]:
     if name not in EHR_ENCODERS:
         raise ValueError(f"unknown EHR encoder {name!r}; choose one of {sorted(EHR_ENCODERS)}")
     model = EHR_ENCODERS[name](input_dim)

@@ -18,6 +18,7 @@ from the local Hugging Face cache (kdscale.models.weights, docs/pretrained.md).
 """
 from __future__ import annotations
 
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
 from kdscale.models.config import MODALITY_ARCHS, ModelConfig
 from kdscale.models.ehr import build_ehr_encoder
 from kdscale.models.image import build_image_encoder
@@ -29,7 +30,7 @@ from kdscale.models.unimodal import (EHREncoder, ImageEncoder, UnimodalModel, co
 __all__ = ["ModelConfig", "build_model", "UnimodalModel", "count_parameters", "describe", "MODALITY_ARCHS"]
 
 
-def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = 76) -> UnimodalModel:
+def build_model(cfg: ModelConfig, num_outputs: int, *, ehr_features: int = MEDFUSE_EHR_FEATURES) -> UnimodalModel:
     """A :class:`UnimodalModel` for ``cfg``: encoder (random or ``pretrained_path``) + new head."""
     if not isinstance(cfg, ModelConfig):
         raise TypeError(f"build_model needs a ModelConfig, got {type(cfg).__name__}")

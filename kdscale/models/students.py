@@ -40,6 +40,7 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
+from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
 from kdscale.models.config import ModelConfig
 from kdscale.models.ehr import build_ehr_encoder
 from kdscale.models.fusion import build_fusion
@@ -60,7 +61,7 @@ ROUTE_HEADS = ("fusion", "image", "ehr")
 _BATCH_KEYS = ("present", "labels", "key", "valid", "ehr_len", "soft", "meta")
 
 
-def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+def build_student(cfg: StudentConfig, num_outputs: int, ehr_features: int = MEDFUSE_EHR_FEATURES):
     """The student for ``cfg`` (random init, or the configured local encoder weights)."""
     if not isinstance(cfg, StudentConfig):
         raise TypeError(f"build_student needs a StudentConfig, got {type(cfg).__name__}")
@@ -136,7 +137,7 @@ class MultimodalStudent(nn.Module):
     Undefined entries are NaN (see :meth:`head_masks`).
     """
 
-    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = MEDFUSE_EHR_FEATURES):
         super().__init__()
         if cfg.kind not in MULTIMODAL_KINDS:
             raise ValueError(f"MultimodalStudent is for kinds {MULTIMODAL_KINDS}, got {cfg.kind!r}")
@@ -290,7 +291,7 @@ class UnimodalStudent(nn.Module):
     logits}``. It runs on every row of the batch; load with ``loader.require`` set to the
     modality (as the teachers do) or let the task's mask drop absent rows."""
 
-    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = MEDFUSE_EHR_FEATURES):
         super().__init__()
         self.cfg = cfg
         modality = "image" if cfg.kind == "vit" else cfg.modality
@@ -350,7 +351,7 @@ class ModularStudent(nn.Module):
     (ehr, image) with lstm + resnet10 this is MIND's phi and v_B, and the model has exactly
     the MIND student's parameters."""
 
-    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = 76):
+    def __init__(self, cfg: StudentConfig, num_outputs: int, ehr_features: int = MEDFUSE_EHR_FEATURES):
         super().__init__()
         if cfg.kind != "multi":
             raise ValueError(f"ModularStudent is for kind 'multi', got {cfg.kind!r}")

@@ -54,8 +54,8 @@ def _hub_repo(spec: str, library: str) -> str:
     name = spec[len(HUB_PREFIX):] if spec.startswith(HUB_PREFIX) else spec
     if "/" in name or library != "timm":
         return name
-    import kdscale.models.image  # noqa: F401  (timm after kdscale's CPU import fix)
-    # timm (+ torchvision): ~5 s import (measured), only for image weights
+    # timm (+ torchvision): ~5 s import (measured), only for image weights (after the CPU import
+    # fix that kdscale/__init__ installs, kdscale/compat.py)
     from timm.models import get_pretrained_cfg
 
     try:

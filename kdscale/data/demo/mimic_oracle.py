@@ -42,6 +42,7 @@ from typing import Iterable, Optional
 import numpy as np
 
 from kdscale.data.mimic_demo_signal import BASE_RATES, CONDITIONS, EHR_DRIVEN, IMAGE_DRIVEN, PHENOTYPES, Finding
+from kdscale.metrics.classification import auroc
 
 VIEWS = ("image", "ehr", "both")
 EHR_VISIBLE = ("sepsis", "shock", "resp_failure", "dm_comp", "dm", "htn", "dysrhythmia", "stroke")
@@ -134,7 +135,6 @@ def _enumeration() -> tuple[dict, dict]:
 
 class PhenotypeOracle:
     """P(recorded label = 1 | signature) per view, from the exact enumeration (module doc)."""
-
     def __init__(self, label_noise: float):
         if not 0.0 <= label_noise < 0.5:
             raise ValueError(f"label_noise must be in [0, 0.5), got {label_noise}")
@@ -188,9 +188,6 @@ def ceiling_aurocs(rows: list[dict], labels: dict, splits: dict, split: Optional
     """Per view and label, the AUROC of the oracle against the RECORDED labels ({key: [0/1]}),
     on the samples of ``split`` (all when None) that have the view; macro over the designed-signal
     labels of each modality and over all labels with both classes."""
-    # upward import (data -> eval): h-layers moves the metrics below data
-    from kdscale.eval.metrics import auroc
-
     out: dict = {}
     for view in VIEWS:
         chosen = [r for r in rows if r[f"{view}/{PHENOTYPES[0]}"] is not None

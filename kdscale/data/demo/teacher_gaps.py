@@ -21,6 +21,8 @@ import yaml
 from kdscale.data.demo.mimic_demo import ORACLE_CSV
 from kdscale.data.mimic_demo_signal import EHR_DRIVEN, IMAGE_DRIVEN, PHENOTYPES
 from kdscale.data.record import safe_key
+from kdscale.data.softlabel_format import read_soft_index, read_soft_shard
+from kdscale.metrics.classification import auroc
 
 CARRIED = {"image": IMAGE_DRIVEN, "ehr": EHR_DRIVEN}
 
@@ -46,8 +48,6 @@ def _oracle(demo_dir: Path) -> dict:
 
 
 def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
-    # upward import (data -> eval): h-layers moves the metrics below data
-    from kdscale.eval.metrics import auroc
 
     vals = [auroc(y[:, PHENOTYPES.index(n)], p[:, PHENOTYPES.index(n)]) for n in names]
     vals = [v for v in vals if np.isfinite(v)]
@@ -55,9 +55,6 @@ def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
 
 
 def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
-    # upward import (data -> distill): h-layers moves the soft-label format beside the shards
-    from kdscale.distill.softlabels import read_soft_index, read_soft_shard
-
     run = Path(run_dir)
     cfg = yaml.safe_load((run / "config.yaml").read_text())   # the run's resolved config
     demo_dir = Path(cfg["data"]["demo"]["out_dir"])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from kdscale.config import path_field
+from kdscale.data.ehr import MEDFUSE_DISCRETIZER
 
 
 EHR_TASKS = ("in-hospital-mortality", "phenotyping")
@@ -22,7 +23,7 @@ class MimicConfig:
     cohort: Literal["paired", "partial"] = "partial"  # paired: stays with an image; partial: every stay
     ihm_window_hours: float = 48.0        # MedFuse's 2023-03-02 rule; 0 = whole stay (pre-2023 pairing)
     view_positions: list[str] = field(default_factory=lambda: ["AP"])
-    discretizer: str = path_field("configs/ehr/mimic4_17ch.yaml")
+    discretizer: str = path_field(MEDFUSE_DISCRETIZER)
     timestep_hours: float = 1.0
     max_hours: float = 0.0                # cap the EHR series length (0 = no cap)
     uncertain_label: Literal["zeros", "ones"] = "zeros"  # CheXpert -1 -> 0 (U-Zeros, MedFuse) or 1

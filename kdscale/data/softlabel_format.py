@@ -1,4 +1,8 @@
-"""Soft-label shards: the teacher pass's output, aligned 1:1 with the data shards.
+"""The soft-label shard format: the teacher pass's output, aligned 1:1 with the data shards.
+
+It sits in the data layer beside the shard format (``shard_format``) because the loader joins
+soft labels to samples while reading; the teacher pass (``kdscale.distill.teacher_pass``)
+writes through it and ``kdscale.distill.softlabels_config`` holds the section's config.
 
 For every data shard ``<data>/<split>/shard-NNNNNN.tar`` there is one soft-label shard
 ``<soft>/<split>/shard-NNNNNN.tar`` holding, for the same keys in the same order, packed arrays
@@ -34,10 +38,9 @@ import numpy as np
 
 from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
+from kdscale.data.shard_format import npy_bytes
 from kdscale.data.shard_index import read_index
-from kdscale.data.shards import npy_bytes
 from kdscale.data.tario import TarShardWriter, iter_members, sha256_file
-from kdscale.distill.softlabels_config import SoftLabelsConfig  # noqa: F401  (re-exported)
 
 FORMAT = "kdscale-softlabels/1"
 ARRAYS = ("logits", "seen", "ensemble", "ensemble_seen")
@@ -153,6 +156,7 @@ def verify_softlabels(soft_dir: str | os.PathLike, data_dir: Optional[str | os.P
     the soft index's data hashes equal the data index's (else: data changed since -> stale); the
     teacher checkpoints on disk still have the recorded hashes (else: teachers changed -> stale);
     each soft shard's sha256 equals the index's."""
+
     soft_dir = Path(soft_dir)
     try:
         index = read_soft_index(soft_dir)

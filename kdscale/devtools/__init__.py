@@ -1,0 +1,1 @@
+"""Developer tools that run in CI: the import-layer checker (``check_layers``)."""

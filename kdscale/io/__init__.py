@@ -1,0 +1,1 @@
+"""Input/output pieces that know no stage: atomic, durable file writes (``atomic``)."""
