@@ -6,7 +6,13 @@ carries by design, on one split (validation by default: the split designs are ch
 
 Reads the soft labels the teacher pass wrote (``<softlabels>/<split>/*.tar``: every teacher's
 logits per sample), the recorded labels from the demo tree's listfiles and the oracle CSV the
-generator wrote (kdscale/data/demo/mimic_oracle.py). Both are matched on the sample key.
+generator wrote (kdscale/data/demo/mimic_oracle.py). Both are matched on the sample key. A
+missing input (the run's config.yaml, the soft-label index or shards, a listfile, the oracle CSV)
+or a sample key absent from them is an error naming the file.
+
+The report teacher (MMPKD's privileged teacher) is measured on the image-drawn labels against the
+image ceiling: the generator writes the films' findings into the reports, so the report carries
+what the film shows (no separate report oracle is computed).
 """
 from __future__ import annotations
 
@@ -19,19 +25,27 @@ import numpy as np
 import yaml
 
 from kdscale.data.demo.mimic_demo import ORACLE_CSV
+from kdscale.data.ingest import DataError
 from kdscale.data.mimic_demo_signal import EHR_DRIVEN, IMAGE_DRIVEN, PHENOTYPES
 from kdscale.data.record import safe_key
 from kdscale.data.softlabel_format import read_soft_index, read_soft_shard
 from kdscale.metrics.classification import auroc
 
-CARRIED = {"image": IMAGE_DRIVEN, "ehr": EHR_DRIVEN}
+CARRIED = {"image": IMAGE_DRIVEN, "ehr": EHR_DRIVEN, "report": IMAGE_DRIVEN}
+CEILING_VIEW = {"image": "image", "ehr": "ehr", "report": "image"}   # the oracle column per modality
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise DataError(f"teacher_gaps needs {what}, which is missing", file=path)
+    return path
 
 
 def _recorded_labels(demo_dir: Path) -> dict:
     out = {}
     root = demo_dir / "mimic4extract" / "phenotyping"
     for split in ("train", "val", "test"):
-        with open(root / f"{split}_listfile.csv", newline="") as fh:
+        with open(_need(root / f"{split}_listfile.csv", "the demo's phenotyping listfile"), newline="") as fh:
             for row in csv.DictReader(fh):
                 subject = row["stay"].split("_")[0]
                 out[safe_key(subject, row["stay_id"])] = np.array([float(row[n]) for n in PHENOTYPES])
@@ -40,7 +54,8 @@ def _recorded_labels(demo_dir: Path) -> dict:
 
 def _oracle(demo_dir: Path) -> dict:
     out = {}
-    with open(demo_dir / ORACLE_CSV, newline="") as fh:
+    with open(_need(demo_dir / ORACLE_CSV, "the generator's oracle CSV (written by the demo's data stage)"),
+              newline="") as fh:
         for row in csv.DictReader(fh):
             out[row["key"]] = {v: np.array([float(row[f"{v}/{n}"]) if row[f"{v}/{n}"] else np.nan
                                             for n in PHENOTYPES]) for v in ("image", "ehr", "both")}
@@ -56,13 +71,18 @@ def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
 
 def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
     run = Path(run_dir)
-    cfg = yaml.safe_load((run / "config.yaml").read_text())   # the run's resolved config
+    cfg = yaml.safe_load(_need(run / "config.yaml", "the run's resolved config (is it a pipeline run directory?)")
+                         .read_text())
     demo_dir = Path(cfg["data"]["demo"]["out_dir"])
     soft_dir = Path(cfg.get("softlabels", {}).get("out_dir") or run / "softlabels")
     index = read_soft_index(soft_dir)
     teachers, ensembles = list(index["teacher_names"]), list(index["ensemble_names"])
     keys, logits, seen, ens, ens_seen = [], [], [], [], []
-    for path in sorted((soft_dir / split).glob("shard-*.tar")):
+    paths = sorted((soft_dir / split).glob("shard-*.tar"))
+    if not paths:
+        raise DataError(f"no soft-label shards for split {split!r} (the teacher pass did not write it)",
+                        file=soft_dir / split)
+    for path in paths:
         shard = read_soft_shard(path)
         keys += shard.keys
         logits.append(shard.logits.astype(np.float32))
@@ -71,6 +91,12 @@ def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
         ens_seen.append(shard.ensemble_seen)
     logits, seen, ens, ens_seen = (np.concatenate(a) for a in (logits, seen, ens, ens_seen))
     labels, oracle = _recorded_labels(demo_dir), _oracle(demo_dir)
+    for source, table in (("the phenotyping listfiles", labels), ("the oracle CSV", oracle)):
+        absent = [k for k in keys if k not in table]
+        if absent:
+            where = demo_dir / ("mimic4extract/phenotyping" if table is labels else "kdscale-oracle")
+            raise DataError(f"{len(absent)} soft-label key(s) not in {source}, e.g. {absent[0]!r} "
+                            f"(soft labels of another demo tree?)", file=where)
     y = np.stack([labels[k] for k in keys])
     modality_of = {t["name"]: t["modality"] for t in index.get("teachers", [])}
     rows = []
@@ -80,7 +106,7 @@ def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
         if modality not in CARRIED:
             continue
         rows_k = np.nonzero(has)[0]
-        ceiling = np.stack([oracle[keys[i]][modality] for i in rows_k])
+        ceiling = np.stack([oracle[keys[i]][CEILING_VIEW[modality]] for i in rows_k])
         value = _macro(y[rows_k], z[rows_k], CARRIED[modality])
         top = _macro(y[rows_k], ceiling, CARRIED[modality])
         rows.append({"teacher": name, "modality": modality, "split": split, "n": int(len(rows_k)),
@@ -97,7 +123,11 @@ def main(argv=None) -> int:
     parser.add_argument("--split", default="val", choices=["train", "val", "test"])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
-    rows = teacher_gaps(args.run_dir, args.split)
+
+    try:
+        rows = teacher_gaps(args.run_dir, args.split)
+    except DataError as exc:
+        parser.exit(2, f"teacher_gaps: error: {exc}\n")
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
