@@ -48,7 +48,8 @@ from kdscale.distill import tasks
 from kdscale.distill.online_kd import OnlineSoftLabels, load_online_teachers
 from kdscale.distill.student_training_config import (METHODS, StudentRunConfig,  # noqa: F401  (re-exported)
                                                      check_students)
-from kdscale.distill.tasks import mind_metrics, multi_metrics_for
+from kdscale.distill.tasks import (SIGNAL_PREFIX, metric_fn_for_labels, mind_metrics,  # noqa: F401  (re-exported)
+                                   multi_metrics_for, signal_label_metrics)
 from kdscale.distill.teacher_pass import softlabels_dir
 from kdscale.distill.teachers import already_trained, fit_preprocessing, select_named
 from kdscale.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_atomic
@@ -110,11 +111,37 @@ def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
     return tasks.SupervisedImageTask(task, head=head)
 
 
-def metric_fn_for(student: StudentRunConfig):
+def metric_fn_for(student: StudentRunConfig, signal_labels=()):
+    """The validation metrics of ``student``; with ``signal_labels`` also ``signal/auroc_macro`` and
+    ``signal/auprc_macro``: the main head's macros over those labels only (on the demo, the labels
+    with designed signal; a macro over all labels is dominated by labels that carry none)."""
     if student.model.kind == "multi":
         mods = student.model.modalities
-        return multi_metrics_for(mods) if len(mods) > 1 and student.model.aux_heads else default_metrics
-    return mind_metrics if student.model.kind == "mind" and student.model.aux_heads else default_metrics
+        base = multi_metrics_for(mods) if len(mods) > 1 and student.model.aux_heads else default_metrics
+    else:
+        base = mind_metrics if student.model.kind == "mind" and student.model.aux_heads else default_metrics
+    if not signal_labels:
+        return base
+    chosen = list(signal_labels)
+
+    def with_signal(preds, main_head: str, label_names) -> dict:
+        out = base(preds, main_head, label_names)
+        out.update(signal_label_metrics(preds, main_head, list(label_names), chosen))
+        return out
+    return with_signal
+
+
+def check_select_metric(cfg, student: StudentRunConfig, label_names: list) -> None:
+    """A ``signal/`` select_metric needs eval.signal_labels, all of them labels of the task."""
+    if not student.train.select_metric.startswith(SIGNAL_PREFIX):
+        return
+    if not cfg.eval.signal_labels:
+        raise ValueError(f"students {student.name!r}: train.select_metric {student.train.select_metric!r} "
+                         f"needs eval.signal_labels (the labels its macro is over); none are set")
+    missing = [n for n in cfg.eval.signal_labels if n not in label_names]
+    if missing:
+        raise ValueError(f"students {student.name!r}: eval.signal_labels names labels the shards do not have: "
+                         f"{missing}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,6 +175,8 @@ def student_fingerprint(cfg, student: StudentRunConfig, data_index: dict, soft_i
     payload = {"student": to_dict(student), "loader": to_dict(cfg.loader), "seed": cfg.run.seed,
                "shards": [s["sha256"] for s in data_index["shards"]],
                "soft": soft_index.get("fingerprint") if soft_index else None}
+    if student.train.select_metric.startswith(SIGNAL_PREFIX):   # the labels it selects on
+        payload["signal_labels"] = list(cfg.eval.signal_labels)
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -189,6 +218,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
         soft_dir = softlabels_dir(cfg)
         soft_index = check_soft_labels(soft_dir, index, "train", label_names)
         ensemble_names = list(soft_index["ensemble_names"])
+    check_select_metric(cfg, student, label_names)
     out = student_dir(cfg, student)
     fingerprint = student_fingerprint(cfg, student, index, soft_index)
     done = out / "student.json"
@@ -228,7 +258,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
                     "name": student.name, "label_names": label_names, "task": cfg.teachers.task,
                     "ehr_features": n_features, "ensemble_names": ensemble_names, "main_head": task.main_head}
     trainer = Trainer(student.train, out, model, task, train_loader, val_loader, label_names=label_names,
-                      config_hash=fingerprint, metric_fn=metric_fn_for(student),
+                      config_hash=fingerprint, metric_fn=metric_fn_for(student, cfg.eval.signal_labels),
                       extra_state={"student_meta": student_meta})
     result = trainer.fit(resume=resume)
     info = {}

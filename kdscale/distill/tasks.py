@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from kdscale.distill.losses import (DistillLossConfig, MindLossConfig, MmpkdLossConfig, UncertaintyWeighting, _kind,
                                     distill_loss, mind_loss, mmpkd_loss, supervised_loss)
 from kdscale.engine.trainer import default_metrics
+from kdscale.metrics.classification import label_metrics
 from kdscale.metrics.utilization import utilization, utilization_n
 from kdscale.models.students import unwrap_model
 
@@ -483,3 +484,37 @@ def mind_metrics(preds: Mapping, main_head: str, label_names: Sequence[str]) -> 
     out = default_metrics(preds, main_head, list(label_names))
     out.update(utilization(preds))
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# select_metric "signal/...": the main head's macros over eval.signal_labels (students and teachers)
+# ---------------------------------------------------------------------------------------------
+
+SIGNAL_PREFIX = "signal/"   # select_metric "signal/auroc_macro": the main head's macro over eval.signal_labels
+
+
+def metric_fn_for_labels(signal_labels):
+    """The engine's default metrics plus the ``signal/`` macros over ``signal_labels`` (teachers)."""
+    chosen = list(signal_labels)
+
+    def with_signal(preds, main_head: str, label_names) -> dict:
+        out = default_metrics(preds, main_head, list(label_names))
+        out.update(signal_label_metrics(preds, main_head, list(label_names), chosen))
+        return out
+    return with_signal
+
+
+def signal_label_metrics(preds, main_head: str, label_names: list, signal_labels: list) -> dict:
+    """``signal/auroc_macro`` / ``signal/auprc_macro`` of the main head over ``signal_labels``."""
+    missing = [n for n in signal_labels if n not in label_names]
+    if missing:
+        raise ValueError(f"eval.signal_labels names labels this task does not have: {missing}")
+    if main_head not in preds:
+        return {}
+    probs, mask = preds[main_head]
+    if mask.sum() == 0:
+        return {}
+    cols = [label_names.index(n) for n in signal_labels]
+    m = label_metrics(preds["labels"][mask][:, cols], probs[mask][:, cols], signal_labels)
+    return {f"{SIGNAL_PREFIX}auroc_macro": float(m["auroc_macro"]),
+            f"{SIGNAL_PREFIX}auprc_macro": float(m["auprc_macro"])}

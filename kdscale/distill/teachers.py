@@ -32,6 +32,7 @@ from kdscale.data.tario import sha256_file
 from kdscale.data.transforms import subset_batch
 from kdscale.distill import leakage
 from kdscale.distill.losses import supervised_loss
+from kdscale.distill.tasks import SIGNAL_PREFIX, metric_fn_for_labels
 from kdscale.distill.teachers_config import EnsembleConfig, TeacherConfig, TeachersConfig  # noqa: F401  (re-exported)
 from kdscale.engine.checkpoint import load_checkpoint, save_atomic
 from kdscale.engine.config import TrainConfig
@@ -88,7 +89,11 @@ def already_trained(info_path: Path, weights_path: Path, fingerprint: str, what:
 def teacher_train_config(cfg, teacher: TeacherConfig) -> TrainConfig:
     train = cfg.teachers.train
     optimizer = train.optimizer if teacher.lr is None else dataclasses.replace(train.optimizer, lr=teacher.lr)
-    return dataclasses.replace(train, epochs=teacher.epochs or train.epochs, optimizer=optimizer)
+    select = train.select_metric
+    if select.startswith("signal/") and teacher.data == "radiology":
+        select = "auroc_macro"   # eval.signal_labels are the task's labels, not the radiology task's
+    return dataclasses.replace(train, epochs=teacher.epochs or train.epochs, optimizer=optimizer,
+                               select_metric=select)
 
 
 def teacher_fingerprint(cfg, teacher: TeacherConfig, data_index: dict) -> str:
@@ -97,6 +102,8 @@ def teacher_fingerprint(cfg, teacher: TeacherConfig, data_index: dict) -> str:
     payload = {"teacher": to_dict(teacher), "train": to_dict(teacher_train_config(cfg, teacher)),
                "loader": to_dict(cfg.loader), "data_config_hash": data_index.get("config_hash"),
                "shards": [s["sha256"] for s in data_index["shards"]]}
+    if payload["train"]["select_metric"].startswith("signal/"):   # the labels it selects on
+        payload["signal_labels"] = list(cfg.eval.signal_labels)
     if teacher.init_from:
         payload["init_from_sha256"] = sha256_file(init_checkpoint(cfg, teacher))
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
@@ -248,16 +255,22 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
               f"{teacher.model.modality} ({teacher.data}: {len(label_names)} labels)"
               + (f", encoder from {teacher.init_from}" if teacher.init_from else ""))
     task = UnimodalTask(teacher.model.modality, cfg.teachers.task)
-    trainer = Trainer(teacher_train_config(cfg, teacher), out, model, task, train_loader, val_loader,
-                      label_names=label_names, config_hash=fingerprint)
+    train_cfg = teacher_train_config(cfg, teacher)
+    signal = []
+    if train_cfg.select_metric.startswith(SIGNAL_PREFIX):   # as students: the macro over eval.signal_labels
+        signal = list(cfg.eval.signal_labels)
+        if not signal:
+            raise ValueError(f"teachers.train.select_metric {train_cfg.select_metric!r} needs eval.signal_labels")
+    trainer = Trainer(train_cfg, out, model, task, train_loader, val_loader, label_names=label_names,
+                      config_hash=fingerprint, **({"metric_fn": metric_fn_for_labels(signal)} if signal else {}))
     result = trainer.fit(resume=resume)
     info = {}
     if trainer.is_main:
         best = load_checkpoint(result.best_checkpoint)
         save_atomic({"model": best["model"], "model_config": dataclasses.asdict(teacher.model),
                      "label_names": label_names, "name": teacher.name}, out / "teacher.pt")
-        best_record = max((r for r in result.history if r.get("auroc_macro") is not None),
-                          key=lambda r: r["auroc_macro"], default={})
+        best_record = max((r for r in result.history if r.get(train_cfg.select_metric) is not None),
+                          key=lambda r: r[train_cfg.select_metric], default={})
         info = {"name": teacher.name, "modality": teacher.model.modality, "arch": teacher.model.arch,
                 "data": teacher.data, "init_from": teacher.init_from,
                 "parameters": n_params, "label_names": label_names, "fingerprint": fingerprint,
