@@ -63,6 +63,20 @@ def test_wordpiece_tokenizer_on_radiology_sentences():
     assert "No" in cased.encode("No effusion").tokens
 
 
+def test_the_learned_vocabulary_is_the_same_on_every_run():
+    """tokenizers' WordPieceTrainer gives another vocabulary on most runs over the same texts
+    (huggingface/tokenizers#1794); a report teacher must be reproducible from its seed."""
+    texts = REPORTS * 3 + [f"{a} {b} {a}{b}" for a in ("pleural", "basal", "mild") for b in ("effusion", "opacity")]
+    vocabs = [train_wordpiece_tokenizer(texts, vocab_size=120).get_vocab() for _ in range(5)]
+    assert all(v == vocabs[0] for v in vocabs)
+    first = train_wordpiece_tokenizer(texts, vocab_size=120)
+    # the order is the documented one: specials, characters (start, then ##), words by count
+    tokens = sorted(first.get_vocab(), key=first.token_to_id)
+    chars = [t for t in tokens[len(SPECIAL_TOKENS):] if len(t) == 1]
+    assert tokens[len(SPECIAL_TOKENS):len(SPECIAL_TOKENS) + len(chars)] == sorted(chars)
+    assert tokens[len(SPECIAL_TOKENS) + len(chars):len(SPECIAL_TOKENS) + 2 * len(chars)] == [f"##{c}" for c in chars]
+
+
 def test_fit_forward_backward_and_embedding_size():
     model = _fitted()
     assert model.needs_fit is False and model.encoder.source == "trained"

@@ -41,29 +41,39 @@ _STATE_VERSION = 1
 
 def train_wordpiece_tokenizer(texts: Iterable, vocab_size: int = 4000, lowercase: bool = True,
                               min_frequency: int = 2, min_patients: int = 1):
-    """Train a BERT-style WordPiece ``tokenizers.Tokenizer`` on ``texts`` (streamed).
+    """A BERT-style WordPiece ``tokenizers.Tokenizer`` whose vocabulary is learned from ``texts``
+    (streamed), the same on every run.
 
     [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4; single texts become ``[CLS] ... [SEP]``.
+
+    The vocabulary, in this order: the special tokens; every character of the learned words, as a
+    word start and as a continuation (``##c``), so that any word made of seen characters is
+    tokenized (unseen words become pieces, never [UNK]); then whole words seen at least
+    ``min_frequency`` times, most frequent first (ties by the word), up to ``vocab_size``. Not
+    ``tokenizers.trainers.WordPieceTrainer``: its vocabulary differs from run to run on the same
+    texts (continuation tokens get ids in hash-map order, which breaks ties between merges;
+    huggingface/tokenizers#1794, measured here: 5 of 6 trainings on the same 500 texts gave
+    another vocabulary), and a report teacher must be reproducible from its seed.
 
     ``min_patients`` > 1 (privacy): ``texts`` are ``(patient_id, text)`` pairs, and only the words
     (after normalization and BERT pre-tokenization) found in the texts of at least that many
     distinct patients are learned from, so every token of the vocabulary -- which travels inside
-    checkpoints -- is a word, or a piece of a word, that several patients' reports share. A name
-    that occurs in one or two patients' reports, however often, never becomes a token (it is
-    split into pieces learned from common words, or [UNK])."""
+    checkpoints -- is a word, or a character, that several patients' reports share. A name that
+    occurs in one or two patients' reports, however often, never becomes a token (it is split into
+    characters learned from common words, or [UNK])."""
     # tokenizers / transformers: ~2.7 s import (measured), only for report models
-    from tokenizers import Tokenizer, decoders, models, processors, trainers
+    from tokenizers import Tokenizer, decoders, models, processors
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]", continuing_subword_prefix="##"))
+    splitter = _word_splitter(lowercase)
+    if min_patients > 1:
+        texts = _shared_words(splitter, texts, min_patients)
+    counts: Counter = Counter()
+    for text in texts:
+        counts.update(w for w, _ in splitter[1].pre_tokenize_str(splitter[0].normalize_str(text)))
+    vocab = {token: i for i, token in enumerate(_wordpiece_vocabulary(counts, vocab_size, min_frequency))}
+    tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
     tok.normalizer, tok.pre_tokenizer = _word_splitter(lowercase)
     tok.decoder = decoders.WordPiece(prefix="##")
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                        special_tokens=list(SPECIAL_TOKENS), continuing_subword_prefix="##",
-                                        show_progress=False)
-    if min_patients > 1:
-        # its own splitter: the Tokenizer is locked while it trains from this iterator
-        texts = _shared_words(_word_splitter(lowercase), texts, min_patients)
-    tok.train_from_iterator(texts, trainer=trainer)
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     if [ids[t] for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
         raise RuntimeError(f"special tokens got unexpected ids {ids}")
@@ -71,6 +81,17 @@ def train_wordpiece_tokenizer(texts: Iterable, vocab_size: int = 4000, lowercase
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
         special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])])
     return tok
+
+
+def _wordpiece_vocabulary(word_counts: Counter, vocab_size: int, min_frequency: int) -> list[str]:
+    """Specials, then each character as a start and a ``##`` continuation (sorted), then whole
+    words by count (ties by the word): deterministic in ``word_counts`` alone."""
+    chars = sorted({c for word in word_counts for c in word})
+    tokens = list(SPECIAL_TOKENS) + chars + [f"##{c}" for c in chars]
+    taken = set(tokens)
+    words = sorted((w for w, n in word_counts.items() if n >= min_frequency and w not in taken),
+                   key=lambda w: (-word_counts[w], w))
+    return tokens + words[:max(0, vocab_size - len(tokens))]
 
 
 def _word_splitter(lowercase: bool):
