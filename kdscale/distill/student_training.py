@@ -48,8 +48,8 @@ from kdscale.distill import tasks
 from kdscale.distill.online_kd import OnlineSoftLabels, load_online_teachers
 from kdscale.distill.student_training_config import (METHODS, StudentRunConfig,  # noqa: F401  (re-exported)
                                                      check_students)
-from kdscale.distill.tasks import (SIGNAL_PREFIX, metric_fn_for_labels, mind_metrics,  # noqa: F401  (re-exported)
-                                   multi_metrics_for, signal_label_metrics)
+from kdscale.distill.tasks import (SIGNAL_PREFIX, check_signal_select, mind_metrics, multi_metrics_for,
+                                   signal_label_metrics, with_signal_metrics)  # noqa: F401  (re-exported)
 from kdscale.distill.teacher_pass import softlabels_dir
 from kdscale.distill.teachers import already_trained, fit_preprocessing, select_named
 from kdscale.engine.checkpoint import CheckpointError, CheckpointManager, load_checkpoint, save_atomic
@@ -120,28 +120,13 @@ def metric_fn_for(student: StudentRunConfig, signal_labels=()):
         base = multi_metrics_for(mods) if len(mods) > 1 and student.model.aux_heads else default_metrics
     else:
         base = mind_metrics if student.model.kind == "mind" and student.model.aux_heads else default_metrics
-    if not signal_labels:
-        return base
-    chosen = list(signal_labels)
-
-    def with_signal(preds, main_head: str, label_names) -> dict:
-        out = base(preds, main_head, label_names)
-        out.update(signal_label_metrics(preds, main_head, list(label_names), chosen))
-        return out
-    return with_signal
+    return with_signal_metrics(base, signal_labels)
 
 
 def check_select_metric(cfg, student: StudentRunConfig, label_names: list) -> None:
     """A ``signal/`` select_metric needs eval.signal_labels, all of them labels of the task."""
-    if not student.train.select_metric.startswith(SIGNAL_PREFIX):
-        return
-    if not cfg.eval.signal_labels:
-        raise ValueError(f"students {student.name!r}: train.select_metric {student.train.select_metric!r} "
-                         f"needs eval.signal_labels (the labels its macro is over); none are set")
-    missing = [n for n in cfg.eval.signal_labels if n not in label_names]
-    if missing:
-        raise ValueError(f"students {student.name!r}: eval.signal_labels names labels the shards do not have: "
-                         f"{missing}")
+    check_signal_select(student.train.select_metric, cfg.eval.signal_labels, label_names,
+                        f"students {student.name!r}: train.select_metric")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,7 +218,6 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     task = build_task(student, ensemble_names, cfg.teachers.task)
     loader_cfg = student_loader_config(cfg, student)
     if getattr(model, "needs_fit", False):   # report tokenizer / tabular encoding, from train only
-
         fit_preprocessing(model, shard_dir, loader_cfg)
     if hasattr(task, "attach"):
         task.attach(model)   # learnable ω becomes part of the model before the optimizer exists

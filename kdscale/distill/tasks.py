@@ -37,7 +37,7 @@ module back from the (unwrapped) model and raises if it was not attached.
 """
 from __future__ import annotations
 
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
@@ -493,15 +493,32 @@ def mind_metrics(preds: Mapping, main_head: str, label_names: Sequence[str]) -> 
 SIGNAL_PREFIX = "signal/"   # select_metric "signal/auroc_macro": the main head's macro over eval.signal_labels
 
 
-def metric_fn_for_labels(signal_labels):
-    """The engine's default metrics plus the ``signal/`` macros over ``signal_labels`` (teachers)."""
+def with_signal_metrics(base: Callable, signal_labels) -> Callable:
+    """``base`` (a ``Trainer(metric_fn=)``) plus the ``signal/`` macros over ``signal_labels``;
+    ``base`` itself when there are none. Students and task teachers alike."""
+    if not signal_labels:
+        return base
     chosen = list(signal_labels)
 
     def with_signal(preds, main_head: str, label_names) -> dict:
-        out = default_metrics(preds, main_head, list(label_names))
+        out = base(preds, main_head, label_names)
         out.update(signal_label_metrics(preds, main_head, list(label_names), chosen))
         return out
     return with_signal
+
+
+def check_signal_select(select_metric: str, signal_labels, label_names, owner: str) -> None:
+    """A ``signal/`` select_metric needs eval.signal_labels, all of them labels of the task;
+    ``owner`` names the config key in the error (``students 'mind': train.select_metric``)."""
+    if not select_metric.startswith(SIGNAL_PREFIX):
+        return
+    if not signal_labels:
+        raise ValueError(f"{owner} {select_metric!r} needs eval.signal_labels (the labels its macro is over); "
+                         f"none are set")
+    missing = [n for n in signal_labels if n not in label_names]
+    if missing:
+        raise ValueError(f"{owner} {select_metric!r}: eval.signal_labels names labels the shards do not have: "
+                         f"{missing}")
 
 
 def signal_label_metrics(preds, main_head: str, label_names: list, signal_labels: list) -> dict:

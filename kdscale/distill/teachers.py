@@ -32,13 +32,13 @@ from kdscale.data.tario import sha256_file
 from kdscale.data.transforms import subset_batch
 from kdscale.distill import leakage
 from kdscale.distill.losses import supervised_loss
-from kdscale.distill.tasks import SIGNAL_PREFIX, metric_fn_for_labels
+from kdscale.distill.tasks import SIGNAL_PREFIX, check_signal_select, with_signal_metrics
 from kdscale.distill.teachers_config import EnsembleConfig, TeacherConfig, TeachersConfig  # noqa: F401  (re-exported)
 from kdscale.engine.checkpoint import load_checkpoint, save_atomic
 from kdscale.engine.config import TrainConfig
 from kdscale.engine.distributed import barrier, broadcast_object, detect_world, init_distributed
 from kdscale.engine.rng import seed_everything
-from kdscale.engine.trainer import Trainer
+from kdscale.engine.trainer import Trainer, default_metrics
 from kdscale.io.atomic import write_json_atomic
 from kdscale.models.config import ModelConfig
 from kdscale.models.registry import build_model, count_parameters
@@ -90,7 +90,7 @@ def teacher_train_config(cfg, teacher: TeacherConfig) -> TrainConfig:
     train = cfg.teachers.train
     optimizer = train.optimizer if teacher.lr is None else dataclasses.replace(train.optimizer, lr=teacher.lr)
     select = train.select_metric
-    if select.startswith("signal/") and teacher.data == "radiology":
+    if select.startswith(SIGNAL_PREFIX) and teacher.data == "radiology":
         select = "auroc_macro"   # eval.signal_labels are the task's labels, not the radiology task's
     return dataclasses.replace(train, epochs=teacher.epochs or train.epochs, optimizer=optimizer,
                                select_metric=select)
@@ -102,7 +102,7 @@ def teacher_fingerprint(cfg, teacher: TeacherConfig, data_index: dict) -> str:
     payload = {"teacher": to_dict(teacher), "train": to_dict(teacher_train_config(cfg, teacher)),
                "loader": to_dict(cfg.loader), "data_config_hash": data_index.get("config_hash"),
                "shards": [s["sha256"] for s in data_index["shards"]]}
-    if payload["train"]["select_metric"].startswith("signal/"):   # the labels it selects on
+    if payload["train"]["select_metric"].startswith(SIGNAL_PREFIX):   # the labels it selects on
         payload["signal_labels"] = list(cfg.eval.signal_labels)
     if teacher.init_from:
         payload["init_from_sha256"] = sha256_file(init_checkpoint(cfg, teacher))
@@ -188,7 +188,6 @@ def fit_preprocessing(model, shard_dir: Path, loader_cfg) -> None:
 
 def _valid_rows(loader):
     """Eval loaders pad the last slots with repeats flagged valid=False: fit on real rows only."""
-
     for batch in loader:
         valid = batch["valid"]
         if bool(valid.all()):
@@ -256,13 +255,11 @@ def train_teacher(cfg, teacher: TeacherConfig, *, resume: Optional[str] = None, 
               + (f", encoder from {teacher.init_from}" if teacher.init_from else ""))
     task = UnimodalTask(teacher.model.modality, cfg.teachers.task)
     train_cfg = teacher_train_config(cfg, teacher)
-    signal = []
-    if train_cfg.select_metric.startswith(SIGNAL_PREFIX):   # as students: the macro over eval.signal_labels
-        signal = list(cfg.eval.signal_labels)
-        if not signal:
-            raise ValueError(f"teachers.train.select_metric {train_cfg.select_metric!r} needs eval.signal_labels")
+    # as students: a signal/ select_metric is the macro over eval.signal_labels
+    check_signal_select(train_cfg.select_metric, cfg.eval.signal_labels, label_names, "teachers.train.select_metric")
+    signal = cfg.eval.signal_labels if train_cfg.select_metric.startswith(SIGNAL_PREFIX) else []
     trainer = Trainer(train_cfg, out, model, task, train_loader, val_loader, label_names=label_names,
-                      config_hash=fingerprint, **({"metric_fn": metric_fn_for_labels(signal)} if signal else {}))
+                      config_hash=fingerprint, metric_fn=with_signal_metrics(default_metrics, signal))
     result = trainer.fit(resume=resume)
     info = {}
     if trainer.is_main:
