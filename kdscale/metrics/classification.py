@@ -744,13 +744,7 @@ def paired_bootstrap_diff(y, p_a, p_b, groups=None, metric: str | Callable = "au
 def _bin_stats(y, p, n_bins: int):
     if n_bins < 1:
         raise ValueError("n_bins must be >= 1")
-    y = np.asarray(y, dtype=np.float64).ravel()
-    p = np.asarray(p, dtype=np.float64).ravel()
-    if y.shape != p.shape:
-        raise ValueError(f"y and p differ in size: {y.size} vs {p.size}")
-    known = ~np.isnan(y)
-    y, p = y[known], p[known]
-    _check_binary(y, p)
+    y, p = _binary_1d(y, p)
     if p.size and (p.min() < 0 or p.max() > 1):
         raise ValueError("calibration needs probabilities in [0, 1]")
     b = np.minimum((p * n_bins).astype(np.int64), n_bins - 1)
