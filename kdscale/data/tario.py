@@ -7,7 +7,6 @@ member names with path components or unknown extensions: a shard is data, never 
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import os
@@ -16,7 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
-from kdscale.io.atomic import publish_atomic
+from kdscale.io.atomic import names_path, publish_atomic
 
 # Extensions a data shard may hold; "maskN.png" are per-box masks.
 DATA_EXTS = frozenset({"json", "jpg", "png", "ehr.npy", "txt", "tabular.json", "labels.npy"})
@@ -110,18 +109,6 @@ class TarShardWriter:
             self._fh.close()
         finally:
             self.tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def names_path(path: Path):
-    """A write that fails for the OS (disk full: ``OSError(ENOSPC)`` from ``write``, which names
-    no file) is re-raised naming the shard, so the CLI's one line says where."""
-    try:
-        yield
-    except OSError as exc:
-        if exc.filename is not None:
-            raise
-        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:

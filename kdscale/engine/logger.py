@@ -7,7 +7,7 @@ import logging
 import time
 from pathlib import Path
 
-from kdscale.data.tario import names_path
+from kdscale.io.atomic import names_path
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ Standard library only (the config layer writes through it too).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -22,7 +23,7 @@ import re
 import secrets
 import shutil
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterator
 
 PathLike = str | os.PathLike
 
@@ -92,6 +93,19 @@ def _raise_translated(exc: BaseException, tmp: Path, path: Path, keep) -> None:
     if translated is exc:
         raise exc
     raise translated from exc
+
+
+@contextlib.contextmanager
+def names_path(path: PathLike) -> Iterator[None]:
+    """A write that fails for the OS without naming a file (disk full: ``OSError(ENOSPC)`` from
+    ``write``) is re-raised naming ``path``, so the CLI's one line says where; for files written in
+    place or appended to (a shard being written, metrics.jsonl)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is not None:
+            raise
+        raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
 def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any], *, tmp: Path | None = None,
