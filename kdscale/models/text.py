@@ -66,13 +66,12 @@ def train_wordpiece_tokenizer(texts: Iterable, vocab_size: int = 4000, lowercase
 
     splitter = _word_splitter(lowercase)
     if min_patients > 1:
-        texts = _shared_words(splitter, texts, min_patients)
-    counts: Counter = Counter()
-    for text in texts:
-        counts.update(w for w, _ in splitter[1].pre_tokenize_str(splitter[0].normalize_str(text)))
+        counts = _shared_word_counts(splitter, texts, min_patients)
+    else:
+        counts = Counter(w for text in texts for w in _words(splitter, text))
     vocab = {token: i for i, token in enumerate(_wordpiece_vocabulary(counts, vocab_size, min_frequency))}
     tok = Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]", continuing_subword_prefix="##"))
-    tok.normalizer, tok.pre_tokenizer = _word_splitter(lowercase)
+    tok.normalizer, tok.pre_tokenizer = splitter
     tok.decoder = decoders.WordPiece(prefix="##")
     ids = {t: tok.token_to_id(t) for t in SPECIAL_TOKENS}
     if [ids[t] for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
@@ -103,10 +102,15 @@ def _word_splitter(lowercase: bool):
                                        lowercase=lowercase), pre_tokenizers.BertPreTokenizer())
 
 
-def _shared_words(splitter, pairs: Iterable, min_patients: int) -> Iterator[str]:
-    """``(patient_id, text)`` pairs -> the words of at least ``min_patients`` distinct patients,
-    each repeated as often as it occurs (the trainer's word counts are unchanged for them), in a
-    fixed order. One pass over the texts; per word at most ``min_patients`` ids are kept."""
+def _words(splitter, text: str) -> list[str]:
+    normalizer, pre_tokenizer = splitter
+    return [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text))]
+
+
+def _shared_word_counts(splitter, pairs: Iterable, min_patients: int) -> Counter:
+    """``(patient_id, text)`` pairs -> the counts of the words found in the texts of at least
+    ``min_patients`` distinct patients (other words are left out). One pass over the texts; per
+    word at most ``min_patients`` ids are kept."""
     counts: Counter = Counter()
     patients: dict[str, set] = {}
     for item in pairs:
@@ -116,7 +120,7 @@ def _shared_words(splitter, pairs: Iterable, min_patients: int) -> Iterator[str]
         if patient is None or str(patient) == "":
             raise ValueError("a report without a patient id: the vocabulary's distinct-patient count "
                              "(vocab_min_patients) needs every report's patient")
-        words = [w for w, _ in splitter[1].pre_tokenize_str(splitter[0].normalize_str(text))]
+        words = _words(splitter, text)
         counts.update(words)
         for word in set(words):
             seen = patients.setdefault(word, set())
@@ -129,12 +133,7 @@ def _shared_words(splitter, pairs: Iterable, min_patients: int) -> Iterator[str]
                     "vocab_min_patients only if the data allows it", min_patients, len(counts))
     log.info("tokenizer privacy filter: %d of %d distinct words occur in the reports of >= %d patients; only "
              "those are learned from", len(kept), len(counts), min_patients)
-    for word in kept:
-        left = counts[word]
-        while left > 0:
-            n = min(left, 1000)
-            yield " ".join([word] * n)
-            left -= n
+    return Counter({word: counts[word] for word in kept})
 
 
 def _local_dir(path: str, field: str) -> Path:
