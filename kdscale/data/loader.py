@@ -461,7 +461,6 @@ class _RangeReader:
 def iter_soft_rows(path: str) -> Iterator[dict]:
     """The rows of a packed soft-label shard (kdscale.data.softlabel_format) as per-sample dicts
     ``{"__key__", "logits.npy", "seen.npy", "ensemble.npy", "ensemble_seen.npy"}`` (arrays)."""
-
     shard = read_soft_shard(path)
     arrays = {f"{name}.npy": getattr(shard, name) for name in ARRAYS}
     for i, key in enumerate(shard.keys):

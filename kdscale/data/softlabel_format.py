@@ -156,7 +156,6 @@ def verify_softlabels(soft_dir: str | os.PathLike, data_dir: Optional[str | os.P
     the soft index's data hashes equal the data index's (else: data changed since -> stale); the
     teacher checkpoints on disk still have the recorded hashes (else: teachers changed -> stale);
     each soft shard's sha256 equals the index's."""
-
     soft_dir = Path(soft_dir)
     try:
         index = read_soft_index(soft_dir)

@@ -359,7 +359,6 @@ def subset_batch(batch: dict, idx) -> dict:
     """The rows ``idx`` (a LongTensor) of every per-sample entry of a batch (as :func:`collate`
     makes it): the teacher pass runs a teacher on the samples that have its modality, teacher
     training skips rows without a valid label."""
-
     rows = idx.tolist()
     out = {}
     for key, value in batch.items():

@@ -475,7 +475,6 @@ class Trainer:
 def default_metrics(preds: dict, main_head: str, label_names: list) -> dict:
     """Macro AUROC/AUPRC per head on the samples each head covers; the main head's are also
     reported unprefixed (``auroc_macro``) for model selection."""
-
     out = {}
     for head, value in preds.items():
         if head in ("labels", "keys"):

@@ -368,7 +368,6 @@ def utilization(preds: Predictions) -> dict:
     """d_util (kdscale.metrics.utilization.utilization) on the paired samples: rows with image and EHR
     present, covered by the fusion, image and ehr heads, with a known label. ``d_util`` uses the
     paper's form (baseline 0); ``d_util_above_chance`` measures AUROC above 0.5."""
-
     missing = [h for h in UTILIZATION_HEADS if h not in preds.heads]
     if missing:
         raise ValueError(f"utilization needs the heads {UTILIZATION_HEADS}; missing {missing}")

@@ -92,7 +92,6 @@ def removal_conditions(modalities: Sequence[str], random_rates: Sequence[float])
 def utilization_from_predictions(preds, modalities: Sequence[str], *, baseline: float = 0.5) -> dict:
     """d_util over N >= 2 modalities (``kdscale.metrics.utilization.utilization_n``) on ``Predictions``
     (multilabel or multiclass), with AUROC above chance (baseline 0.5)."""
-
     gathered = {h: (np.asarray(p), np.asarray(m, bool)) for h, (p, m) in preds.heads.items()}
     labels = preds.labels[:, 0].astype(np.int64) if preds.task == "multiclass" else preds.labels
     if preds.task == "multiclass":   # rows with an unknown class are not covered

@@ -63,7 +63,6 @@ def _oracle(demo_dir: Path) -> dict:
 
 
 def _macro(y: np.ndarray, p: np.ndarray, names: list[str]) -> float:
-
     vals = [auroc(y[:, PHENOTYPES.index(n)], p[:, PHENOTYPES.index(n)]) for n in names]
     vals = [v for v in vals if np.isfinite(v)]
     return float(np.mean(vals)) if vals else float("nan")
