@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Mapping, Optional, Sequence
 
 TASKS = ("multilabel", "binary", "multiclass")
 VARIANTS = ("V1", "V2", "V3", "V4")
@@ -28,6 +28,19 @@ def _check_temperature(temperature: float) -> float:
     return t
 
 
+def check_label_list(value, what: str) -> list[str]:
+    """A non-empty list of distinct label names (a config's label subset)."""
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise TypeError(f"{what} must be a list of label names, got {type(value).__name__}")
+    names = [str(v) for v in value]
+    if not names:
+        raise ValueError(f"{what} is empty: name at least one label (or leave the entry out to distil every label)")
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ValueError(f"{what} names {dup[0]!r} twice")
+    return names
+
+
 def _check_normalize(normalize: str) -> None:
     if normalize not in NORMALIZE:
         raise ValueError(f"unknown normalize {normalize!r}: use one of {NORMALIZE}")
@@ -42,6 +55,12 @@ class MindLossConfig:
     V2: omega_m scales the whole bracket: omega_m*[aux_weight*L_sup + L_KD]
     V3: aux_weight*[(1-beta)*L_sup + beta*L_KD] (omega is not used)
     V4: V1 + fusion_kd_weight*r_A r_B*L_KD(mean of the available q_m, z_AB)
+
+    ``kd_labels``: {modality: [label names]}: distil into head m only these labels of its
+    teacher's soft target (the other labels' KD elements are left out, like unknown labels; the
+    supervised terms keep every label). A modality not named distils every label. For teachers
+    that know only some of the labels, e.g. an image teacher and labels the images do not show.
+    The KD mean is over the included elements, so fewer labels weigh each one more.
     """
     task: str = "multilabel"
     temperature: float = 2.0
@@ -56,6 +75,7 @@ class MindLossConfig:
     kd_form: str = "kl"
     normalize: str = "present"
     modalities: tuple[str, ...] = ("image", "ehr")
+    kd_labels: Optional[dict[str, list[str]]] = None
 
     def __post_init__(self) -> None:
         _kind(self.task)
@@ -84,6 +104,18 @@ class MindLossConfig:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         if not (0.0 <= float(self.beta) <= 1.0):
             raise ValueError(f"beta must lie in [0, 1], got {self.beta!r}")
+        if self.kd_labels is not None:
+            if not isinstance(self.kd_labels, Mapping):
+                raise TypeError(f"kd_labels must be a mapping modality -> [label names], got "
+                                f"{type(self.kd_labels).__name__}")
+            unknown = sorted(set(map(str, self.kd_labels)) - set(self.modalities))
+            if unknown:
+                raise ValueError(f"kd_labels has entries for unknown modalities {unknown}; modalities are "
+                                 f"{list(self.modalities)}")
+            if self.variant == "V4":
+                raise ValueError("kd_labels is not supported with variant V4 (its fusion target averages the "
+                                 "modalities' full soft targets)")
+            self.kd_labels = {str(m): check_label_list(v, f"kd_labels[{m!r}]") for m, v in self.kd_labels.items()}
 
     def weights_for(self, modality: str) -> tuple[float, float]:
         """(weight of L_sup(y, z_m), weight of L_KD(q_m, z_m)) under the configured variant."""
@@ -127,10 +159,12 @@ class HeadLossConfig:
 
     ``teacher``: the soft-label ensemble that teaches this head ("" = no distillation); ``omega``:
     the KD weight ω (with ``combine: convex`` the mixing weight λ of MMPKD, in [0, 1]); ``sup``:
-    the weight of the supervised term."""
+    the weight of the supervised term; ``kd_labels``: distil only these labels (None = every
+    label; see ``MindLossConfig.kd_labels``)."""
     teacher: str = ""
     omega: float = 1.0
     sup: float = 1.0
+    kd_labels: Optional[list[str]] = None
 
     def __post_init__(self) -> None:
         for name in ("omega", "sup"):
@@ -139,6 +173,8 @@ class HeadLossConfig:
                     math.isfinite(float(value)) and float(value) >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
             setattr(self, name, float(value))
+        if self.kd_labels is not None:
+            self.kd_labels = check_label_list(self.kd_labels, "kd_labels")
 
     @property
     def kd_weight(self) -> float:

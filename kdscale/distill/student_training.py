@@ -34,7 +34,7 @@ import hashlib
 import json
 import logging
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from kdscale.config import to_dict, validate
 from kdscale.data.ehr import MEDFUSE_EHR_FEATURES
@@ -89,15 +89,16 @@ def select_students(cfg, only: str = "", index: Optional[int] = None) -> list[St
 # Tasks (the engine's Task protocol) for each method
 # ---------------------------------------------------------------------------------------------
 
-def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str):
+def build_task(student: StudentRunConfig, ensemble_names: list[str], task: str, label_names: Sequence[str] = ()):
     main = student.main_head or None
     if student.model.kind == "multi":
         loss_cfg = student.distill_config()
         if student.method == "supervised" and loss_cfg.task != task:
             loss_cfg = dataclasses.replace(loss_cfg, task=task)
-        return tasks.DistillTask(loss_cfg, ensemble_names, student.learnable_omega, main_head=main or "routed")
+        return tasks.DistillTask(loss_cfg, ensemble_names, student.learnable_omega, main_head=main or "routed",
+                                 label_names=label_names)
     if student.method == "mind":
-        kwargs = {"ensemble_for": student.ensemble_for}
+        kwargs = {"ensemble_for": student.ensemble_for, "label_names": label_names}
         if main:
             kwargs["main_head"] = main
         return tasks.MindTask(student.mind, ensemble_names, student.learnable_omega, **kwargs)
@@ -215,7 +216,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     resume = resolve_resume(out, resume)
     seed_everything(cfg.run.seed, world.rank)
     model = build_student(student.model, len(label_names), ehr_features=n_features)
-    task = build_task(student, ensemble_names, cfg.teachers.task)
+    task = build_task(student, ensemble_names, cfg.teachers.task, label_names)
     loader_cfg = student_loader_config(cfg, student)
     if getattr(model, "needs_fit", False):   # report tokenizer / tabular encoding, from train only
         fit_preprocessing(model, shard_dir, loader_cfg)

@@ -84,7 +84,7 @@ class StudentRunConfig:
             for m in self.model.modalities:
                 om = c.omega.get(m, 0.0)
                 heads[m] = HeadLossConfig(teacher=self.ensemble_for.get(m, m) if om > 0 else "", omega=om,
-                                          sup=c.aux_weight)
+                                          sup=c.aux_weight, kd_labels=(c.kd_labels or {}).get(m))
             return DistillLossConfig(task=c.task, temperature=c.temperature, heads=heads, combine="sum",
                                      fusion_samples="multimodal", t_squared=c.t_squared,
                                      student_temperature=c.student_temperature, kd_form=c.kd_form,
@@ -98,6 +98,7 @@ class StudentRunConfig:
         if self.method == "supervised":
             return DistillLossConfig(task=self.distill.task)
         raise ValueError(f"method {self.method!r} has no general form")
+
     @property
     def needs_soft_labels(self) -> bool:
         if self.model.kind == "multi":

@@ -100,6 +100,29 @@ def _soft(batch: Mapping) -> Optional[Mapping]:
     return soft
 
 
+def kd_label_keep(kd_labels: Optional[Sequence[str]], label_names: Sequence[str], what: str) -> Optional[Tensor]:
+    """bool [C]: the labels distilled into a head (``kd_labels``, names from ``label_names``);
+    None = every label. An unknown name is an error naming ``what`` (the config key)."""
+    if kd_labels is None:
+        return None
+    names = [str(n) for n in label_names]
+    if not names:
+        raise ValueError(f"{what}: the task's label names are needed to resolve it")
+    unknown = [n for n in kd_labels if n not in names]
+    if unknown:
+        raise ValueError(f"{what} names {unknown[0]!r}, which is not a label of the task; labels: {names}")
+    chosen = set(kd_labels)
+    return torch.tensor([n in chosen for n in names], dtype=torch.bool)
+
+
+def _keep_labels(q: Tensor, keep: Optional[Tensor]) -> Tensor:
+    """Soft target q [B, C] with the labels outside ``keep`` set to NaN: the KD losses leave out
+    non-finite target elements, as they leave out unknown hard labels."""
+    if keep is None:
+        return q
+    return torch.where(keep.to(q.device)[None, :], q, torch.full_like(q, float("nan")))
+
+
 # ----------------------------------------------------------------------------------------------
 # learnable omega
 # ----------------------------------------------------------------------------------------------
@@ -169,7 +192,8 @@ class MindTask:
 
     def __init__(self, loss_cfg: MindLossConfig, ensemble_names: Sequence[str] = (),
                  learnable_omega: str = "none", *, ensemble_for: Optional[Mapping[str, str]] = None,
-                 main_head: str = "routed", min_log_var: Optional[float] = None):
+                 main_head: str = "routed", min_log_var: Optional[float] = None,
+                 label_names: Sequence[str] = ()):
         if not isinstance(loss_cfg, MindLossConfig):
             raise TypeError(f"loss_cfg must be a MindLossConfig, got {type(loss_cfg).__name__}")
         if set(loss_cfg.modalities) != {"image", "ehr"}:
@@ -193,6 +217,8 @@ class MindTask:
                 raise ValueError(f"modality {m!r} has KD weight {loss_cfg.weights_for(m)[1]} (variant "
                                  f"{loss_cfg.variant}) but its teacher ensemble {name!r} is not in the soft labels' "
                                  f"ensemble_names {self.ensemble_names}; set ensemble_for or omega[{m!r}]=0")
+        self.kd_keep = {m: kd_label_keep(v, label_names, f"mind.kd_labels[{m!r}]")
+                        for m, v in (loss_cfg.kd_labels or {}).items()}
         self.learnable_omega = learnable_omega
         self.extra_module: Optional[nn.Module] = None
         if learnable_omega == "uncertainty":
@@ -235,7 +261,7 @@ class MindTask:
         for m, g in self.columns.items():
             z = torch.as_tensor(soft["ensemble"])[:, g].to(device).float()
             has = torch.as_tensor(soft["ensemble_seen"])[:, g].to(device).bool()
-            out[m] = (_activate(z / self.loss_cfg.temperature, self.task), has)
+            out[m] = (_keep_labels(_activate(z / self.loss_cfg.temperature, self.task), self.kd_keep.get(m)), has)
         return out
 
     # -- Task protocol -----------------------------------------------------------------------
@@ -278,7 +304,8 @@ class DistillTask:
     modality's head). Learnable ω: as :class:`MindTask` (``attach`` before the optimizer)."""
 
     def __init__(self, loss_cfg: DistillLossConfig, ensemble_names: Sequence[str] = (),
-                 learnable_omega: str = "none", *, main_head: str = "routed", min_log_var: Optional[float] = None):
+                 learnable_omega: str = "none", *, main_head: str = "routed", min_log_var: Optional[float] = None,
+                 label_names: Sequence[str] = ()):
         if not isinstance(loss_cfg, DistillLossConfig):
             raise TypeError(f"loss_cfg must be a DistillLossConfig, got {type(loss_cfg).__name__}")
         if learnable_omega not in LEARNABLE_OMEGA:
@@ -287,6 +314,8 @@ class DistillTask:
         self.ensemble_names = [str(n) for n in ensemble_names]
         self.columns = {h: ensemble_index(self.ensemble_names, t, what=f"teacher of head {h!r}")
                         for h, t in loss_cfg.teachers().items()}
+        self.kd_keep = {h: kd_label_keep(loss_cfg.head(h).kd_labels, label_names, f"heads[{h!r}].kd_labels")
+                        for h in self.columns}
         self.learnable_omega = learnable_omega
         self.extra_module: Optional[nn.Module] = None
         if learnable_omega == "uncertainty":
@@ -312,7 +341,7 @@ class DistillTask:
         for h, g in self.columns.items():
             z = torch.as_tensor(soft["ensemble"])[:, g].to(device).float()
             has = torch.as_tensor(soft["ensemble_seen"])[:, g].to(device).bool()
-            out[h] = (_activate(z / self.loss_cfg.temperature, self.task), has)
+            out[h] = (_keep_labels(_activate(z / self.loss_cfg.temperature, self.task), self.kd_keep.get(h)), has)
         return out
 
     def train_masks(self, student, batch: Mapping) -> dict:

@@ -317,7 +317,7 @@ def evaluate_run(cfg, split: Optional[str] = None, progress: bool = True) -> dic
     warnings: dict = {}
     for student in trained:
         model, info = load_student(student_dir(cfg, student) / "student.pt")
-        task = build_task(student, info["ensemble_names"], info["task"])
+        task = build_task(student, info["ensemble_names"], info["task"], info["label_names"])
         loader_cfg = dataclasses.replace(student_loader_config(cfg, student, training=False), drop_last=False,
                                          num_workers=0)
         loader = build_loader(shards_out_dir(cfg), split, loader_cfg, train=False, rank=0, world_size=1)

@@ -100,7 +100,7 @@ def evaluate_shortcut(cfg, student, split: Optional[str] = None) -> dict:
     student (ViT: last-layer CLS attention; CNN: Grad-CAM) on every test film with an image."""
     split = split or cfg.eval.split
     model, info = load_student(student_dir(cfg, student) / "student.pt")
-    task = build_task(student, info["ensemble_names"], info["task"])
+    task = build_task(student, info["ensemble_names"], info["task"], info["label_names"])
     loader_cfg = dataclasses.replace(student_loader_config(cfg, student), drop_last=False, num_workers=0)
     size = loader_cfg.image_size
     region = marker_region(loader_cfg.resize_size, size)
