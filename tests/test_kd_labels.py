@@ -11,7 +11,7 @@ from kdscale.distill.losses import DistillLossConfig, HeadLossConfig, MindLossCo
 from kdscale.distill.student_training_config import StudentRunConfig
 from kdscale.distill.tasks import DistillTask, MindTask, kd_label_keep
 
-from test_tasks import C, ENSEMBLES, IMG, EHR, mind, mixed_batch, seeded_loss
+from test_tasks import EHR, ENSEMBLES, IMG, mind, mixed_batch, seeded_loss
 
 LABELS = ["a", "b", "c"]   # C = 3 labels in test_tasks' batches
 
@@ -102,3 +102,80 @@ def test_mind_preset_carries_kd_labels_to_the_general_method():
     with pytest.raises(ValueError, match=r"heads\['image'\].kd_labels names 'z'"):
         DistillTask(DistillLossConfig(heads={"image": {"teacher": "image", "kd_labels": ["z"]}}), ENSEMBLES,
                     label_names=LABELS)
+
+
+# ----------------------------------------------------------------------------- chosen on validation
+
+def _split(labels, logits, seen, names=("a", "b", "c")):
+    import numpy as np
+
+    from kdscale.data.softlabel_format import SplitEnsembles
+
+    labels = np.asarray(labels, dtype=float)
+    return SplitEnsembles(keys=[f"k{i}" for i in range(len(labels))], label_names=list(names),
+                          ensemble_names=["image", "ehr"], labels=labels,
+                          ensemble=np.asarray(logits, dtype=np.float32), ensemble_seen=np.asarray(seen, dtype=bool))
+
+
+def test_ensemble_label_auroc_by_hand_on_the_samples_the_ensemble_saw():
+    from kdscale.distill.kd_labels import ensemble_label_auroc, labels_known
+
+    # 5 samples; the image ensemble saw the first 4. Label a: positives 0, 1 score 3, 2 vs negatives
+    # 2, 3 score 1, 0 -> AUROC 1. Label b: positive 2 scores 0.5, negatives 0, 1, 3 score 1, 0, 0.5
+    # -> pairs (0.5 > 1, 0.5 > 0, 0.5 = 0.5) = (0 + 1 + 0.5) / 3 = 0.5. Label c: one class only ->
+    # None. Sample 4 (not seen) would flip label a if it counted.
+    labels = [[1, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 0], [0, 1, 0]]
+    image = [[3, 1, 0], [2, 0, 0], [1, 0.5, 0], [0, 0.5, 0], [9, -9, 0]]
+    logits = [[img, [0, 0, 0]] for img in image]
+    seen = [[True, True]] * 4 + [[False, True]]
+    aurocs = ensemble_label_auroc(_split(labels, logits, seen), "image")
+    assert aurocs == {"a": pytest.approx(1.0), "b": pytest.approx(0.5), "c": None}
+    assert labels_known(aurocs, 0.5) == ["a", "b"] and labels_known(aurocs, 0.6) == ["a"]
+    with pytest.raises(ValueError, match="'report' is not in the soft labels' ensembles"):
+        ensemble_label_auroc(_split(labels, logits, seen), "report")
+
+
+def test_kd_label_min_auroc_config_checks():
+    base = {"name": "m", "method": "mind", "model": {"kind": "mind"}}
+    assert validate(StudentRunConfig, {**base, "kd_label_min_auroc": 0.6}).kd_label_min_auroc == 0.6
+    with pytest.raises(ValueError, match=r"kd_label_min_auroc must be a number in \[0, 1\)"):
+        validate(StudentRunConfig, {**base, "kd_label_min_auroc": 1.5})
+    with pytest.raises(ValueError, match="either kd_label_min_auroc or mind.kd_labels"):
+        validate(StudentRunConfig, {**base, "kd_label_min_auroc": 0.6, "mind": {"kd_labels": {"image": ["a"]}}})
+    with pytest.raises(ValueError, match="method 'joint' has no per-head teachers"):
+        validate(StudentRunConfig, {"name": "j", "method": "joint", "model": {"kind": "joint"},
+                                    "kd_label_min_auroc": 0.6})
+
+
+def test_select_kd_labels_resolves_mind_and_distill_students_and_names_an_empty_head(monkeypatch):
+    import kdscale.distill.kd_labels as kd
+
+    labels = [[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]]
+    # image ensemble: perfect on a, inverted on b, 0.5 on c; ehr ensemble: perfect on b and c, 0.5 on a
+    image = [[2, 2, 1], [0, 0, 1], [2, 0, 1], [0, 1, 1]]
+    ehr = [[1, 0, 2], [1, 2, 2], [1, 2, 0], [1, 0, 0]]
+    split = _split(labels, [[i, e] for i, e in zip(image, ehr)], [[True, True]] * 4)
+    monkeypatch.setattr(kd, "read_split_ensembles", lambda soft, shards, name: split)
+    mind_student = validate(StudentRunConfig, {"name": "m", "method": "mind", "model": {"kind": "mind"},
+                                               "kd_label_min_auroc": 0.75})
+    resolved, record = kd.select_kd_labels(mind_student, "soft", "shards")
+    assert resolved.mind.kd_labels == {"image": ["a"], "ehr": ["b", "c"]} and resolved.kd_label_min_auroc == 0.0
+    assert record["image"]["auroc"]["b"] == pytest.approx(0.0) and record["ehr"]["n_samples"] == 4
+    distill = validate(StudentRunConfig, {
+        "name": "d", "method": "distill", "model": {"kind": "multi", "modalities": ["image", "ehr"]},
+        "kd_label_min_auroc": 0.75,
+        "distill": {"heads": {"image": {"teacher": "ehr"}, "ehr": {"teacher": "ehr", "omega": 0.0}}}})
+    resolved, record = kd.select_kd_labels(distill, "soft", "shards")
+    assert resolved.distill.heads["image"].kd_labels == ["b", "c"] and set(record) == {"image"}
+    assert resolved.distill.heads["ehr"].kd_labels is None
+    no_kd = validate(StudentRunConfig, {"name": "n", "method": "mind", "model": {"kind": "mind"},
+                                        "mind": {"omega": {"image": 0.0, "ehr": 0.0}}, "kd_label_min_auroc": 0.75})
+    assert kd.select_kd_labels(no_kd, "soft", "shards") == (no_kd, {})
+    # an image ensemble that ranks nothing (constant logits: AUROC 0.5 everywhere)
+    flat = _split(labels, [[[0, 0, 0], e] for e in ehr], [[True, True]] * 4)
+    monkeypatch.setattr(kd, "read_split_ensembles", lambda soft, shards, name: flat)
+    strict = validate(StudentRunConfig, {"name": "s", "method": "mind", "model": {"kind": "mind"},
+                                         "mind": {"omega": {"image": 1.0, "ehr": 0.0}}, "kd_label_min_auroc": 0.6})
+    with pytest.raises(ValueError, match=r"ensemble 'image' \(head 'image'\) reaches val AUROC >= 0.6 on no label "
+                                         r"\(best: 'a' 0.500\)"):
+        kd.select_kd_labels(strict, "soft", "shards")

@@ -427,3 +427,40 @@ def test_a_multi_student_trains_with_bf16_autocast(prepared, tmp_path):
     assert {"fusion/auroc_macro", "image/auroc_macro", "ehr/auroc_macro"} <= set(info["best_metrics"])
     model, _ = load_student(info["checkpoint"])
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+
+
+def test_kd_labels_chosen_on_validation_from_the_soft_labels(prepared, capsys):
+    """kd_label_min_auroc: each distilled head keeps the labels its teacher ensemble predicts with
+    val AUROC >= the threshold, read from the soft labels; the same numbers as the evaluation's
+    teacher rows (a second reader of the same files); recorded in student.json and logged."""
+    import numpy as np
+
+    from kdscale.data.shards import shards_out_dir
+    from kdscale.data.softlabel_format import read_split_ensembles
+    from kdscale.distill.kd_labels import ensemble_label_auroc, labels_known
+    from kdscale.distill.student_training import StudentRunConfig, train_student
+    from kdscale.distill.teacher_pass import softlabels_dir
+    from kdscale.eval.references import split_samples, teacher_predictions
+    from kdscale.metrics.classification import auroc
+
+    root, cfg = prepared
+    split = read_split_ensembles(softlabels_dir(cfg), shards_out_dir(cfg), "val")
+    base, per_shard = split_samples(shards_out_dir(cfg), "val")
+    assert split.keys == base.keys and np.array_equal(split.labels, base.labels, equal_nan=True)
+    rows = teacher_predictions(softlabels_dir(cfg), "val", base, per_shard)
+    probs, seen = rows["ensemble:image"][0].head("score")
+    aurocs = ensemble_label_auroc(split, "image")
+    for j, name in enumerate(split.label_names):
+        expected = auroc(base.labels[seen, j], probs[seen, j])
+        assert (aurocs[name] is None) == np.isnan(expected) and (
+            aurocs[name] is None or aurocs[name] == pytest.approx(expected, abs=1e-6)), name
+    threshold = float(np.median([a for a in aurocs.values() if a is not None]))
+    tree = {"name": "mind_kd_labels", "method": "mind", "kd_label_min_auroc": threshold,
+            "model": {"kind": "mind", "fusion_dim": 32}, "train": TRAIN}
+    spec = validate(StudentRunConfig, tree)
+    info = train_student(cfg, spec)
+    record = info["kd_labels"]
+    assert set(record) == {"image", "ehr"}
+    assert record["image"]["labels"] == labels_known(aurocs, threshold) and record["image"]["min_auroc"] == threshold
+    assert 0 < len(record["image"]["labels"]) < len(split.label_names)
+    assert f"head image distils {len(record['image']['labels'])} of {len(split.label_names)} labels" in capsys.readouterr().out

@@ -40,7 +40,7 @@ from kdscale.data.ingest import DataError
 from kdscale.data.record import SPLITS
 from kdscale.data.shard_format import npy_bytes
 from kdscale.data.shard_index import read_index
-from kdscale.data.tario import TarShardWriter, iter_members, sha256_file
+from kdscale.data.tario import TarShardWriter, iter_members, iter_selected, sha256_file
 
 FORMAT = "kdscale-softlabels/1"
 ARRAYS = ("logits", "seen", "ensemble", "ensemble_seen")
@@ -209,6 +209,53 @@ def verify_softlabels(soft_dir: str | os.PathLike, data_dir: Optional[str | os.P
         if split not in SPLITS:
             problems.append(f"unknown split {split!r} in the soft-label index")
     return problems
+
+
+@dataclass
+class SplitEnsembles:
+    """The teacher ensembles' stored logits on one split, aligned with the split's hard labels."""
+    keys: list[str]
+    label_names: list[str]
+    ensemble_names: list[str]
+    labels: np.ndarray          # [N, C] float (NaN = unknown)
+    ensemble: np.ndarray        # [N, G, C] float32 logits at T = 1
+    ensemble_seen: np.ndarray   # [N, G] bool
+
+
+def read_split_ensembles(soft_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str) -> SplitEnsembles:
+    """The ensembles' logits and the hard labels of every sample of ``split``, shard by shard (the
+    data shards' labels.npy members only; images are never read). DataError naming the file when
+    the soft labels lack the split or a shard, or their keys differ from the data shard's."""
+    soft_dir, data_dir = Path(soft_dir), Path(data_dir)
+    index = read_soft_index(soft_dir)
+    if split not in index.get("splits", {}):
+        raise DataError(f"the soft labels have no split {split!r} (softlabels.splits)", file=soft_dir / "index.json")
+    data_index = read_index(data_dir, split)
+    names = list(data_index["label_names"])
+    if list(index["label_names"]) != names:
+        raise DataError("the soft labels' label names differ from the data shards'", file=soft_dir / "index.json")
+    entries = {e["name"] for e in index["splits"][split]["shards"]}
+    keys, labels, ens, seen = [], [], [], []
+    for entry in data_index["shards"]:
+        if entry["name"] not in entries:
+            raise DataError(f"no soft-label shard for data shard {split}/{entry['name']}", file=soft_dir / "index.json")
+        path = data_dir / split / entry["name"]
+        shard_labels = {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in iter_selected(path, "labels.npy")}
+        soft = read_soft_shard(soft_dir / split / entry["name"])
+        if list(shard_labels) != soft.keys:
+            raise DataError(f"soft-label keys differ from the data shard {split}/{entry['name']}'s (stale soft "
+                            f"labels? run `kdscale softlabels`)", file=soft_dir / split / entry["name"])
+        for key, y in shard_labels.items():
+            if y.shape != (len(names),):
+                raise DataError(f"sample {key!r}: {y.shape} labels, the index declares {len(names)}", file=path)
+        keys += soft.keys
+        labels += [y.astype(np.float64) for y in shard_labels.values()]
+        ens.append(soft.ensemble.astype(np.float32))
+        seen.append(soft.ensemble_seen)
+    if not keys:
+        raise DataError(f"split {split!r} has no samples", file=data_dir / split)
+    return SplitEnsembles(keys=keys, label_names=names, ensemble_names=list(index["ensemble_names"]),
+                          labels=np.stack(labels), ensemble=np.concatenate(ens), ensemble_seen=np.concatenate(seen))
 
 
 def _data_keys(members) -> list[str]:

@@ -14,6 +14,7 @@ from kdscale.data.ingest import IngestLog, kept_failure, open_quarantine
 from kdscale.data.labels import format_label_table, label_counts, prevalence
 from kdscale.data.record import MODALITIES, Record
 from kdscale.data.sources import build_source
+from kdscale.io.atomic import write_text_atomic
 from kdscale.progress import progress_bar
 
 
@@ -80,7 +81,7 @@ def write_summary(path: str | Path, summary: DataSummary, log: IngestLog, descri
     ingest = log.summary()
     payload = {"ingest": ingest, "data": summary.to_json(), "source": describe,
                "failed": kept_failure(ingest, min_kept_fraction)}
-    Path(path).write_text(json.dumps(payload, indent=2, default=str))
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str))
     return payload
 
 

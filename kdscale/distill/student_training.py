@@ -45,6 +45,7 @@ from kdscale.data.shards import shards_out_dir
 from kdscale.data.softlabel_format import read_soft_index
 from kdscale.data.tario import sha256_file
 from kdscale.distill import tasks
+from kdscale.distill.kd_labels import describe as describe_kd_labels, select_kd_labels
 from kdscale.distill.online_kd import OnlineSoftLabels, load_online_teachers
 from kdscale.distill.student_training_config import (METHODS, StudentRunConfig,  # noqa: F401  (re-exported)
                                                      check_students)
@@ -214,6 +215,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
     if info is not None:
         return info
     resume = resolve_resume(out, resume)
+    student, kd_label_record = select_kd_labels(student, soft_dir, shard_dir) if soft_dir else (student, {})
     seed_everything(cfg.run.seed, world.rank)
     model = build_student(student.model, len(label_names), ehr_features=n_features)
     task = build_task(student, ensemble_names, cfg.teachers.task, label_names)
@@ -237,6 +239,8 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
         if breakdown:
             print(f"student {student.name}: parameters by module: " +
                   ", ".join(f"{k} {v:,}" for k, v in breakdown.items() if k != "total"))
+        for line in describe_kd_labels(kd_label_record, len(label_names)):
+            print(f"student {student.name}: {line}")
     # what student.pt holds besides the weights; every checkpoint carries it too, so evaluation can
     # fall back to the best checkpoint when student.pt is unreadable (load_student)
     student_meta = {"student_config": dataclasses.asdict(student.model), "method": student.method,
@@ -262,6 +266,7 @@ def train_student(cfg, student: StudentRunConfig, *, resume: Optional[str] = Non
                 "train_samples": train_loader.plan.num_samples, "val_samples": val_loader.plan.num_samples,
                 "soft_labels": str(soft_dir) if soft_dir else None,
                 "soft_fingerprint": soft_index.get("fingerprint") if soft_index else None,
+                "kd_labels": kd_label_record or None,
                 "history": result.history}
         write_json_atomic(done, info)
         print(f"student {student.name}: best val macro AUROC {info['val_auroc_macro']} "

@@ -37,6 +37,10 @@ class StudentRunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     batch_size: Optional[int] = None      # overrides loader.batch_size
     online_kd: bool = False               # measurement mode: teachers forward each augmented batch (online_kd.py)
+    # Distil into each head only the labels its teacher ensemble predicts with AUROC >= this on the
+    # validation split (read from the soft labels at train start; 0 = every label). The data-driven
+    # form of mind.kd_labels / distill.heads.<h>.kd_labels (docs/losses.md); methods mind, distill.
+    kd_label_min_auroc: float = 0.0
     out_dir: str = ""                     # default: <run.out_dir>/students/<name>
 
     def __post_init__(self) -> None:
@@ -55,6 +59,7 @@ class StudentRunConfig:
         if self.samples == "paired" and self.loader_modalities() != ["image", "ehr"]:
             raise ValueError(f"student {self.name!r}: samples paired needs a multimodal student (image and ehr); "
                              f"this one reads {self.loader_modalities()}")
+        self._check_kd_label_selection()
         if self.method == "mmpkd" and self.mmpkd.lam > 0 and not self.teacher_ensemble:
             raise ValueError(f"student {self.name!r}: mmpkd with lam {self.mmpkd.lam} needs teacher_ensemble")
         if self.model.kind == "multi":
@@ -72,6 +77,26 @@ class StudentRunConfig:
             if unknown:
                 raise ValueError(f"student {self.name!r}: distill.heads names {unknown}, but the student's heads "
                                  f"are {sorted(heads)}")
+
+    def _check_kd_label_selection(self) -> None:
+        value = self.kd_label_min_auroc
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+            raise ValueError(f"student {self.name!r}: kd_label_min_auroc must be a number in [0, 1) (0 = distil every "
+                             f"label), got {value!r}")
+        self.kd_label_min_auroc = float(value)
+        if not self.kd_label_min_auroc:
+            return
+        if self.method not in ("mind", "distill"):
+            raise ValueError(f"student {self.name!r}: kd_label_min_auroc selects the labels each head distils; "
+                             f"method {self.method!r} has no per-head teachers (methods mind, distill)")
+        if self.online_kd:
+            raise ValueError(f"student {self.name!r}: kd_label_min_auroc reads the teachers' validation soft labels "
+                             f"from disk; online_kd has none")
+        explicit = self.mind.kd_labels if self.method == "mind" else {
+            h: v.kd_labels for h, v in self.distill.heads.items() if v.kd_labels is not None}
+        if explicit:
+            key = "mind.kd_labels" if self.method == "mind" else "distill.heads.<h>.kd_labels"
+            raise ValueError(f"student {self.name!r}: give either kd_label_min_auroc or {key}, not both")
 
     def distill_config(self) -> DistillLossConfig:
         """The general objective of a kind-multi student; methods mind / mmpkd / supervised are

@@ -25,6 +25,7 @@ with NaN = unknown.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -32,6 +33,8 @@ from pathlib import Path
 from collections.abc import Sequence
 
 import numpy as np
+
+from kdscale.io.atomic import write_json_atomic, write_text_atomic
 
 __all__ = ["Predictions", "MODALITIES", "META_COLUMNS", "TASKS", "write_predictions",
            "read_predictions", "subset", "align", "sidecar_path", "demographics"]
@@ -255,12 +258,12 @@ def demographics(record_meta: dict | None) -> dict:
 
 
 def write_predictions(path, preds: Predictions) -> Path:
-    """Write ``preds`` to ``path`` (CSV) and ``<path>.json`` (names, task). Returns ``path``."""
+    """Write ``preds`` to ``path`` (CSV) and ``<path>.json`` (names, task), each atomically (a
+    crash never leaves a half-written file for ``kdscale report`` to read). Returns ``path``."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     heads = list(preds.heads)
     probs32 = {h: np.asarray(p, dtype=np.float32) for h, (p, _) in preds.heads.items()}
-    with open(path, "w", newline="", encoding="utf-8") as f:
+    with io.StringIO(newline="") as f:
         w = csv.writer(f)
         w.writerow(_header(preds.label_names, heads, preds.task))
         for i in range(preds.n):
@@ -276,11 +279,13 @@ def write_predictions(path, preds: Predictions) -> Path:
                 row += ([_fmt_float(float(v)) for v in probs32[h][i]] if covered
                         else [""] * preds.n_classes)
             w.writerow(row)
+        text = f.getvalue()
+    write_text_atomic(path, text)
     side = {"format": _FORMAT, "version": _VERSION, "task": preds.task,
             "label_names": preds.label_names, "heads": heads,
             "modalities": [m for m in MODALITIES if m in preds.present],
             "meta": [c for c in META_COLUMNS if c in preds.meta], "n": preds.n}
-    sidecar_path(path).write_text(json.dumps(side, indent=1) + "\n", encoding="utf-8")
+    write_json_atomic(sidecar_path(path), side)
     return path
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from collections.abc import Mapping, Sequence
 
 from kdscale.eval.predictions import MODALITIES, read_predictions
+from kdscale.io.atomic import write_text_atomic
 
 __all__ = ["RunResult", "discover_runs", "render_report", "results_table", "SECTION_IDS"]
 
@@ -701,8 +702,8 @@ def render_report(eval_dir, out_dir, title: str = "kdscale evaluation report") -
     out_dir.mkdir(parents=True, exist_ok=True)
     sections = _sections(eval_dir, out_dir)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
-    html_path.write_text(_to_html(title, sections), encoding="utf-8")
-    md_path.write_text(_to_markdown(title, sections, out_dir), encoding="utf-8")
+    write_text_atomic(html_path, _to_html(title, sections))   # a reader never sees half a report
+    write_text_atomic(md_path, _to_markdown(title, sections, out_dir))
     return {"html": html_path, "markdown": md_path}
 
 
