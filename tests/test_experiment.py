@@ -1,6 +1,7 @@
 """`kdscale experiment`: config, plan, sharing check, pooled paired bootstrap (hand-made cases), and
 a tiny experiment end to end whose aggregate equals what the per-run evaluation files give."""
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -117,16 +118,25 @@ def test_pooled_bootstrap_refuses_seeds_with_different_test_labels():
         pooled_paired_bootstrap([(a, "fusion"), (b, "fusion")], [(a, "fusion"), (b, "fusion")], "all", 10)
 
 
+@pytest.fixture(scope="module")
+def tiny_experiment(tmp_path_factory):
+    """2 arms x 2 seeds of real pipeline runs, run once for this module: (config path, out dir)."""
+    from kdscale.cli import main
+
+    tmp_path = tmp_path_factory.mktemp("experiment")
+    cfg = _write(tmp_path)
+    assert main(["experiment", "--cfg", str(cfg)]) == 0
+    return cfg, tmp_path / "exp"
+
+
 @pytest.mark.slow
-def test_tiny_experiment_end_to_end_and_its_aggregate(tmp_path, capsys):
+def test_tiny_experiment_end_to_end_and_its_aggregate(tiny_experiment, capsys):
     """2 arms x 2 seeds of real pipeline runs; every aggregate number recomputed from the runs'
     own evaluation.json / predictions.csv; a second call resumes (runs nothing)."""
     from kdscale.cli import main
     from kdscale.eval.predictions import read_predictions
 
-    cfg = _write(tmp_path)
-    assert main(["experiment", "--cfg", str(cfg)]) == 0
-    out = tmp_path / "exp"
+    cfg, out = tiny_experiment
     agg = json.loads((out / "results" / "tiny" / "aggregate.json").read_text())
     assert set(agg["arms"]) == {"joint", "mind"} and agg["seeds"] == [0, 1] and not agg["missing"]
     for arm in ("joint", "mind"):
@@ -169,6 +179,27 @@ def test_tiny_experiment_end_to_end_and_its_aggregate(tmp_path, capsys):
     assert capsys.readouterr().out.count("already done, skipped") == 7
     assert main(["experiment", "--cfg", str(cfg), "--dry-run"]) == 0
     assert capsys.readouterr().out.count("[done]") == 7
+
+
+@pytest.mark.slow
+def test_experiment_report_in_headless_chromium(tiny_experiment, tmp_path):
+    """The aggregate report opens in a real browser with its three tables (arms, every seed,
+    each arm vs the reference), one row per arm, a column per seed."""
+    from browser import chromium_or_skip, dump_dom
+
+    chromium = chromium_or_skip()
+    _, out = tiny_experiment
+    page = tmp_path / "check.html"
+    probe = ("<script>window.addEventListener('load', function () {"
+             "document.body.setAttribute('data-sections', Array.from(document.querySelectorAll('section'))"
+             ".map(function (s) { return s.id + ':' + s.querySelectorAll('tbody tr').length; }).join(','));"
+             "});</script>")
+    page.write_text((out / "results" / "tiny" / "report.html").read_text().replace("</body>", probe + "</body>"))
+    dom = dump_dom(chromium, page)
+    sections = dict(item.split(":") for item in re.search(r'data-sections="([^"]*)"', dom).group(1).split(","))
+    assert set(sections) >= {"arms", "seeds", "comparisons"}
+    assert int(sections["arms"]) == 2 and int(sections["seeds"]) == 2 and int(sections["comparisons"]) >= 1
+    assert "seed 0" in dom and "seed 1" in dom
 
 
 def _online_equals_offline_without_augmentation(run_config: Path):

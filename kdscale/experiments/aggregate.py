@@ -21,7 +21,7 @@ import numpy as np
 from kdscale.eval.analysis import _patient_groups, _selection, _targets, to_jsonable
 from kdscale.eval.predictions import align, read_predictions
 from kdscale.eval.report import Figure, Paragraph, Section, Table, _to_html, _to_markdown
-from kdscale.io.atomic import write_json_atomic
+from kdscale.io.atomic import write_json_atomic, write_text_atomic
 from kdscale.metrics.classification import label_metrics, paired_bootstrap_diff
 
 COHORTS = ("all", "paired")
@@ -271,8 +271,8 @@ def render(exp, result: dict, out: Path) -> dict:
                                 [Paragraph(f"{len(result['missing'])} run(s) have no evaluation.json yet.")]))
     title = f"kdscale experiment {exp.name}"
     html_path, md_path = report_dir / "report.html", report_dir / "report.md"
-    html_path.write_text(_to_html(title, sections), encoding="utf-8")
-    md_path.write_text(_to_markdown(title, sections, report_dir), encoding="utf-8")
+    write_text_atomic(html_path, _to_html(title, sections))
+    write_text_atomic(md_path, _to_markdown(title, sections, report_dir))
     widths = [max(len(r[i]) for r in [arms.headers] + arms.rows) for i in range(len(arms.headers))]
     table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [arms.headers] + arms.rows)
     return {"json": json_path, "html": html_path, "markdown": md_path, "table": table}
