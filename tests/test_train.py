@@ -337,6 +337,7 @@ def test_eval_writes_predictions_metrics_robustness_and_attention_localization(p
     from kdscale.distill.student_training import train_student
     from kdscale.eval.predictions import read_predictions
     from kdscale.eval.run_eval import evaluate_run, report_run
+    from kdscale.metrics.classification import label_metrics
 
     root, cfg = prepared
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, split="val", bootstrap=30, min_group_size=3))
@@ -365,6 +366,15 @@ def test_eval_writes_predictions_metrics_robustness_and_attention_localization(p
     assert set(vit["localization"]["methods"]) == {"cls_last", "rollout"} and "robustness" not in vit
     comparisons = json.loads((out / "comparisons.json").read_text())
     assert {c["run_b"] for c in comparisons} >= {"joint", "medfuse"}
+    # MIND's EHR head against the EHR student without teachers, on the samples both cover
+    head_to_head = next(c for c in comparisons if c["run_a"] == "mind/ehr" and c["run_b"] == "ehr_only")
+    assert head_to_head["head_a"] == head_to_head["head_b"] == "ehr"
+    ehr_only = read_predictions(out / "ehr_only" / "val" / "predictions.csv")
+    both = preds.heads["ehr"][1] & ehr_only.heads["ehr"][1]
+    assert head_to_head["n"] == int(both.sum()) > 0
+    assert head_to_head["auroc_macro"]["a"] == pytest.approx(
+        label_metrics(preds.labels[both], preds.heads["ehr"][0][both])["auroc_macro"])
+    assert {c["run_a"] for c in comparisons if c["run_b"] in ("vit", "cnn")} >= {"mind", "mind/image"}
     report = report_run(cfg)
     assert Path(report["html"]).is_file() and "  mind/routed" in report["table"]
 

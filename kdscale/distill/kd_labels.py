@@ -53,8 +53,10 @@ def select_kd_labels(student: StudentRunConfig, soft_dir, shard_dir) -> tuple[St
     Unchanged (and ``{}``) when the threshold is 0. ValueError naming the head when its teacher
     reaches the threshold on no label."""
     threshold = student.kd_label_min_auroc
+    if not threshold:
+        return student, {}
     heads = distilled_heads(student)
-    if not threshold or not heads:
+    if not heads:
         return student, {}
     split = read_split_ensembles(Path(soft_dir), Path(shard_dir), SELECTION_SPLIT)
     chosen, record = {}, {}

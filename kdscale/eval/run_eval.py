@@ -464,4 +464,9 @@ def _comparisons(cfg, full: dict, ecfg) -> list:
                                    cohort=None if cohort == "all" else cohort, name_a=reference, name_b=name))
             except ValueError as exc:   # e.g. a data set without EHR has no paired cohort
                 log.info("comparison %s vs %s (%s) not possible: %s", reference, name, cohort, exc)
+        # a unimodal student is also compared with the reference's own head for that modality
+        # (MIND's image head vs an image student of the same size without teachers)
+        if head != ref_head and head in ref_preds.heads:
+            out.append(compare(ref_preds, preds, head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
+                               name_a=f"{reference}/{head}", name_b=name))
     return out
