@@ -147,7 +147,7 @@ def test_kd_label_min_auroc_config_checks():
                                     "kd_label_min_auroc": 0.6})
 
 
-def test_select_kd_labels_resolves_mind_and_distill_students_and_names_an_empty_head(monkeypatch):
+def test_select_kd_labels_resolves_mind_and_distill_students_and_switches_off_an_empty_head(monkeypatch, caplog):
     import kdscale.distill.kd_labels as kd
 
     labels = [[1, 0, 1], [0, 1, 1], [1, 1, 0], [0, 0, 0]]
@@ -171,11 +171,17 @@ def test_select_kd_labels_resolves_mind_and_distill_students_and_names_an_empty_
     no_kd = validate(StudentRunConfig, {"name": "n", "method": "mind", "model": {"kind": "mind"},
                                         "mind": {"omega": {"image": 0.0, "ehr": 0.0}}, "kd_label_min_auroc": 0.75})
     assert kd.select_kd_labels(no_kd, "soft", "shards") == (no_kd, {})
-    # an image ensemble that ranks nothing (constant logits: AUROC 0.5 everywhere)
+    # an image ensemble that ranks nothing (constant logits: AUROC 0.5 everywhere): its head
+    # distils nothing (KD weight 0, said), the other head keeps its labels
     flat = _split(labels, [[[0, 0, 0], e] for e in ehr], [[True, True]] * 4)
     monkeypatch.setattr(kd, "read_split_ensembles", lambda soft, shards, name: flat)
-    strict = validate(StudentRunConfig, {"name": "s", "method": "mind", "model": {"kind": "mind"},
-                                         "mind": {"omega": {"image": 1.0, "ehr": 0.0}}, "kd_label_min_auroc": 0.6})
+    with caplog.at_level("WARNING", logger="kdscale.distill.kd_labels"):
+        resolved, record = kd.select_kd_labels(mind_student, "soft", "shards")
+    assert "head 'image') reaches val AUROC >= 0.75 on no label" in caplog.text and "distils nothing" in caplog.text
+    assert resolved.mind.omega == {"image": 0.0, "ehr": 1.0} and resolved.mind.kd_labels == {"ehr": ["b", "c"]}
+    assert record["image"]["labels"] == [] and kd.describe(record, 3)[0].startswith("head image distils 0 of 3")
+    v2 = validate(StudentRunConfig, {"name": "s", "method": "mind", "model": {"kind": "mind"},
+                                     "mind": {"variant": "V2"}, "kd_label_min_auroc": 0.6})
     with pytest.raises(ValueError, match=r"ensemble 'image' \(head 'image'\) reaches val AUROC >= 0.6 on no label "
-                                         r"\(best: 'a' 0.500\)"):
-        kd.select_kd_labels(strict, "soft", "shards")
+                                         r"\(best: 'a' 0.500\); under MIND variant V2"):
+        kd.select_kd_labels(v2, "soft", "shards")

@@ -11,6 +11,7 @@ explicit ``mind.kd_labels`` / ``distill.heads.<h>.kd_labels`` of docs/losses.md.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -18,6 +19,8 @@ from typing import Optional
 from kdscale.data.softlabel_format import SplitEnsembles, read_split_ensembles
 from kdscale.distill.student_training_config import StudentRunConfig
 from kdscale.metrics.classification import label_metrics
+
+log = logging.getLogger(__name__)
 
 SELECTION_SPLIT = "val"
 
@@ -49,9 +52,12 @@ def distilled_heads(student: StudentRunConfig) -> dict[str, str]:
 
 def select_kd_labels(student: StudentRunConfig, soft_dir, shard_dir) -> tuple[StudentRunConfig, dict]:
     """``student`` with explicit per-head KD labels chosen by ``kd_label_min_auroc`` on the
-    validation split, and the record ``{head: {"ensemble", "min_auroc", "labels", "auroc"}}``.
-    Unchanged (and ``{}``) when the threshold is 0. ValueError naming the head when its teacher
-    reaches the threshold on no label."""
+    validation split, and the record ``{head: {"ensemble", "min_auroc", "split", "n_samples",
+    "labels", "auroc"}}``. Unchanged (and ``{}``) when the threshold is 0.
+
+    A head whose teacher reaches the threshold on no label distils nothing: its KD weight is set
+    to 0 (a warning names it; the record has ``labels: []``). Under MIND variants V2 / V3, where
+    ω also weights the supervised term or does not weight KD at all, that is a ValueError instead."""
     threshold = student.kd_label_min_auroc
     if not threshold:
         return student, {}
@@ -63,25 +69,33 @@ def select_kd_labels(student: StudentRunConfig, soft_dir, shard_dir) -> tuple[St
     for head, ensemble in heads.items():
         aurocs = ensemble_label_auroc(split, ensemble)
         keep = labels_known(aurocs, threshold)
-        if not keep:
-            best = max(((a, n) for n, a in aurocs.items() if a is not None), key=lambda t: t[0],
-                       default=(float("nan"), "-"))
-            raise ValueError(f"student {student.name!r}: teacher ensemble {ensemble!r} (head {head!r}) reaches "
-                             f"{SELECTION_SPLIT} AUROC >= {threshold} on no label (best: {best[1]!r} {best[0]:.3f}); "
-                             f"lower kd_label_min_auroc or stop distilling that head")
-        chosen[head] = keep
         record[head] = {"ensemble": ensemble, "min_auroc": threshold, "split": SELECTION_SPLIT,
                         "n_samples": int(split.ensemble_seen[:, split.ensemble_names.index(ensemble)].sum()),
                         "labels": keep, "auroc": aurocs}
+        if keep:
+            chosen[head] = keep
+            continue
+        best = max(((a, n) for n, a in aurocs.items() if a is not None), key=lambda t: t[0],
+                   default=(float("nan"), "-"))
+        what = (f"student {student.name!r}: teacher ensemble {ensemble!r} (head {head!r}) reaches {SELECTION_SPLIT} "
+                f"AUROC >= {threshold} on no label (best: {best[1]!r} {best[0]:.3f})")
+        if student.method == "mind" and student.mind.variant != "V1":
+            raise ValueError(f"{what}; under MIND variant {student.mind.variant} its KD cannot be switched off "
+                             f"alone: lower kd_label_min_auroc or use variant V1")
+        log.warning("%s: that head distils nothing (KD weight 0)", what)
+    return _with_kd_labels(student, chosen, set(heads) - set(chosen)), record
+
+
+def _with_kd_labels(student: StudentRunConfig, chosen: dict[str, list[str]], off: set[str]) -> StudentRunConfig:
+    """The student config with explicit per-head KD labels, and KD weight 0 for the ``off`` heads."""
     if student.method == "mind":
-        resolved = dataclasses.replace(student, mind=dataclasses.replace(student.mind, kd_labels=chosen),
-                                       kd_label_min_auroc=0.0)
-    else:
-        heads_cfg = {h: dataclasses.replace(v, kd_labels=chosen.get(h, v.kd_labels))
-                     for h, v in student.distill.heads.items()}
-        resolved = dataclasses.replace(student, distill=dataclasses.replace(student.distill, heads=heads_cfg),
-                                       kd_label_min_auroc=0.0)
-    return resolved, record
+        omega = {m: (0.0 if m in off else w) for m, w in student.mind.omega.items()}
+        mind = dataclasses.replace(student.mind, kd_labels=chosen or None, omega=omega)
+        return dataclasses.replace(student, mind=mind, kd_label_min_auroc=0.0)
+    heads = {h: dataclasses.replace(v, kd_labels=chosen.get(h, v.kd_labels), omega=0.0 if h in off else v.omega)
+             for h, v in student.distill.heads.items()}
+    return dataclasses.replace(student, distill=dataclasses.replace(student.distill, heads=heads),
+                               kd_label_min_auroc=0.0)
 
 
 def describe(record: dict, n_labels: int) -> list[str]:
