@@ -27,7 +27,7 @@ def test_demo_pipeline_end_to_end(tmp_path):
                      f"eval.oracle_scores={run}/demo-data/kdscale-oracle/phenotyping.csv", "shards.max_samples_per_shard=40",
                      "loader.image_size=32", "loader.resize_size=36", "loader.batch_size=8",
                      *[f"teachers.members.{i}.epochs=1" for i in range(4)],
-                     *[f"students.{i}.train.epochs=1" for i in range(4)], "eval.bootstrap=50",
+                     *[f"students.{i}.train.epochs=1" for i in range(5)], "eval.bootstrap=50",
                      "eval.min_group_size=5")
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Outputs in {run}" in result.stdout
@@ -49,14 +49,18 @@ def test_demo_pipeline_end_to_end(tmp_path):
     assert written == summary["ingest"]["kept"]
     assert kdscale("verify", str(run / "shards")).returncode == 0
     # students, evaluation, report: the README's first command ends with the results and the report
-    assert set(outputs["train"]["val_auroc_macro"]) == {"mind", "joint", "mind_no_kd", "image_resnet10"}
+    assert set(outputs["train"]["val_auroc_macro"]) == {"mind", "mind_val_labels", "joint", "mind_no_kd",
+                                                        "image_resnet10"}
     for name in ("mind", "joint"):
         evaluation = json.loads((run / "eval" / name / "test" / "evaluation.json").read_text())
         assert evaluation["info"]["student"] == name
         assert {"full", "drop:image", "drop:ehr"} <= set(evaluation["robustness"]["conditions"])
         assert (run / "eval" / name / "test" / "predictions.csv").is_file()
     comparisons = json.loads((run / "eval" / "comparisons.json").read_text())
-    assert comparisons and comparisons[0]["run_a"] == "mind" and comparisons[0]["run_b"] == "joint"
+    # eval.compare_to: MIND distilling the labels its teachers know, minus each other student
+    assert [c["run_b"] for c in comparisons if c["cohort"] == "paired"] == ["mind", "joint", "mind_no_kd",
+                                                                           "image_resnet10"]
+    assert {c["run_a"] for c in comparisons} == {"mind_val_labels", "mind_val_labels/image"}
     report = run / "report" / "report.html"
     assert report.is_file() and f"Report: {report}" in result.stdout
     assert "macro AUROC over all" in result.stdout and "  mind/" in result.stdout
