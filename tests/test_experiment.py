@@ -108,6 +108,26 @@ def test_pooled_bootstrap_point_is_the_seed_mean_of_macro_differences():
     # the same arm twice: a zero difference, p = 1
     same = pooled_paired_bootstrap([(r, "fusion") for r in ref], [(r, "fusion") for r in ref], "all", 50)
     assert same["diff"] == 0 and same["p_value"] == 1.0
+    # only some labels (eval.signal_labels): the macro over label "b" alone
+    only_b = pooled_paired_bootstrap([(r, "fusion") for r in ref], [(a, "fusion") for a in arm], "all", 50,
+                                     labels=["b"])
+    per_seed_b = [label_metrics(y[:, 1:], r.heads["fusion"][0][:, 1:])["auroc_macro"]
+                  - label_metrics(y[:, 1:], a.heads["fusion"][0][:, 1:])["auroc_macro"] for r, a in zip(ref, arm)]
+    assert only_b["diff"] == pytest.approx(np.mean(per_seed_b)) and only_b["labels"] == ["b"]
+    assert got["labels"] == "all" and only_b["diff"] != pytest.approx(got["diff"])
+    with pytest.raises(ValueError, match="label 'z' is not a label of the runs"):
+        pooled_paired_bootstrap([(ref[0], "fusion")], [(arm[0], "fusion")], "all", 10, labels=["z"])
+
+
+def test_run_metrics_reads_the_signal_label_macro():
+    from kdscale.experiments.aggregate import run_metrics
+
+    evaluation = {"main_head": "routed", "heads": {"routed": {
+        "all": {"auroc_macro": {"value": 0.6}, "auprc_macro": {"value": 0.3}, "signal": {"auroc_macro": {"value": 0.7}}},
+        "paired": {"auroc_macro": {"value": 0.62}, "auprc_macro": {"value": 0.31}}}}}
+    got = run_metrics(evaluation)
+    assert got["signal.auroc_macro/all"] == 0.7 and got["auroc_macro/paired"] == 0.62
+    assert "signal.auroc_macro/paired" not in got
 
 
 def test_pooled_bootstrap_refuses_seeds_with_different_test_labels():
@@ -157,7 +177,11 @@ def test_tiny_experiment_end_to_end_and_its_aggregate(tiny_experiment, capsys):
         info = json.loads((out / f"seed-{s}" / "mind" / "students" / "mind" / "student.json").read_text())
         assert info["seed"] == s
         assert Path(info["soft_labels"]).resolve() == (out / f"seed-{s}" / "softlabels").resolve()
-    comp = next(c for c in agg["comparisons"] if c["cohort"] == "all" and c["metric"] == "auroc_macro")
+    # the signal labels (eval.signal_labels) get their own macro and their own pooled comparison
+    assert agg["arms"]["mind"]["metrics"]["signal.auroc_macro/all"]["mean"] is not None
+    assert any(c.get("labels") == ["Shock", "Essential hypertension"] and "skipped" not in c for c in agg["comparisons"])
+    comp = next(c for c in agg["comparisons"] if c["cohort"] == "all" and c["metric"] == "auroc_macro"
+                and c["labels"] == "all")
     diffs = []
     for seed in (0, 1):
         preds = {}

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -45,6 +45,8 @@ def run_metrics(evaluation: dict, shortcut: Optional[dict] = None) -> dict:
         if m:
             out[f"auroc_macro/{cohort}"] = _value(m.get("auroc_macro"))
             out[f"auprc_macro/{cohort}"] = _value(m.get("auprc_macro"))
+            if isinstance(m.get("signal"), dict):   # eval.signal_labels: the labels with designed signal
+                out[f"signal.auroc_macro/{cohort}"] = _value(m["signal"].get("auroc_macro"))
     for head, cohort in (("fusion", "paired"), ("image", "all"), ("ehr", "all")):
         m = (heads.get(head) or {}).get(cohort)
         if head != main and m:
@@ -75,9 +77,10 @@ def _eval_dir(unit, split: str) -> Path:
 
 
 def pooled_paired_bootstrap(preds_ref: list, preds_arm: list, cohort: str, n_boot: int, seed: int = 0,
-                            metric: str = "auroc_macro") -> dict:
+                            metric: str = "auroc_macro", labels: Optional[Sequence[str]] = None) -> dict:
     """Paired bootstrap of the reference minus the arm (lists of (Predictions, head), one pair per
-    seed, in the same seed order), pooled over seeds as the module docstring describes."""
+    seed, in the same seed order), pooled over seeds as the module docstring describes.
+    ``labels``: only these labels (e.g. eval.signal_labels) enter the macro."""
     per_seed = []
     for (pa, ha), (pb, hb) in zip(preds_ref, preds_arm):
         a, b = align(pa, pb)
@@ -98,10 +101,18 @@ def pooled_paired_bootstrap(preds_ref: list, preds_arm: list, cohort: str, n_boo
         pas.append(np.asarray(a.heads[ha][0], np.float64)[rows])
         pbs.append(np.asarray(b.heads[hb][0], np.float64)[rows])
         groups = _patient_groups(a)[rows]
+    if labels is not None:
+        names = list(per_seed[0][0].label_names)
+        unknown = [n for n in labels if n not in names]
+        if unknown:
+            raise ValueError(f"label {unknown[0]!r} is not a label of the runs")
+        cols = [names.index(n) for n in labels]
+        ys, pas, pbs = [y[:, cols] for y in ys], [p[:, cols] for p in pas], [p[:, cols] for p in pbs]
     y_all, pa_all, pb_all = np.hstack(ys), np.hstack(pas), np.hstack(pbs)
     d = paired_bootstrap_diff(y_all, pa_all, pb_all, groups=groups, metric=metric, n_resamples=n_boot,
                               seed=seed)
-    return {"cohort": cohort, "metric": metric, "n": len(keys), "n_patients": int(len(np.unique(groups))),
+    return {"cohort": cohort, "metric": metric, "labels": "all" if labels is None else list(labels),
+            "n": len(keys), "n_patients": int(len(np.unique(groups))),
             "seeds": len(per_seed), "reference_value": float(label_metrics(y_all, pa_all)[metric]),
             "arm_value": float(label_metrics(y_all, pb_all)[metric]), **d, "n_boot": n_boot}
 
@@ -139,6 +150,8 @@ def aggregate(exp, units: list, configs: dict) -> dict:
                       "evaluations": {str(s): r["evaluation"] for s, r in runs.items()}}
     comparisons = []
     ref = exp.reference
+    signal = [list(cfg.eval.signal_labels) for cfg in configs.values() if cfg.eval.signal_labels][:1]
+    label_sets = [None] + signal   # every label, then (when configured) the signal labels only
     for name in arms_present:
         if name == ref or ref not in arms:
             continue
@@ -146,13 +159,13 @@ def aggregate(exp, units: list, configs: dict) -> dict:
         if not both:
             continue
         for cohort in COHORTS:
-            for metric in ("auroc_macro", "auprc_macro"):
+            for metric, labels in [(m, ls) for ls in label_sets for m in ("auroc_macro", "auprc_macro")]:
                 try:
                     c = pooled_paired_bootstrap([preds[(ref, s)] for s in both], [preds[(name, s)] for s in both],
-                                                cohort, exp.bootstrap, metric=metric)
+                                                cohort, exp.bootstrap, metric=metric, labels=labels)
                 except ValueError as exc:   # e.g. an image-only arm has no paired cohort
                     comparisons.append({"reference": ref, "arm": name, "cohort": cohort, "metric": metric,
-                                        "skipped": str(exc)})
+                                        "labels": "all" if labels is None else labels, "skipped": str(exc)})
                     continue
                 # report arm minus reference (positive = the arm is better)
                 comparisons.append({**c, "reference": ref, "arm": name, "seeds_pooled": both,
@@ -167,7 +180,8 @@ def aggregate(exp, units: list, configs: dict) -> dict:
 # Report
 # ---------------------------------------------------------------------------------------------
 
-HEADLINE = ("auroc_macro/all", "auroc_macro/paired", "fusion.auroc_macro/paired", "image.auroc_macro/all",
+HEADLINE = ("signal.auroc_macro/all", "signal.auroc_macro/paired", "auroc_macro/all", "auroc_macro/paired",
+            "fusion.auroc_macro/paired", "image.auroc_macro/all",
             "ehr.auroc_macro/all", "util.d_util", "loc.iou", "loc.fpr_pixel", "loc.pointing_game",
             "loc.detection_auroc", "shortcut.marker_share", "shortcut.marker_share_marked",
             "shortcut.marker_share_unmarked", "shortcut.area_share", "shortcut.prob_gap")
@@ -193,8 +207,9 @@ def _arm_table(result: dict):
 
 
 def _seed_table(result: dict):
-    key = "auroc_macro/paired" if any("auroc_macro/paired" in a["metrics"] for a in result["arms"].values()) \
-        else "auroc_macro/all"
+    present = {k for a in result["arms"].values() for k in a["metrics"]}
+    key = next(k for k in ("signal.auroc_macro/paired", "auroc_macro/paired", "auroc_macro/all")
+               if k in present or k == "auroc_macro/all")
     seeds = result["seeds"]
     rows = [[name] + [_fmt(arm["metrics"].get(key, {}).get("per_seed", {}).get(str(s))) for s in seeds]
             for name, arm in result["arms"].items()]
@@ -206,11 +221,13 @@ def _comparison_table(result: dict):
     for c in result["comparisons"]:
         if "skipped" in c:
             continue
-        rows.append([c["arm"], c["cohort"], c["metric"], str(c["n"]), ",".join(map(str, c["seeds_pooled"])),
+        labels = c.get("labels", "all")
+        rows.append([c["arm"], c["cohort"], c["metric"], "all" if labels == "all" else f"{len(labels)} signal",
+                     str(c["n"]), ",".join(map(str, c["seeds_pooled"])),
                      _fmt(c["reference_value"]), _fmt(c["arm_value"]),
                      f"{c['diff']:+.3f} [{c['low']:+.3f}, {c['high']:+.3f}]",
                      "–" if c["p_value"] is None else f"{c['p_value']:.3f}", str(c["n_resamples_used"])])
-    return Table(["arm", "cohort", "metric", "n samples", "seeds pooled", result["reference"], "arm",
+    return Table(["arm", "cohort", "metric", "labels", "n samples", "seeds pooled", result["reference"], "arm",
                   f"arm − {result['reference']} [95% CI]",
                   "p", "resamples used"], rows,
                  "Paired patient-level bootstrap pooled over seeds (one resample applies to every seed; the "
