@@ -13,7 +13,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, f1_score,
 
 from kdscale.eval.analysis import (calibration, cohorts, compare, evaluate, head_metrics,
                                    parse_condition, robustness, subgroups, utilization)
-from kdscale.metrics.classification import expected_calibration_error
+from kdscale.metrics.classification import expected_calibration_error, label_metrics
 from kdscale.eval.predictions import (Predictions, align, read_predictions, sidecar_path,
                                       subset, write_predictions)
 
@@ -403,6 +403,19 @@ def test_compare_restricts_to_common_keys_covered_by_both_heads_and_cohort():
         compare(a, wrong, "image", "image", n_boot=10)
     with pytest.raises(ValueError, match="unknown head"):
         compare(a, b, "image", "text", n_boot=10)
+
+
+def test_compare_over_a_label_subset_is_the_macro_over_those_labels():
+    good = make_predictions(n=300, seed=6, signals={"routed": 0.6}, heads=("routed",))
+    bad = make_predictions(n=300, seed=6, signals={"routed": 0.05}, heads=("routed",))
+    keep = good.label_names[1:3]
+    c = compare(good, bad, "routed", "routed", n_boot=100, labels=keep)
+    assert c["labels"] == keep and compare(good, bad, "routed", "routed", n_boot=10)["labels"] == "all"
+    y = good.labels[:, 1:3]
+    assert c["auroc_macro"]["a"] == pytest.approx(label_metrics(y, good.heads["routed"][0][:, 1:3])["auroc_macro"])
+    assert c["auroc_macro"]["b"] == pytest.approx(label_metrics(y, bad.heads["routed"][0][:, 1:3])["auroc_macro"])
+    with pytest.raises(ValueError, match="label 'nope' is not a label of the runs"):
+        compare(good, bad, "routed", "routed", n_boot=10, labels=["nope"])
 
 
 # ----------------------------------------------------------------------------- robustness

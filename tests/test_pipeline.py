@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from kdscale.cli import main
 
@@ -20,6 +21,10 @@ def kdscale(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
+def cfg_signal_labels() -> list:
+    return yaml.safe_load((REPO / "configs" / "demo.yaml").read_text())["eval"]["signal_labels"]
+
+
 def test_demo_pipeline_end_to_end(tmp_path):
     run = tmp_path / "run"
     result = kdscale("pipeline", "--cfg", "configs/demo.yaml", f"run.out_dir={run}",
@@ -58,8 +63,9 @@ def test_demo_pipeline_end_to_end(tmp_path):
         assert (run / "eval" / name / "test" / "predictions.csv").is_file()
     comparisons = json.loads((run / "eval" / "comparisons.json").read_text())
     # eval.compare_to: MIND distilling the labels its teachers know, minus each other student
-    assert [c["run_b"] for c in comparisons if c["cohort"] == "paired"] == ["mind", "joint", "mind_no_kd",
-                                                                           "image_resnet10"]
+    for labels in ("all", cfg_signal_labels()):   # every label, and the 12 with designed signal
+        assert [c["run_b"] for c in comparisons if c["cohort"] == "paired" and c["labels"] == labels] == [
+            "mind", "joint", "mind_no_kd", "image_resnet10"]
     assert {c["run_a"] for c in comparisons} == {"mind_val_labels", "mind_val_labels/image"}
     report = run / "report" / "report.html"
     assert report.is_file() and f"Report: {report}" in result.stdout

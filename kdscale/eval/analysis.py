@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -429,10 +429,21 @@ def _same_labels(a: Predictions, b: Predictions) -> None:
                          f" common samples: they were not evaluated on the same test set")
 
 
+def _label_columns(preds: Predictions, labels: Sequence[str]) -> list[int]:
+    if preds.task == "multiclass":
+        raise ValueError("a label subset is for binary / multilabel tasks (a multiclass macro needs every class)")
+    unknown = [n for n in labels if n not in preds.label_names]
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} is not a label of the runs")
+    return [preds.label_names.index(n) for n in labels]
+
+
 def compare(preds_a: Predictions, preds_b: Predictions, head_a: str, head_b: str,
             n_boot: int = 1000, seed: int = 0, cohort: str | None = None, *,
-            name_a: str = "a", name_b: str = "b", ci: float = 0.95) -> dict:
-    """Paired patient-level bootstrap of macro AUROC and AUPRC, run a minus run b.
+            name_a: str = "a", name_b: str = "b", ci: float = 0.95,
+            labels: Sequence[str] | None = None) -> dict:
+    """Paired patient-level bootstrap of macro AUROC and AUPRC, run a minus run b; with
+    ``labels`` (e.g. eval.signal_labels) the macros are over those labels only.
 
     Both runs are restricted to their common keys and to the rows both heads cover (inside
     ``cohort``, a cohort name of run a's presence flags, or all). Each metric gets ``{"a", "b",
@@ -452,9 +463,12 @@ def compare(preds_a: Predictions, preds_b: Predictions, head_a: str, head_b: str
     y = _targets(a)[0][sel]
     pa = np.asarray(a.heads[head_a][0], dtype=np.float64)[sel]
     pb = np.asarray(b.heads[head_b][0], dtype=np.float64)[sel]
+    if labels is not None:
+        cols = _label_columns(a, labels)
+        y, pa, pb = y[:, cols], pa[:, cols], pb[:, cols]
     groups = _patient_groups(a)[sel]
     out = {"run_a": name_a, "run_b": name_b, "head_a": head_a, "head_b": head_b,
-           "cohort": cohort or "all", "n": int(sel.sum()),
+           "cohort": cohort or "all", "labels": "all" if labels is None else list(labels), "n": int(sel.sum()),
            "n_patients": len(np.unique(groups)), "n_boot": n_boot, "seed": seed, "ci": ci}
     for metric in ("auroc_macro", "auprc_macro"):
         d = paired_bootstrap_diff(y, pa, pb, groups=groups, metric=metric, n_resamples=n_boot,

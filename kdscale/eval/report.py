@@ -288,15 +288,22 @@ def _comparisons_section(comparisons: Sequence[dict]) -> Section:
     section = Section("comparisons", "Paired comparisons")
     if comparisons:
         rows = [[f"{c.get('run_a', '?')} / {c.get('head_a', '?')}",
-                 f"{c.get('run_b', '?')} / {c.get('head_b', '?')}", str(c.get("cohort", "all")),
+                 f"{c.get('run_b', '?')} / {c.get('head_b', '?')}", _labels_cell(c.get("labels")),
+                 str(c.get("cohort", "all")),
                  _num(c.get("n")), _num(c.get("n_patients")),
                  *_diff_cells(c.get("auroc_macro")), *_diff_cells(c.get("auprc_macro"))]
                 for c in comparisons]
         section.blocks.append(Table(
-            ["A", "B", "cohort", "n", "patients", "Δ macro AUROC (A − B)", "p", "Δ macro AUPRC",
+            ["A", "B", "labels", "cohort", "n", "patients", "Δ macro AUROC (A − B)", "p", "Δ macro AUPRC",
              "p"], rows, "Paired patient-level bootstrap on the samples both runs cover; "
-                         "two-sided bootstrap p-value."))
+                         "two-sided bootstrap p-value; labels: the macro's labels (every label, or "
+                         "eval.signal_labels)."))
     return section.note_if_empty("No comparisons.json: no paired comparison was run.")
+
+
+def _labels_cell(labels) -> str:
+    """'all', or how many labels a comparison's macro is over (eval.signal_labels)."""
+    return "all" if labels in (None, "all") else f"{len(labels)} signal"
 
 
 def _diff_cells(entry) -> list[str]:
@@ -720,10 +727,10 @@ def results_table(eval_dir, width_cohorts: Sequence[str] = SUMMARY_COHORTS) -> s
         out += _table_blocks(runs, width_cohorts, f" ({split} split)" if len(splits) > 1 else "")
     comparisons = _comparisons(eval_dir)
     if comparisons:
-        rows = [["paired comparison (A − B)", "cohort", "n", "Δ macro AUROC", "p"]]
+        rows = [["paired comparison (A − B)", "labels", "cohort", "n", "Δ macro AUROC", "p"]]
         for c in comparisons:
-            rows.append([f"{c.get('run_a', '?')} − {c.get('run_b', '?')}", str(c.get("cohort", "all")),
-                         _num(c.get("n")), *_diff_cells(c.get("auroc_macro"))])
+            rows.append([f"{c.get('run_a', '?')} − {c.get('run_b', '?')}", _labels_cell(c.get("labels")),
+                         str(c.get("cohort", "all")), _num(c.get("n")), *_diff_cells(c.get("auroc_macro"))])
         out.append(_plain(rows))
     notes = "[95% CI]: patient-level bootstrap, stratified per label (docs/eval.md)."
     if any(r.evaluation.get("bootstrap_warnings") for r in every):

@@ -458,15 +458,18 @@ def _comparisons(cfg, full: dict, ecfg) -> list:
     for name, (preds, head) in full.items():
         if name == reference:
             continue
-        for cohort in ("all", "paired"):
-            try:
-                out.append(compare(ref_preds, preds, ref_head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
-                                   cohort=None if cohort == "all" else cohort, name_a=reference, name_b=name))
-            except ValueError as exc:   # e.g. a data set without EHR has no paired cohort
-                log.info("comparison %s vs %s (%s) not possible: %s", reference, name, cohort, exc)
-        # a unimodal student is also compared with the reference's own head for that modality
-        # (MIND's image head vs an image student of the same size without teachers)
-        if head != ref_head and head in ref_preds.heads:
-            out.append(compare(ref_preds, preds, head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
-                               name_a=f"{reference}/{head}", name_b=name))
+        # every label, then (eval.signal_labels) only the labels with designed signal
+        for labels in [None] + ([list(ecfg.signal_labels)] if ecfg.signal_labels else []):
+            for cohort in ("all", "paired"):
+                try:
+                    out.append(compare(ref_preds, preds, ref_head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
+                                       cohort=None if cohort == "all" else cohort, name_a=reference, name_b=name,
+                                       labels=labels))
+                except ValueError as exc:   # e.g. a data set without EHR has no paired cohort
+                    log.info("comparison %s vs %s (%s) not possible: %s", reference, name, cohort, exc)
+            # a unimodal student is also compared with the reference's own head for that modality
+            # (MIND's image head vs an image student of the same size without teachers)
+            if head != ref_head and head in ref_preds.heads:
+                out.append(compare(ref_preds, preds, head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
+                                   name_a=f"{reference}/{head}", name_b=name, labels=labels))
     return out
