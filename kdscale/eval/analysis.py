@@ -34,7 +34,7 @@ from kdscale.metrics.classification import (bootstrap_ci, bootstrap_label_macros
 from kdscale.metrics.utilization import utilization as engine_utilization
 
 __all__ = ["COHORT_DEFINITIONS", "AGE_BANDS", "cohorts", "head_metrics", "evaluate",
-           "calibration", "subgroups", "subgroup_counts_line", "utilization", "compare", "robustness",
+           "calibration", "subgroups", "subgroup_counts_line", "utilization", "compare", "label_columns", "robustness",
            "parse_condition", "to_jsonable"]
 
 #: Cohort name -> definition (a sample's modalities as recorded in ``Predictions.present``).
@@ -429,7 +429,9 @@ def _same_labels(a: Predictions, b: Predictions) -> None:
                          f" common samples: they were not evaluated on the same test set")
 
 
-def _label_columns(preds: Predictions, labels: Sequence[str]) -> list[int]:
+def label_columns(preds: Predictions, labels: Sequence[str]) -> list[int]:
+    """The column of each named label (a label subset, e.g. eval.signal_labels); ValueError naming
+    an unknown label."""
     if preds.task == "multiclass":
         raise ValueError("a label subset is for binary / multilabel tasks (a multiclass macro needs every class)")
     unknown = [n for n in labels if n not in preds.label_names]
@@ -464,7 +466,7 @@ def compare(preds_a: Predictions, preds_b: Predictions, head_a: str, head_b: str
     pa = np.asarray(a.heads[head_a][0], dtype=np.float64)[sel]
     pb = np.asarray(b.heads[head_b][0], dtype=np.float64)[sel]
     if labels is not None:
-        cols = _label_columns(a, labels)
+        cols = label_columns(a, labels)
         y, pa, pb = y[:, cols], pa[:, cols], pb[:, cols]
     groups = _patient_groups(a)[sel]
     out = {"run_a": name_a, "run_b": name_b, "head_a": head_a, "head_b": head_b,

@@ -470,6 +470,9 @@ def _comparisons(cfg, full: dict, ecfg) -> list:
             # a unimodal student is also compared with the reference's own head for that modality
             # (MIND's image head vs an image student of the same size without teachers)
             if head != ref_head and head in ref_preds.heads:
-                out.append(compare(ref_preds, preds, head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
-                                   name_a=f"{reference}/{head}", name_b=name, labels=labels))
+                try:
+                    out.append(compare(ref_preds, preds, head, head, n_boot=ecfg.bootstrap, seed=ecfg.seed,
+                                       name_a=f"{reference}/{head}", name_b=name, labels=labels))
+                except ValueError as exc:   # e.g. the two heads cover no common sample
+                    log.info("comparison %s/%s vs %s not possible: %s", reference, head, name, exc)
     return out

@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from kdscale.eval.analysis import _patient_groups, _selection, _targets, to_jsonable
+from kdscale.eval.analysis import _patient_groups, _selection, _targets, label_columns, to_jsonable
 from kdscale.eval.predictions import align, read_predictions
 from kdscale.eval.report import Figure, Paragraph, Section, Table, _to_html, _to_markdown
 from kdscale.io.atomic import write_json_atomic, write_text_atomic
@@ -102,11 +102,7 @@ def pooled_paired_bootstrap(preds_ref: list, preds_arm: list, cohort: str, n_boo
         pbs.append(np.asarray(b.heads[hb][0], np.float64)[rows])
         groups = _patient_groups(a)[rows]
     if labels is not None:
-        names = list(per_seed[0][0].label_names)
-        unknown = [n for n in labels if n not in names]
-        if unknown:
-            raise ValueError(f"label {unknown[0]!r} is not a label of the runs")
-        cols = [names.index(n) for n in labels]
+        cols = label_columns(per_seed[0][0], labels)
         ys, pas, pbs = [y[:, cols] for y in ys], [p[:, cols] for p in pas], [p[:, cols] for p in pbs]
     y_all, pa_all, pb_all = np.hstack(ys), np.hstack(pas), np.hstack(pbs)
     d = paired_bootstrap_diff(y_all, pa_all, pb_all, groups=groups, metric=metric, n_resamples=n_boot,
