@@ -92,6 +92,12 @@ class Config:
 
     def __post_init__(self) -> None:
         check_students(self.students, self.teachers)
+        names = [s.name for s in self.students]
+        # a config that extends another inherits its eval.compare_to: with 2+ students (the only
+        # case in which anything is compared) it must name one of this config's own students
+        if self.eval.compare_to and len(names) > 1 and self.eval.compare_to not in names:
+            raise ValueError(f"eval.compare_to {self.eval.compare_to!r} is not one of the students {names}; "
+                             f"name one of them, or \"\" for the first")
         if self.eval.oracle_from_demo and not self.eval.oracle_scores:
             demo = self.data.demo
             if self.data.source != "demo" or demo.flavor != "mimic" or demo.task != "phenotyping":

@@ -195,6 +195,20 @@ def test_demo_config_students_do_not_share_their_train_block():
     assert [s.train.epochs for s in cfg.students[1:]] == [s.train.epochs for s in base.students[1:]]
 
 
+def test_an_inherited_compare_to_must_name_one_of_the_configs_students():
+    from kdscale.config import CONFIGS_ROOT, ConfigError
+
+    # demo.yaml compares from mind_val_labels; a config with other students that forgets to say
+    # which one is the reference fails at load, naming the key, not at the end of evaluation
+    students = ('students=[{name: a, method: joint, model: {kind: joint}}, '
+                '{name: b, method: joint, model: {kind: joint}}]')
+    with pytest.raises(ConfigError, match=r"eval.compare_to 'mind_val_labels' is not one of the students \['a', 'b'\]"):
+        load_config(CONFIGS_ROOT / "demo.yaml", [students])
+    assert load_config(CONFIGS_ROOT / "demo.yaml", [students, "eval.compare_to=b"]).eval.compare_to == "b"
+    one = load_config(CONFIGS_ROOT / "demo.yaml", ["students=[{name: a, method: joint, model: {kind: joint}}]"])
+    assert [s.name for s in one.students] == ["a"]   # one student: nothing is compared, nothing to check
+
+
 # Modules that config loading must never import: torch and what sits on it, and the stage modules
 # whose config dataclasses live in torch-free *_config.py modules beside them.
 _RUNTIME_MODULES = ("torch", "torchvision", "timm", "accelerate", "transformers", "deepspeed",
