@@ -116,6 +116,43 @@ def _run_encoder(encoder: nn.Module, inputs: dict, n: int) -> torch.Tensor:
         for m in bns:
             m.train()
 
+def _modality_rows(batch: dict, m: str, idx) -> dict:
+    """The encoder inputs of modality ``m`` for the batch rows ``idx`` (None = every row)."""
+    if m == "image":
+        x = batch_entry(batch, "image", "image")
+        return {"image": x if idx is None else x[idx.to(x.device)]}
+    if m == "ehr":
+        x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
+        if idx is None:
+            return {"ehr": x, "ehr_len": lengths}
+        return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
+    rows = batch_entry(batch, m, m)
+    return {m: list(rows) if idx is None else [rows[i] for i in idx.tolist()]}
+
+
+def _encode_present(encoder: nn.Module, batch: dict, m: str, mask: torch.Tensor, dim: int,
+                    ghosts: list) -> torch.Tensor:
+    """Features [B, dim] of modality ``m``: the encoder runs on the present rows only, absent
+    rows are 0; an encoder that runs on no row adds its ghost to ``ghosts`` (see ``_ghost``)."""
+    b = mask.shape[0]
+    if bool(mask.all()):
+        return _run_encoder(encoder, _modality_rows(batch, m, None), b)
+    idx = torch.nonzero(mask).squeeze(1)
+    if idx.numel() == 0:
+        ghosts.append(_ghost(encoder))
+        dtype = next(encoder.parameters()).dtype   # bf16 under DeepSpeed's bf16 engine
+        return torch.zeros(b, dim, device=mask.device, dtype=dtype)
+    sub = _run_encoder(encoder, _modality_rows(batch, m, idx), idx.numel())
+    return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
+
+
+def _with_ghosts(outputs: dict, ghosts: list) -> dict:
+    """Every output plus the (exactly zero) ghosts of the encoders that ran on no row."""
+    if not ghosts:
+        return outputs
+    ghost = sum(ghosts)
+    return {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
+
 def _nan_outside(z: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None], z, torch.full_like(z, float("nan")))
 
@@ -197,34 +234,11 @@ class MultimodalStudent(nn.Module):
         return masks
 
     # -- forward ----------------------------------------------------------------------------
-    def _encode(self, encoder: nn.Module, mask: torch.Tensor, sub_batch, dim: int, ghosts: list):
-        b = mask.shape[0]
-        if bool(mask.all()):
-            return _run_encoder(encoder, sub_batch(None), b)
-        idx = torch.nonzero(mask).squeeze(1)
-        if idx.numel() == 0:
-            ghosts.append(_ghost(encoder))
-            dtype = next(encoder.parameters()).dtype   # bf16 under DeepSpeed's bf16 engine
-            return torch.zeros(b, dim, device=mask.device, dtype=dtype)
-        sub = _run_encoder(encoder, sub_batch(idx), idx.numel())
-        return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
-
     def forward(self, batch: dict) -> dict:
         img_p, ehr_p = self.presence(batch)
         ghosts: list = []
-
-        def image_rows(idx):
-            image = batch_entry(batch, "image", "image")
-            return {"image": image if idx is None else image[idx.to(image.device)]}
-
-        def ehr_rows(idx):
-            x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
-            if idx is None:
-                return {"ehr": x, "ehr_len": lengths}
-            return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
-
-        v_a = self._encode(self.image_encoder, img_p, image_rows, self.image_dim, ghosts)   # [B, 512]
-        v_b = self._encode(self.ehr_encoder, ehr_p, ehr_rows, self.ehr_dim, ghosts)         # [B, 256]
+        v_a = _encode_present(self.image_encoder, batch, "image", img_p, self.image_dim, ghosts)   # [B, 512]
+        v_b = _encode_present(self.ehr_encoder, batch, "ehr", ehr_p, self.ehr_dim, ghosts)         # [B, 256]
         phi = self.projection(v_a)
         img_tok = torch.where(img_p[:, None], phi, torch.zeros_like(phi))
         v_b = v_b.to(img_tok.dtype)
@@ -241,10 +255,7 @@ class MultimodalStudent(nn.Module):
         if self.aux_heads:
             outputs["image"] = _nan_outside(self.image_head(self.dropout(v_a)), img_p)
             outputs["ehr"] = _nan_outside(self.ehr_head(self.dropout(v_b)), ehr_p)
-        if ghosts:
-            ghost = sum(ghosts)
-            outputs = {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
-        return outputs
+        return _with_ghosts(outputs, ghosts)
 
     # -- inference routing (§1.5) -----------------------------------------------------------
     def route_sources(self, present, use_aux: Optional[bool] = None,
@@ -450,34 +461,11 @@ class ModularStudent(nn.Module):
         return masks
 
     # -- forward ----------------------------------------------------------------------------
-    def _rows(self, batch: dict, m: str, idx):
-        if m == "image":
-            x = batch_entry(batch, "image", "image")
-            return {"image": x if idx is None else x[idx.to(x.device)]}
-        if m == "ehr":
-            x, lengths = batch_entry(batch, "ehr", "ehr"), batch_entry(batch, "ehr_len", "ehr")
-            if idx is None:
-                return {"ehr": x, "ehr_len": lengths}
-            return {"ehr": x[idx.to(x.device)], "ehr_len": lengths[idx.to(lengths.device)]}
-        rows = batch_entry(batch, m, m)
-        return {m: list(rows) if idx is None else [rows[i] for i in idx.tolist()]}
-
-    def _encode(self, m: str, batch: dict, mask: torch.Tensor, ghosts: list) -> torch.Tensor:
-        encoder, dim, b = self.encoders[m], self.feature_dims[m], mask.shape[0]
-        if bool(mask.all()):
-            return _run_encoder(encoder, self._rows(batch, m, None), b)
-        idx = torch.nonzero(mask).squeeze(1)
-        if idx.numel() == 0:
-            ghosts.append(_ghost(encoder))
-            dtype = next(encoder.parameters()).dtype
-            return torch.zeros(b, dim, device=mask.device, dtype=dtype)
-        sub = _run_encoder(encoder, self._rows(batch, m, idx), idx.numel())
-        return sub.new_zeros(b, dim).index_copy(0, idx.to(sub.device), sub)
-
     def forward(self, batch: dict) -> dict:
         present = self.presence(batch)
         ghosts: list = []
-        feats = {m: self._encode(m, batch, present[m], ghosts) for m in self.modalities}
+        feats = {m: _encode_present(self.encoders[m], batch, m, present[m], self.feature_dims[m], ghosts)
+                 for m in self.modalities}
         outputs = {}
         if self.fusion_module is not None:
             dtype = feats[self.modalities[0]].dtype
@@ -488,10 +476,7 @@ class ModularStudent(nn.Module):
         for m in self.modalities:
             if m in self.heads:
                 outputs[m] = _nan_outside(self.heads[m](self.dropout(feats[m])), present[m])
-        if ghosts:
-            ghost = sum(ghosts)
-            outputs = {k: v + ghost.to(v.dtype) for k, v in outputs.items()}
-        return outputs
+        return _with_ghosts(outputs, ghosts)
 
     # -- inference routing ------------------------------------------------------------------
     def route_sources(self, present, use_aux: Optional[bool] = None,
