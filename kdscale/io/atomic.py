@@ -108,6 +108,19 @@ def names_path(path: PathLike) -> Iterator[None]:
         raise OSError(exc.errno, exc.strerror or str(exc), str(path)) from exc
 
 
+def _replace_durably(tmp: Path, path: Path, prepare: Callable[[], Any],
+                     keep: tuple[type[BaseException], ...] = ()) -> Path:
+    """``prepare()`` the temp file, ``os.replace`` it onto ``path``, fsync the folder. On any
+    error the temp file is removed and the error names ``path`` (``keep``: re-raised as is)."""
+    try:
+        prepare()
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _raise_translated(exc, tmp, path, keep)
+    fsync_dir(path.parent)
+    return path
+
+
 def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any], *, tmp: Path | None = None,
                  keep: tuple[type[BaseException], ...] = ()) -> Path:
     """Call ``write(f)`` on a binary temp file and publish it as ``path`` atomically and durably
@@ -115,17 +128,15 @@ def write_atomic(path: PathLike, write: Callable[[IO[bytes]], Any], *, tmp: Path
     :func:`hidden_tmp_path`); ``keep``: exception types re-raised as they are. -> ``path``."""
     path = Path(path)
     tmp = hidden_tmp_path(path) if tmp is None else tmp
-    try:
+
+    def fill() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        _raise_translated(exc, tmp, path, keep)
-    fsync_dir(path.parent)
-    return path
+
+    return _replace_durably(tmp, path, fill, keep)
 
 
 def write_bytes_atomic(path: PathLike, data: bytes, *, tmp: Path | None = None) -> Path:
@@ -156,15 +167,13 @@ def publish_atomic(tmp: PathLike, path: PathLike, *, synced: bool = False) -> Pa
     ``path`` durably: fsync its data unless the writer already did (``synced``), ``os.replace``,
     fsync the directory. On error the temp file is removed and the error names ``path``."""
     tmp, path = Path(tmp), Path(path)
-    try:
+
+    def sync() -> None:
         if not synced:
             with open(tmp, "rb") as f:
                 os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as exc:
-        _raise_translated(exc, tmp, path, ())
-    fsync_dir(path.parent)
-    return path
+
+    return _replace_durably(tmp, path, sync)
 
 
 def link_or_copy_atomic(src: PathLike, dst: PathLike) -> Path:
@@ -174,7 +183,8 @@ def link_or_copy_atomic(src: PathLike, dst: PathLike) -> Path:
     supported, a fsynced copy."""
     src, dst = Path(src), Path(dst)
     tmp = hidden_tmp_path(dst)
-    try:
+
+    def link_or_copy() -> None:
         try:
             os.link(src, tmp)
         except OSError:
@@ -182,8 +192,5 @@ def link_or_copy_atomic(src: PathLike, dst: PathLike) -> Path:
                 shutil.copyfileobj(fin, fout, 16 * 1024 * 1024)
                 fout.flush()
                 os.fsync(fout.fileno())
-        os.replace(tmp, dst)
-    except BaseException as exc:
-        _raise_translated(exc, tmp, dst, ())
-    fsync_dir(dst.parent)
-    return dst
+
+    return _replace_durably(tmp, dst, link_or_copy)
