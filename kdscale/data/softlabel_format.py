@@ -32,7 +32,7 @@ import os
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 import numpy as np
 
@@ -211,6 +211,39 @@ def verify_softlabels(soft_dir: str | os.PathLike, data_dir: Optional[str | os.P
     return problems
 
 
+def read_soft_split(soft_dir: str | os.PathLike, split: str, per_shard: Mapping[str, list[str]],
+                    label_names: list[str]) -> tuple[dict, SoftShard]:
+    """The soft labels of ``split``, aligned with the data shards: ``per_shard`` maps each data
+    shard's name to its keys in order; returns the soft index and one SoftShard with every
+    shard's arrays concatenated in that order. DataError naming the file when the soft labels
+    lack the split or a shard, have other label names, or their keys differ from the data's."""
+    soft_dir = Path(soft_dir)
+    index = read_soft_index(soft_dir)
+    if split not in index.get("splits", {}):
+        raise DataError(f"the soft labels have no split {split!r} (softlabels.splits)", file=soft_dir / "index.json")
+    if list(index["label_names"]) != list(label_names):
+        raise DataError("the soft labels' label names differ from the data shards'", file=soft_dir / "index.json")
+    entries = {e["name"] for e in index["splits"][split]["shards"]}
+    shards = []
+    for name, keys in per_shard.items():
+        if name not in entries:
+            raise DataError(f"no soft-label shard for data shard {split}/{name}", file=soft_dir / "index.json")
+        soft = read_soft_shard(soft_dir / split / name)
+        if soft.keys != list(keys):
+            raise DataError(f"soft-label keys differ from the data shard {split}/{name}'s (stale soft labels? "
+                            f"run `kdscale softlabels`)", file=soft_dir / split / name)
+        shards.append(soft)
+    if not shards:
+        raise DataError(f"split {split!r} has no samples", file=soft_dir / split)
+    return index, concat_soft_shards(shards)
+
+
+def concat_soft_shards(shards: list[SoftShard]) -> SoftShard:
+    """One SoftShard holding ``shards`` one after the other (keys and every array)."""
+    return SoftShard(meta={}, keys=[k for sh in shards for k in sh.keys],
+                     **{a: np.concatenate([getattr(sh, a) for sh in shards]) for a in ARRAYS})
+
+
 @dataclass
 class SplitEnsembles:
     """The teacher ensembles' stored logits on one split, aligned with the split's hard labels."""
@@ -223,39 +256,24 @@ class SplitEnsembles:
 
 
 def read_split_ensembles(soft_dir: str | os.PathLike, data_dir: str | os.PathLike, split: str) -> SplitEnsembles:
-    """The ensembles' logits and the hard labels of every sample of ``split``, shard by shard (the
-    data shards' labels.npy members only; images are never read). DataError naming the file when
-    the soft labels lack the split or a shard, or their keys differ from the data shard's."""
-    soft_dir, data_dir = Path(soft_dir), Path(data_dir)
-    index = read_soft_index(soft_dir)
-    if split not in index.get("splits", {}):
-        raise DataError(f"the soft labels have no split {split!r} (softlabels.splits)", file=soft_dir / "index.json")
+    """The ensembles' logits and the hard labels of every sample of ``split`` (the data shards'
+    labels.npy members only; images are never read), aligned by :func:`read_soft_split`."""
+    data_dir = Path(data_dir)
     data_index = read_index(data_dir, split)
     names = list(data_index["label_names"])
-    if list(index["label_names"]) != names:
-        raise DataError("the soft labels' label names differ from the data shards'", file=soft_dir / "index.json")
-    entries = {e["name"] for e in index["splits"][split]["shards"]}
-    keys, labels, ens, seen = [], [], [], []
+    per_shard, labels = {}, []
     for entry in data_index["shards"]:
-        if entry["name"] not in entries:
-            raise DataError(f"no soft-label shard for data shard {split}/{entry['name']}", file=soft_dir / "index.json")
         path = data_dir / split / entry["name"]
         shard_labels = {k: np.load(io.BytesIO(v), allow_pickle=False) for k, v in iter_selected(path, "labels.npy")}
-        soft = read_soft_shard(soft_dir / split / entry["name"])
-        if list(shard_labels) != soft.keys:
-            raise DataError(f"soft-label keys differ from the data shard {split}/{entry['name']}'s (stale soft "
-                            f"labels? run `kdscale softlabels`)", file=soft_dir / split / entry["name"])
         for key, y in shard_labels.items():
             if y.shape != (len(names),):
                 raise DataError(f"sample {key!r}: {y.shape} labels, the index declares {len(names)}", file=path)
-        keys += soft.keys
+        per_shard[entry["name"]] = list(shard_labels)
         labels += [y.astype(np.float64) for y in shard_labels.values()]
-        ens.append(soft.ensemble.astype(np.float32))
-        seen.append(soft.ensemble_seen)
-    if not keys:
-        raise DataError(f"split {split!r} has no samples", file=data_dir / split)
-    return SplitEnsembles(keys=keys, label_names=names, ensemble_names=list(index["ensemble_names"]),
-                          labels=np.stack(labels), ensemble=np.concatenate(ens), ensemble_seen=np.concatenate(seen))
+    index, soft = read_soft_split(soft_dir, split, per_shard, names)
+    return SplitEnsembles(keys=soft.keys, label_names=names, ensemble_names=list(index["ensemble_names"]),
+                          labels=np.stack(labels), ensemble=soft.ensemble.astype(np.float32),
+                          ensemble_seen=soft.ensemble_seen)
 
 
 def _data_keys(members) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 from kdscale.data.ingest import DataError
 from kdscale.data.shard_index import read_index
 from kdscale.data.tario import iter_selected
-from kdscale.data.softlabel_format import read_soft_index, read_soft_shard
+from kdscale.data.softlabel_format import read_soft_split
 from kdscale.eval.analysis import COHORT_DEFINITIONS, _selection, cohorts, head_metrics, to_jsonable
 from kdscale.eval.predictions import MODALITIES, Predictions
 
@@ -99,31 +99,9 @@ def _with_head(base: Predictions, probs: np.ndarray, mask: np.ndarray) -> Predic
 def teacher_predictions(soft_dir, split: str, base: Predictions, per_shard: dict) -> dict:
     """``{row name: (Predictions with head "score", info)}`` for every teacher
     (``teacher:<name>``) and ensemble (``ensemble:<name>``) of the soft-label set."""
-    soft_dir = Path(soft_dir)
-    index = read_soft_index(soft_dir)
-    if split not in index.get("splits", {}):
-        raise DataError(f"the soft labels have no split {split!r} (softlabels.splits)",
-                        file=soft_dir / "index.json")
-    if list(index["label_names"]) != base.label_names:
-        raise DataError("the soft labels' label names differ from the data shards'",
-                        file=soft_dir / "index.json")
-    entries = {e["name"]: e for e in index["splits"][split]["shards"]}
-    logits, seen, ens, ens_seen = [], [], [], []
-    for name, keys in per_shard.items():
-        if name not in entries:
-            raise DataError(f"no soft-label shard for data shard {split}/{name}",
-                            file=soft_dir / "index.json")
-        path = soft_dir / split / name
-        soft = read_soft_shard(path)
-        if soft.keys != keys:
-            raise DataError(f"soft-label keys differ from the data shard {split}/{name}'s "
-                            f"(stale soft labels? run `kdscale softlabels`)", file=path)
-        logits.append(soft.logits.astype(np.float32))
-        seen.append(soft.seen)
-        ens.append(soft.ensemble.astype(np.float32))
-        ens_seen.append(soft.ensemble_seen)
-    logits, seen = np.concatenate(logits), np.concatenate(seen)
-    ens, ens_seen = np.concatenate(ens), np.concatenate(ens_seen)
+    index, soft = read_soft_split(soft_dir, split, per_shard, base.label_names)
+    logits, seen = soft.logits.astype(np.float32), soft.seen
+    ens, ens_seen = soft.ensemble.astype(np.float32), soft.ensemble_seen
     out = {}
     for k, info in enumerate(index["teachers"]):
         probs = _sigmoid(logits[:, k])

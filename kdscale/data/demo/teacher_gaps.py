@@ -28,7 +28,7 @@ from kdscale.data.demo.mimic_demo import ORACLE_CSV
 from kdscale.data.ingest import DataError
 from kdscale.data.mimic_demo_signal import EHR_DRIVEN, IMAGE_DRIVEN, PHENOTYPES
 from kdscale.data.record import safe_key
-from kdscale.data.softlabel_format import read_soft_index, read_soft_shard
+from kdscale.data.softlabel_format import concat_soft_shards, read_soft_index, read_soft_shard
 from kdscale.metrics.classification import auroc
 
 CARRIED = {"image": IMAGE_DRIVEN, "ehr": EHR_DRIVEN, "report": IMAGE_DRIVEN}
@@ -76,19 +76,13 @@ def teacher_gaps(run_dir: str | Path, split: str = "val") -> list[dict]:
     soft_dir = Path(cfg.get("softlabels", {}).get("out_dir") or run / "softlabels")
     index = read_soft_index(soft_dir)
     teachers, ensembles = list(index["teacher_names"]), list(index["ensemble_names"])
-    keys, logits, seen, ens, ens_seen = [], [], [], [], []
     paths = sorted((soft_dir / split).glob("shard-*.tar"))
     if not paths:
         raise DataError(f"no soft-label shards for split {split!r} (the teacher pass did not write it)",
                         file=soft_dir / split)
-    for path in paths:
-        shard = read_soft_shard(path)
-        keys += shard.keys
-        logits.append(shard.logits.astype(np.float32))
-        seen.append(shard.seen)
-        ens.append(shard.ensemble.astype(np.float32))
-        ens_seen.append(shard.ensemble_seen)
-    logits, seen, ens, ens_seen = (np.concatenate(a) for a in (logits, seen, ens, ens_seen))
+    soft = concat_soft_shards([read_soft_shard(path) for path in paths])
+    keys, seen, ens_seen = soft.keys, soft.seen, soft.ensemble_seen
+    logits, ens = soft.logits.astype(np.float32), soft.ensemble.astype(np.float32)
     labels, oracle = _recorded_labels(demo_dir), _oracle(demo_dir)
     for source, table in (("the phenotyping listfiles", labels), ("the oracle CSV", oracle)):
         absent = [k for k in keys if k not in table]
